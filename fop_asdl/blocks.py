@@ -1,0 +1,80 @@
+"""Curvature products of one block, on ASDL's stored matrices, for several vectors at once.
+
+A block vector is ``(weight, bias)`` with a leading dimension k that stacks k vectors, so the two FOP
+gradients share one product. Kron blocks (Linear, Conv2d) hold ``weight`` as (k, out, in) and ``bias``
+as (k, out) or None; F = B ⊗ A acts as ``B @ W @ A`` and on the bias as ``B`` alone, exactly as
+``asdl.Kron.mvp`` does. Unit-wise blocks (BatchNorm, LayerNorm) hold (k, f) for both and a 2×2 matrix
+per unit.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from asdl.symmatrix import SymMatrix
+from torch import Tensor
+
+__all__ = ["BlockVector", "apply_inverse", "apply_metric", "inner"]
+
+BlockVector = Tuple[Tensor, Optional[Tensor]]
+
+
+def _right(w: Tensor, factor: Tensor) -> Tensor:
+    """w @ A for a stack w (k, out, in); a non-square SKFAC factor X stands for A = XᵀX."""
+    k, out, n_in = w.shape
+    flat = w.reshape(k * out, n_in)
+    flat = flat @ factor if factor.shape[0] == factor.shape[1] else (flat @ factor.T) @ factor
+    return flat.view(k, out, n_in)
+
+
+def _left(factor: Tensor, w: Tensor) -> Tensor:
+    """B @ w for w (k, out, ...) stacked along dim 0; a non-square factor X stands for B = XᵀX."""
+    if factor.shape[0] == factor.shape[1]:
+        return torch.matmul(factor, w)
+    return torch.matmul(factor.T, torch.matmul(factor, w))
+
+
+def _unit_apply(mat: Tensor, vec: BlockVector) -> BlockVector:
+    stacked = torch.stack(vec, dim=-1).permute(1, 2, 0)  # (f, 2, k)
+    out = torch.matmul(mat, stacked).permute(2, 0, 1)  # (k, f, 2)
+    return out[..., 0], out[..., 1]
+
+
+def apply_inverse(matrix: SymMatrix, vec: BlockVector) -> BlockVector:
+    """F̃⁻¹ v with the inverses ASDL built (what K-FAC preconditions with)."""
+    if matrix.has_kron:
+        kron = matrix.kron
+        weight = _left(kron.B_inv, _right(vec[0], kron.A_inv))
+        bias = None if vec[1] is None else _left(kron.B_inv, vec[1].unsqueeze(-1)).squeeze(-1)
+        return weight, bias
+    return _unit_apply(matrix.unit.inv, vec)
+
+
+def apply_metric(matrix: SymMatrix, vec: BlockVector,
+                 damping: Optional[Tuple[float, float]] = None) -> BlockVector:
+    """F v with the stored curvature; with ``damping`` = (d_A, d_B) (Kron) or (λ, λ) (unit-wise) it is
+    the damped F̃ = (B + d_B I) ⊗ (A + d_A I) whose inverse ASDL builds."""
+    d_a, d_b = damping if damping is not None else (0.0, 0.0)
+    if matrix.has_kron:
+        kron = matrix.kron
+        weight = vec[0]
+        weight = _right(weight, kron.A) + d_a * weight if d_a else _right(weight, kron.A)
+        weight = _left(kron.B, weight) + d_b * weight if d_b else _left(kron.B, weight)
+        bias = vec[1]
+        if bias is not None:
+            bias_b = _left(kron.B, bias.unsqueeze(-1)).squeeze(-1)
+            bias = bias_b + d_b * bias if d_b else bias_b
+        return weight, bias
+    weight, bias = _unit_apply(matrix.unit.data, vec)
+    if d_a:
+        weight, bias = weight + d_a * vec[0], bias + d_a * vec[1]
+    return weight, bias
+
+
+def inner(x: BlockVector, y: BlockVector) -> Tensor:
+    """⟨x_j, y_j⟩ for each stacked pair j, summed over weight and bias: a (k,) tensor."""
+    k = x[0].shape[0]
+    total = (x[0].reshape(k, -1) * y[0].reshape(k, -1)).sum(1)
+    if x[1] is not None:
+        total = total + (x[1].reshape(k, -1) * y[1].reshape(k, -1)).sum(1)
+    return total

@@ -1,0 +1,226 @@
+"""The few fixes ASDL 0.1a5 needs, each with the reason it exists.
+
+Importing this module applies the NVTX fix once; :class:`KfacGradientMaker` carries the others.
+Nothing in site-packages is edited.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import Any, Dict, Optional
+
+import asdl
+import asdl.operations.operation as _asdl_operation
+import asdl.precondition.natural_gradient as _asdl_ng
+import asdl.utils as _asdl_utils
+import torch
+from asdl.symmatrix import Kron, SymMatrix, UnitWise
+from torch import nn
+
+__all__ = ["KfacGradientMaker", "robust_update_inv", "kron_damping", "batch_size_of"]
+
+_INVALID = -1  # ASDL's marker for "not set" (data_size, ema_decay)
+
+
+# --- Fix 1: NVTX ----------------------------------------------------------------------------------
+# On a CPU-only PyTorch build torch.cuda.nvtx.range raises "NVTX functions not installed", and ASDL
+# enters such ranges in update_preconditioner (once ema_decay is set) and when computing factors.
+class _NoNvtx:
+    """Stand-in for ``torch.cuda.nvtx``: profiling ranges that do nothing."""
+
+    @staticmethod
+    def range(msg: str, *args: Any, **kwargs: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+def _nvtx_works() -> bool:
+    try:
+        with torch.cuda.nvtx.range("fop_asdl-probe"):
+            pass
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return False
+
+
+def _patch_nvtx() -> None:
+    if _nvtx_works():
+        return
+    for module in (_asdl_ng, _asdl_operation, _asdl_utils):
+        module.nvtx = _NoNvtx
+    # These methods were wrapped by ``@nvtx.range(...)`` at import time; restore the plain functions.
+    for name in ("reduce_scatter_curvature", "reduce_scatter_grad", "all_gather_or_reduce_grad",
+                 "all_reduce_all_grad"):
+        method = getattr(_asdl_ng.NaturalGradientMaker, name)
+        setattr(_asdl_ng.NaturalGradientMaker, name, getattr(method, "__wrapped__", method))
+
+
+_patch_nvtx()
+
+
+# --- Fix 2: inverses of factors that are not positive definite --------------------------------------
+# ASDL inverts damped factors with a Cholesky factorisation, which raises on factors that rounding left
+# indefinite (seen on a small LayerNorm model at damping 1e-2). An eigendecomposition with an
+# eigenvalue floor gives a usable inverse instead of ending the run.
+def kron_damping(kron: Kron, damping: float, eps: float = 1e-7) -> tuple[float, float]:
+    """The π-split damping (d_A, d_B) that ``asdl.Kron.update_inv`` adds to A and B."""
+    a_mean = (kron.A.trace() if kron.A_is_square else torch.sum(kron.A ** 2)) / kron.A_dim
+    b_mean = (kron.B.trace() if kron.B_is_square else torch.sum(kron.B ** 2)) / kron.B_dim
+    pi = float(torch.sqrt(a_mean / b_mean))
+    if pi == 0 or pi == float("inf") or pi != pi:
+        return damping, damping
+    r = damping ** 0.5
+    return max(r * pi, eps), max(r / pi, eps)
+
+
+def _floored_inverse(mat: torch.Tensor, damping: float) -> torch.Tensor:
+    """Inverse of ``mat + damping I`` (batched) with eigenvalues floored to stay positive."""
+    sym = 0.5 * (mat + mat.transpose(-1, -2)).double()
+    eigvals, eigvecs = torch.linalg.eigh(sym)
+    eigvals = eigvals + damping
+    floor = torch.clamp(eigvals.abs().amax(dim=-1, keepdim=True) * 1e-6, min=max(damping, 1e-12))
+    eigvals = torch.maximum(eigvals, floor)
+    inv = (eigvecs / eigvals.unsqueeze(-2)) @ eigvecs.transpose(-1, -2)
+    return inv.to(mat.dtype)
+
+
+def _gram(mat: torch.Tensor) -> torch.Tensor:
+    """The covariance a (possibly non-square, SKFAC) factor stands for."""
+    return mat if mat.shape[0] == mat.shape[1] else mat.T @ mat
+
+
+def robust_update_inv(matrix: SymMatrix, damping: float, name: str, warned: set) -> None:
+    """``matrix.update_inv(damping)`` with an eigenvalue-floor fallback, warning once per block."""
+    try:
+        matrix.update_inv(damping)
+        return
+    except torch.linalg.LinAlgError:
+        pass
+    if name not in warned:
+        warned.add(name)
+        warnings.warn(f"fop_asdl: curvature of block '{name}' is not positive definite after damping "
+                      f"{damping:g}; using an eigenvalue-floored inverse for it.", RuntimeWarning)
+    if matrix.has_kron:
+        kron = matrix.kron
+        damping_a, damping_b = kron_damping(kron, damping)
+        kron.A_inv = _floored_inverse(_gram(kron.A), damping_a)
+        kron.B_inv = _floored_inverse(_gram(kron.B), damping_b)
+    if matrix.has_unit:
+        matrix.unit.inv = _floored_inverse(matrix.unit.data, damping)
+
+
+# --- Fix 3: state_dict ----------------------------------------------------------------------------
+# ASDL's state_dict() keeps only the step counter, so a resumed run restarts with no curvature.
+_KRON_KEYS = ("A", "B", "A_inv", "B_inv")
+_UNIT_KEYS = ("data", "inv")
+
+
+def _curvature_to_dict(matrix: SymMatrix) -> Dict[str, torch.Tensor]:
+    out = {}
+    if matrix.has_kron:
+        out.update({f"kron.{k}": getattr(matrix.kron, k) for k in _KRON_KEYS
+                    if getattr(matrix.kron, k) is not None})
+    if matrix.has_unit:
+        out.update({f"unit.{k}": getattr(matrix.unit, k) for k in _UNIT_KEYS
+                    if getattr(matrix.unit, k) is not None})
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def _curvature_from_dict(tensors: Dict[str, torch.Tensor], device: torch.device) -> SymMatrix:
+    get = {k: v.to(device).clone() for k, v in tensors.items()}
+    kron = unit = None
+    if any(k.startswith("kron.") for k in get):
+        kron = Kron(get.get("kron.A"), get.get("kron.B"), get.get("kron.A_inv"), get.get("kron.B_inv"))
+    if any(k.startswith("unit.") for k in get):
+        unit = UnitWise(get.get("unit.data"), get.get("unit.inv"))
+    return SymMatrix(kron=kron, unit=unit)
+
+
+def batch_size_of(args: tuple, kwargs: dict) -> int:
+    """Dim 0 of the first tensor among the model-call arguments (ASDL's batch convention)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return value.shape[0]
+    raise ValueError("The model call has no tensor argument with a batch dimension; pass the inputs "
+                     "to setup_model_call(model, x, ...).")
+
+
+class KfacGradientMaker(asdl.KfacGradientMaker):
+    """ASDL's K-FAC with the fixes above: full state_dict, robust inverses, data_size from the batch.
+
+    ASDL requires ``config.data_size``; when it is left unset (-1) the batch size of each step is used,
+    which is what a mean loss means.
+    """
+
+    def __init__(self, model: nn.Module, config: asdl.PreconditioningConfig, *args: Any, **kwargs: Any):
+        reject_ddp(model)
+        super().__init__(model, config, *args, **kwargs)
+        self._fallback_warned: set = set()
+
+    # ASDL reads config.data_size in update_curvature; resolve it per step without touching the user's config.
+    def update_curvature(self) -> None:
+        user_config = self.config
+        if user_config.data_size == _INVALID:
+            self.config = dataclasses.replace(
+                user_config, data_size=batch_size_of(self._model_args, self._model_kwargs))
+        try:
+            if self.do_accumulate:
+                super().update_curvature()
+            else:
+                # ASDL inverts inside the pass with a bare Cholesky; keep the factors and invert robustly.
+                self.delegate_forward_and_backward(self.fisher_maker, data_size=self.config.data_size,
+                                                   scale=self.scale, accumulate=False, calc_loss_grad=True,
+                                                   calc_inv=False)
+                self._invert_all()
+        finally:
+            self.config = user_config
+
+    def update_preconditioner(self, *args: Any, **kwargs: Any) -> None:
+        if self.do_accumulate:
+            self._invert_all()
+
+    def _invert_all(self) -> None:
+        for name, module in self.named_modules_for_curvature:
+            matrix = getattr(module, self._fisher_attr, None)
+            if matrix is not None:
+                robust_update_inv(matrix, self.config.damping, name, self._fallback_warned)
+
+    def state_dict(self) -> Dict[str, Any]:
+        curvature = {}
+        for name, module in self.named_modules_for_curvature:
+            matrix = getattr(module, self._fisher_attr, None)
+            if matrix is not None:
+                curvature[name] = _curvature_to_dict(matrix)
+        return {"step": self.state["step"], "curvature": curvature,
+                "fallback_warned": sorted(self._fallback_warned)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        modules = dict(self.named_modules_for_curvature)
+        unknown = set(state_dict.get("curvature", {})) - set(modules)
+        if unknown:
+            raise KeyError(f"state_dict has curvature for blocks this model does not have: {sorted(unknown)}")
+        for name, module in modules.items():
+            tensors = state_dict.get("curvature", {}).get(name)
+            if tensors is None:
+                if hasattr(module, self._fisher_attr):
+                    delattr(module, self._fisher_attr)
+            else:
+                setattr(module, self._fisher_attr, _curvature_from_dict(tensors, self.device))
+        self.state["step"] = int(state_dict["step"])
+        self._fallback_warned = set(state_dict.get("fallback_warned", ()))
+
+
+def reject_ddp(model: nn.Module) -> None:
+    """ASDL's makers need the bare module: DDP would all-reduce raw gradients behind their back."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError("The model is wrapped in DistributedDataParallel. Pass the bare model "
+                        "(model.module) instead; launch with torchrun and each rank's local batch.")
+
+
+def resolve_data_size(config: asdl.PreconditioningConfig, batch_size: int) -> int:
+    """``config.data_size`` when set, otherwise the step's batch size."""
+    return batch_size if config.data_size == _INVALID else config.data_size
+
+
+def is_unset(value: Optional[float]) -> bool:
+    return value is None or value == _INVALID

@@ -1,0 +1,149 @@
+"""The two sub-batch gradients g1, g2 of every curvature block from one forward and one backward pass.
+
+While the capture is active, the parameters of each curvature block stop requiring grad during the
+block's own forward call, so autograd computes only the gradient that flows to the block's input. The
+block's weight and bias gradients are instead formed here, separately for the first ⌈n/2⌉ samples (B1)
+and the rest (B2), from the block input and the gradient at its output: the same arithmetic autograd
+would have done once, split in two. The full batch goes through the model once, so BatchNorm sees
+full-batch statistics and g_avg is exactly the full-batch gradient.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["HalfGradientCapture", "first_half_size", "supports_half_gradients"]
+
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+
+
+def first_half_size(n: int) -> int:
+    """|B1| = ⌈n/2⌉."""
+    return (n + 1) // 2
+
+
+def supports_half_gradients(module: nn.Module) -> bool:
+    """Whether this module's per-sub-batch gradients can be formed here (and ASDL has its curvature)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return (module.groups == 1 and module.dilation == (1, 1) and module.padding_mode == "zeros"
+                and not isinstance(module.padding, str))
+    if isinstance(module, _NORM):
+        return module.weight is not None and module.bias is not None
+    return False
+
+
+def _normalized_input(module: nn.Module, x: Tensor) -> Tensor:
+    """x̂ of a BatchNorm/LayerNorm call, as the module's forward computed it."""
+    if isinstance(module, nn.LayerNorm):
+        dims = tuple(range(x.ndim - len(module.normalized_shape), x.ndim))
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + module.eps)
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    if module.training or module.running_mean is None:
+        dims = [0] + list(range(2, x.ndim))
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+    else:
+        mean = module.running_mean.view(shape)
+        var = module.running_var.view(shape)
+    return (x - mean) * torch.rsqrt(var + module.eps)
+
+
+def _param_grads(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """(weight grad, bias grad) summed over the samples of ``x`` / ``grad_out``.
+
+    For BatchNorm/LayerNorm ``x`` must already be the normalised input x̂ (its batch statistics come
+    from the whole batch, not from the half being summed).
+    """
+    if isinstance(module, nn.Linear):
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])
+        weight = g2d.T @ x.reshape(-1, x.shape[-1])
+        bias = g2d.sum(0) if module.bias is not None else None
+        return weight, bias
+    if isinstance(module, nn.Conv2d):
+        weight = torch.nn.grad.conv2d_weight(x, module.weight.shape, grad_out, module.stride,
+                                             module.padding, module.dilation, module.groups)
+        bias = grad_out.sum((0, 2, 3)) if module.bias is not None else None
+        return weight, bias
+    if isinstance(module, nn.LayerNorm):
+        lead = tuple(range(x.ndim - len(module.normalized_shape)))
+    else:
+        lead = (0,) + tuple(range(2, x.ndim))
+    return (grad_out * x).sum(lead), grad_out.sum(lead)
+
+
+class HalfGradientCapture:
+    """Context manager that records per-sub-batch gradient sums of the given blocks.
+
+    ``sums[module]`` is ``[(w1, b1), (w2, b2)]`` after the backward pass: gradients of the loss that was
+    backpropagated, summed over B1 and over B2. ``active`` lets the caller ignore backward passes that are
+    not the loss gradient (ASDL's Monte-Carlo Fisher passes).
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], batch_size: int):
+        self.modules = list(modules)
+        self.batch_size = batch_size
+        self.n1 = first_half_size(batch_size)
+        self.active = True
+        self.sums: Dict[nn.Module, List[Tuple[Tensor, Optional[Tensor]]]] = {}
+        self._handles: list = []
+        self._frozen: List[nn.Parameter] = []
+
+    def __enter__(self) -> "HalfGradientCapture":
+        for module in self.modules:
+            self._handles.append(module.register_forward_pre_hook(self._before_forward))
+            self._handles.append(module.register_forward_hook(self._after_forward))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._thaw()
+
+    def _thaw(self) -> None:
+        for param in self._frozen:
+            param.requires_grad_(True)
+        self._frozen.clear()
+
+    def _before_forward(self, module: nn.Module, args: tuple):
+        x = args[0]
+        if x.shape[0] != self.batch_size:
+            raise ValueError(f"fop_asdl: block {module.__class__.__name__} received a tensor with leading "
+                             f"dimension {x.shape[0]}, but the batch has {self.batch_size} samples. FOP "
+                             f"needs dim 0 to be the sample index inside every preconditioned layer; list "
+                             f"this module in PreconditioningConfig.ignore_modules.")
+        for param in (module.weight, module.bias):
+            if param is not None and param.requires_grad:
+                param.requires_grad_(False)
+                self._frozen.append(param)
+        if not x.requires_grad and torch.is_grad_enabled():
+            # Without any input or parameter requiring grad the output would leave the graph, and the
+            # gradient at this block's output (which ASDL's Fisher also needs) would never be formed.
+            return (x.detach().requires_grad_(True),) + tuple(args[1:])
+        return None
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self._thaw()
+        if output.requires_grad:
+            x = args[0].detach()
+            output.register_hook(lambda grad, m=module, x=x: self._on_output_grad(m, x, grad))
+
+    def _on_output_grad(self, module: nn.Module, x: Tensor, grad_out: Tensor) -> None:
+        if not self.active:
+            return
+        n1 = self.n1
+        if isinstance(module, _NORM):
+            x = _normalized_input(module, x)
+        halves = [_param_grads(module, x[:n1], grad_out[:n1]), _param_grads(module, x[n1:], grad_out[n1:])]
+        previous = self.sums.get(module)
+        if previous is None:
+            self.sums[module] = halves
+        else:  # the module was called more than once in the forward pass (shared weights)
+            self.sums[module] = [
+                (w0 + w, None if b0 is None else b0 + b) for (w0, b0), (w, b) in zip(previous, halves)]
