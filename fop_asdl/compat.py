@@ -58,7 +58,31 @@ def _patch_nvtx() -> None:
 _patch_nvtx()
 
 
-# --- Fix 2: inverses of factors that are not positive definite --------------------------------------
+# --- Fix 2: SKFAC factors ------------------------------------------------------------------------------
+# With swift=True and fewer rows than features, ASDL returns the layer's own input (or output gradient)
+# as the factor and then scales it in place, corrupting a tensor autograd saved for the backward pass.
+def _patch_swift_factors() -> None:
+    from asdl.operations.conv import Conv2d as _Conv2dOp
+    from asdl.operations.linear import Linear as _LinearOp
+
+    for op in (_LinearOp, _Conv2dOp):
+        for name in ("cov_swift_kron_A", "cov_swift_kron_B"):
+            original = getattr(op, name).__func__
+            if getattr(original, "_fop_asdl_copies", False):
+                continue
+
+            def copying(cls, module, data, _original=original):
+                factor = _original(cls, module, data)
+                return factor.clone() if factor is data else factor
+
+            copying._fop_asdl_copies = True
+            setattr(op, name, classmethod(copying))
+
+
+_patch_swift_factors()
+
+
+# --- Fix 3: inverses of factors that are not positive definite --------------------------------------
 # ASDL inverts damped factors with a Cholesky factorisation, which raises on factors that rounding left
 # indefinite (seen on a small LayerNorm model at damping 1e-2). An eigendecomposition with an
 # eigenvalue floor gives a usable inverse instead of ending the run.
@@ -109,7 +133,7 @@ def robust_update_inv(matrix: SymMatrix, damping: float, name: str, warned: set)
         matrix.unit.inv = _floored_inverse(matrix.unit.data, damping)
 
 
-# --- Fix 3: state_dict ----------------------------------------------------------------------------
+# --- Fix 4: state_dict ----------------------------------------------------------------------------
 # ASDL's state_dict() keeps only the step counter, so a resumed run restarts with no curvature.
 _KRON_KEYS = ("A", "B", "A_inv", "B_inv")
 _UNIT_KEYS = ("data", "inv")
