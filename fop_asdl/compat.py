@@ -113,11 +113,28 @@ def _gram(mat: torch.Tensor) -> torch.Tensor:
     return mat if mat.shape[0] == mat.shape[1] else mat.T @ mat
 
 
+def _inverse_is_usable(matrix: SymMatrix, damping: float) -> bool:
+    """Finite inverses of positive definite damped blocks (one host sync, at inverse updates only).
+
+    ASDL's unit-wise inverse (torch.inverse) does not fail on an indefinite 2×2 block, and a negative
+    trace makes its π-damping NaN, so success of ``update_inv`` alone proves nothing.
+    """
+    checks = []
+    if matrix.has_kron:
+        checks += [torch.isfinite(matrix.kron.A_inv).all(), torch.isfinite(matrix.kron.B_inv).all()]
+    if matrix.has_unit:
+        eye = torch.eye(2, dtype=matrix.unit.data.dtype, device=matrix.unit.data.device)
+        info = torch.linalg.cholesky_ex(matrix.unit.data + damping * eye).info
+        checks += [(info == 0).all(), torch.isfinite(matrix.unit.inv).all()]
+    return bool(torch.stack(checks).all())
+
+
 def robust_update_inv(matrix: SymMatrix, damping: float, name: str, warned: set) -> None:
     """``matrix.update_inv(damping)`` with an eigenvalue-floor fallback, warning once per block."""
     try:
         matrix.update_inv(damping)
-        return
+        if _inverse_is_usable(matrix, damping):
+            return
     except torch.linalg.LinAlgError:
         pass
     if name not in warned:

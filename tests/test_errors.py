@@ -1,0 +1,135 @@
+"""Bad input gets a clear error and changes nothing: gradients, curvature, inverses and step stay as they were."""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import fop_asdl
+
+from conftest import config, conv_bn_ln_net, step
+
+
+def snapshot(model, maker):
+    curvature = {name: {k: v.clone() for k, v in tensors.items()}
+                 for name, tensors in maker.state_dict()["curvature"].items()}
+    grads = [p.grad for p in model.parameters()]
+    return grads, curvature, maker.state["step"], copy.deepcopy(model.state_dict())
+
+
+def assert_unchanged(model, maker, before):
+    grads, curvature, step_count, params = before
+    assert all(g is h for g, h in zip(grads, [p.grad for p in model.parameters()]))  # the very same tensors
+    after = maker.state_dict()["curvature"]
+    assert after.keys() == curvature.keys()
+    for name in curvature:
+        for key, value in curvature[name].items():
+            assert torch.equal(after[name][key], value), (name, key)
+    assert maker.state["step"] == step_count
+    for key, value in params.items():
+        if "running" not in key and "num_batches" not in key:  # BatchNorm buffers move in any forward
+            assert torch.equal(model.state_dict()[key], value)
+
+
+@pytest.fixture
+def trained(image_batch):
+    x, t = image_batch
+    torch.manual_seed(0)
+    model = conv_bn_ln_net().double()
+    maker = fop_asdl.make_gradient_maker("fop", model, config(), fisher_type="fisher_emp")
+    for _ in range(2):
+        step(maker, model, x, t)  # curvature, then a plain step; grads are left in p.grad
+    return model, maker, x, t
+
+
+class InfGradient(torch.autograd.Function):
+    """Identity forward, infinite backward: a finite loss whose gradients overflow."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("curvature_step", [True, False])
+@pytest.mark.parametrize("fault", ["nan_input", "inf_gradient"])
+def test_non_finite_step_raises_and_rolls_back(trained, curvature_step, fault):
+    model, maker, x, t = trained
+    if not curvature_step:
+        step(maker, model, x, t)  # step 2 updates curvature, step 3 does not
+    before = snapshot(model, maker)
+    if fault == "nan_input":
+        x = x.clone()
+        x[3] = float("nan")
+        call = model
+    else:
+        def call(inp):
+            return InfGradient.apply(model(inp))
+    dummy = maker.setup_model_call(call, x)
+    maker.setup_loss_call(F.cross_entropy, dummy, t)
+    with pytest.raises(FloatingPointError, match="Nothing was updated"):
+        maker.forward_and_backward()
+    assert_unchanged(model, maker, before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_batch_of_one_is_refused(trained):
+    model, maker, x, t = trained
+    before = snapshot(model, maker)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        step(maker, model, x[:1], t[:1])
+    assert_unchanged(model, maker, before)
+
+
+def test_rows_that_do_not_match_the_batch_are_refused(trained):
+    model, maker, x, t = trained
+    with pytest.raises(ValueError, match="rows but the batch has"):
+        step(maker, model, x, t[:-1])
+
+
+def test_missing_setup_calls():
+    model = conv_bn_ln_net()
+    maker = fop_asdl.make_gradient_maker("fop", model, config())
+    with pytest.raises(RuntimeError, match="setup_model_call"):
+        maker.forward_and_backward()
+    maker.setup_model_call(model, torch.randn(4, 1, 6, 6))
+    with pytest.raises(RuntimeError, match="setup_loss_call"):
+        maker.forward_and_backward()
+
+
+def test_loss_without_reduction_is_refused(trained):
+    model, maker, x, t = trained
+
+    def loss(y, target):
+        return F.cross_entropy(y, target)
+
+    with pytest.raises(TypeError, match="reduction"):
+        step(maker, model, x, t, loss_fn=loss)
+
+
+def test_layer_with_a_non_batch_leading_dimension_is_named():
+    class Regroup(nn.Module):  # pairs up samples: the next Linear sees n/2 rows, not the batch
+        def forward(self, x):
+            return x.reshape(x.shape[0] // 2, -1)
+
+    model = nn.Sequential(nn.Linear(4, 4), Regroup(), nn.Linear(8, 2), nn.Flatten(0, -1))
+    maker = fop_asdl.make_gradient_maker("fop", model, config())
+    with pytest.raises(ValueError, match="leading dimension 3"):
+        step(maker, model, torch.randn(6, 4), torch.randn(6), loss_fn=F.mse_loss)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_ddp_wrapped_model_is_refused_with_the_way_out(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(nn.Linear(3, 2))
+        for name in ("fop", "kfac", "sgd"):
+            with pytest.raises(TypeError, match="torchrun"):
+                fop_asdl.make_gradient_maker(name, ddp, config())
+    finally:
+        dist.destroy_process_group()
