@@ -128,6 +128,9 @@ class FOPGradientMaker(KfacGradientMaker):
         fisher_loop = fisher_maker._fisher_loop
 
         def loop_without_capture(closure):  # Monte-Carlo / exact Fisher backward passes: not the loss
+            if not bool(torch.isfinite(fisher_maker._logits).all()):  # sampling from NaN logits fails obscurely
+                raise FloatingPointError("FOP step aborted: NaN or Inf in the model output. Nothing was "
+                                         "updated; lower the learning rate or raise the damping.")
             capture.active = False
             try:
                 fisher_loop(closure)
@@ -154,14 +157,12 @@ class FOPGradientMaker(KfacGradientMaker):
         n1 = capture.n1
         n2 = capture.batch_size - n1
         out = {}
-        for module, ((w1, b1), (w2, b2)) in capture.sums.items():
+        while capture.sums:  # consume the sums: each block holds two copies of its gradient, not four
+            module, ((w1, b1), (w2, b2)) = capture.sums.popitem()
             if isinstance(module, nn.Conv2d):  # ASDL's Kron acts on the (out, in·kh·kw) matrix
                 w1, w2 = w1.flatten(1), w2.flatten(1)
-            w_avg, w_diff = average_and_difference(w1 * sum_scale, w2 * sum_scale, n1, n2)
-            if b1 is None:
-                b_avg = b_diff = None
-            else:
-                b_avg, b_diff = average_and_difference(b1 * sum_scale, b2 * sum_scale, n1, n2)
+            w_avg, w_diff = average_and_difference(w1, w2, n1, n2, sum_scale)
+            b_avg, b_diff = (None, None) if b1 is None else average_and_difference(b1, b2, n1, n2, sum_scale)
             out[module] = ((w_avg, b_avg), (w_diff, b_diff))
         return out
 
@@ -197,26 +198,27 @@ class FOPGradientMaker(KfacGradientMaker):
 
     # --- FOP proper (steps 2-8), all blocks solved together -----------------------------------------
     def _write_fop_gradients(self, gradients) -> None:
+        """Steps 2-8 for every block; ``gradients`` is consumed block by block to keep memory flat."""
         attr = self._fisher_attr
         damped = self.options.projection_metric == "damped"
         names, modules, inverse_products, scalars = [], [], [], []
         for name, module in self.named_modules_for_curvature:
             if module not in gradients:
                 continue  # the block took no part in the loss: autograd would leave its grad None too
-            g_avg, g_diff = gradients[module]
+            g_avg, g_diff = gradients.pop(module)
             matrix = getattr(module, attr, None)
             has_inverse = matrix is not None and (matrix.kron.has_inv if matrix.has_kron else matrix.unit.has_inv)
             if not has_inverse:  # no curvature yet for this block: plain gradient, as K-FAC does
                 _write(module, g_avg)
                 continue
-            g_avg = _scaled(g_avg, self.grad_scale)
-            g_diff = _scaled(g_diff, self.grad_scale)
-            both = _stack(g_avg, g_diff)
-            inv_both = apply_inverse(matrix, both)
-            metric_avg = apply_metric(matrix, _stack(g_avg), self._metric_damping(module, matrix) if damped else None)
-            scalars.append(torch.cat([inner(both, _repeat(metric_avg, 2)),           # ⟨g_a,Fg_a⟩, ⟨g_d,Fg_a⟩
-                                      inner(_repeat(_stack(g_avg), 2), inv_both),    # A, g_aᵀF̃⁻¹g_d
-                                      inner(_stack(g_diff), _index(inv_both, 1))]))  # g_dᵀF̃⁻¹g_d
+            both = _scaled(_stack(g_avg, g_diff), self.grad_scale)  # [g_avg, g_diff]
+            del g_avg, g_diff
+            avg = _index(both, 0)
+            inv_both = apply_inverse(matrix, both)  # [F̃⁻¹g_avg, F̃⁻¹g_diff] in one product
+            metric_avg = apply_metric(matrix, avg, self._metric_damping(module, matrix) if damped else None)
+            scalars.append(torch.cat([inner(both, _repeat(metric_avg, 2)),  # ⟨g_a, M g_a⟩, ⟨g_d, M g_a⟩
+                                      inner(_repeat(avg, 2), inv_both),     # A, g_aᵀF̃⁻¹g_d
+                                      inner(_index(both, 1), _index(inv_both, 1))]))  # g_dᵀF̃⁻¹g_d
             names.append(name)
             modules.append(module)
             inverse_products.append(inv_both)
@@ -226,9 +228,12 @@ class FOPGradientMaker(KfacGradientMaker):
         table = torch.stack(scalars)  # (blocks, 5)
         coef = fop_coefficients(table[:, 0], table[:, 1], table[:, 2], table[:, 3], table[:, 4], self.options)
         w_avg, w_diff = coef.weight_avg, coef.weight_diff
-        for i, (module, (inv_w, inv_b)) in enumerate(zip(modules, inverse_products)):
-            weight = w_avg[i] * inv_w[0] + w_diff[i] * inv_w[1]
-            bias = None if inv_b is None else w_avg[i] * inv_b[0] + w_diff[i] * inv_b[1]
+        for i, module in enumerate(modules):
+            inv_w, inv_b = inverse_products[i]
+            inverse_products[i] = None
+            # η((1 − βs) F̃⁻¹g_avg + β F̃⁻¹g_diff), as fresh tensors so the stacked products can be freed
+            weight = torch.addcmul(inv_w[0] * w_avg[i], inv_w[1], w_diff[i])
+            bias = None if inv_b is None else torch.addcmul(inv_b[0] * w_avg[i], inv_b[1], w_diff[i])
             _write(module, (weight, bias))
         kl_base, kl_cross, kl_orth = coef.kl_terms()
         columns = (coef.s, coef.beta, coef.eta, coef.A, coef.D, coef.E, kl_base, kl_cross, kl_orth)
@@ -251,6 +256,7 @@ class FOPGradientMaker(KfacGradientMaker):
 
 
 def _stack(*vectors: BlockVector) -> BlockVector:
+    """Stack unstacked block vectors along a new dim 0 (the k of :mod:`fop_asdl.blocks`)."""
     weight = torch.stack([v[0] for v in vectors])
     bias = None if vectors[0][1] is None else torch.stack([v[1] for v in vectors])
     return weight, bias

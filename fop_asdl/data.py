@@ -1,0 +1,97 @@
+"""Datasets as whole in-memory tensors: the models here are small enough that a DataLoader only adds overhead.
+
+``load_fashion_mnist_subset`` reads the real Fashion-MNIST subset shipped inside the package (see
+``fop_asdl/_data/README.md``), so tests and quick runs need no download. ``load_npz_dataset`` reads the
+full ``.npz`` files (MNIST, Fashion-MNIST, CIFAR-10) with the same keys.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Dict, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ArrayDataset", "NORMALIZATION", "load_fashion_mnist_subset", "load_npz_dataset"]
+
+#: Per-channel (mean, std) of x/255 over each dataset's full train set.
+NORMALIZATION: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+SUBSET_FILE = "fashion_mnist_subset.npz"
+
+
+class ArrayDataset(NamedTuple):
+    """Normalised float32 NCHW images and int64 labels of a train and a test split."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def load_fashion_mnist_subset(device: Optional[Union[str, torch.device]] = None) -> ArrayDataset:
+    """The packaged subset: 5000 train / 1000 test images, first 500 / 100 per class in official order."""
+    ref = resources.files("fop_asdl").joinpath("_data", SUBSET_FILE)
+    with resources.as_file(ref) as path:
+        return load_npz_dataset(path, dataset="fashion_mnist", device=device)
+
+
+def load_npz_dataset(path: Union[str, Path], dataset: Optional[str] = None,
+                     device: Optional[Union[str, torch.device]] = None,
+                     test_split: str = "test") -> ArrayDataset:
+    """Load ``x_train, y_train, x_test, y_test`` from an ``.npz`` of uint8 HW or HWC images.
+
+    Args:
+        path: the ``.npz`` file.
+        dataset: key of :data:`NORMALIZATION` whose train statistics normalise the images; by default the
+            longest key the file name starts with (``fashion_mnist_subset.npz`` -> ``"fashion_mnist"``).
+        device: where the tensors go.
+        test_split: ``"test"``, or e.g. ``"test_exact"`` for the bit-exact CIFAR-10 test images.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    dataset = dataset if dataset is not None else _dataset_from_name(path)
+    if dataset not in NORMALIZATION:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(NORMALIZATION)}.")
+    mean, std = NORMALIZATION[dataset]
+    keys = ("x_train", "y_train", f"x_{test_split}", f"y_{test_split}")
+    with np.load(path) as d:
+        missing = [k for k in keys if k not in d.files]
+        if missing:
+            raise ValueError(f"{path} lacks keys {missing}; it has {sorted(d.files)}.")
+        x_train, y_train, x_test, y_test = (d[k] for k in keys)
+    return ArrayDataset(_images(x_train, mean, std, device), _labels(y_train, device),
+                        _images(x_test, mean, std, device), _labels(y_test, device))
+
+
+def _dataset_from_name(path: Path) -> str:
+    matches = [name for name in NORMALIZATION if path.stem.startswith(name)]
+    if not matches:
+        raise ValueError(f"cannot tell the dataset from the file name {path.name!r}; pass dataset= one of "
+                         f"{sorted(NORMALIZATION)}.")
+    return max(matches, key=len)
+
+
+def _images(x: np.ndarray, mean: Tuple[float, ...], std: Tuple[float, ...],
+            device: Optional[Union[str, torch.device]]) -> Tensor:
+    """uint8 (N,H,W) or (N,H,W,C) -> normalised float32 (N,C,H,W)."""
+    channels = {3: 1, 4: x.shape[-1]}.get(x.ndim)
+    if channels != len(mean):
+        raise ValueError(f"images of shape {tuple(x.shape)} are not (N,H,W) or (N,H,W,C) with the "
+                         f"{len(mean)} channel(s) the normalisation expects.")
+    t = torch.from_numpy(x).to(device).float().div_(255.0)  # move the uint8 bytes, not 4x as many floats
+    t = t.unsqueeze(1) if x.ndim == 3 else t.permute(0, 3, 1, 2)
+    shape = (1, len(mean), 1, 1)
+    mean_t = torch.tensor(mean, device=t.device).view(shape)
+    std_t = torch.tensor(std, device=t.device).view(shape)
+    return ((t - mean_t) / std_t).contiguous()
+
+
+def _labels(y: np.ndarray, device: Optional[Union[str, torch.device]]) -> Tensor:
+    return torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)

@@ -1,0 +1,57 @@
+"""Models: output shapes, sizes, and that every parameter sits in a layer ASDL's K-FAC preconditions."""
+import pytest
+import torch
+from torch import nn
+
+from fop_asdl.models import MLP, MODELS, SmallCNN, build_model, resnet18_cifar
+
+PRECONDITIONED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, kwargs, input_shape, n_classes", [
+    ("small_cnn", {}, (2, 1, 28, 28), 10),
+    ("small_cnn", {"in_channels": 3, "image_size": 32, "num_classes": 100}, (2, 3, 32, 32), 100),
+    ("mlp", {}, (2, 1, 28, 28), 10),
+    ("mlp", {"in_features": 3 * 32 * 32, "hidden": (64, 32), "num_classes": 5}, (2, 3, 32, 32), 5),
+    ("resnet18", {}, (2, 3, 32, 32), 10),
+])
+def test_output_shape(name: str, kwargs: dict, input_shape: tuple, n_classes: int) -> None:
+    model = build_model(name, **kwargs)
+    assert model(torch.randn(input_shape)).shape == (input_shape[0], n_classes)
+
+
+def test_parameter_counts() -> None:
+    assert 100_000 < n_params(SmallCNN()) < 400_000
+    assert n_params(MLP()) == 784 * 256 + 256 + 256 * 10 + 10
+    assert 11_000_000 < n_params(resnet18_cifar()) < 11_300_000  # the usual 11.17M
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_only_preconditioned_layers_hold_parameters(name: str) -> None:
+    for module in build_model(name).modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            assert isinstance(module, PRECONDITIONED), type(module)
+            assert getattr(module, "groups", 1) == 1
+
+
+def test_resnet18_structure() -> None:
+    model = resnet18_cifar()
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    assert len(model.blocks) == 8
+    assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in model.modules()) == 3
+
+
+def test_backward_reaches_every_parameter() -> None:
+    model = resnet18_cifar()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_build_model_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="small_cnn"):
+        build_model("vgg16")
