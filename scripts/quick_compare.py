@@ -4,7 +4,7 @@ Every method starts from the same initial weights, sees the same batches in the 
 SGD optimizer (momentum 0.9); only the gradient maker and the learning rate differ. Prints a markdown
 table; ``--json PATH`` also writes the results. A method whose loss turns NaN/Inf is reported as diverged.
 
-    python scripts/quick_compare.py [--epochs 12] [--methods sgd kfac fop] [--lr kfac=2e-4] [--json out.json]
+    python scripts/quick_compare.py [--epochs 12] [--methods sgd kfac fop] [--lr kfac=0.02] [--json out.json]
 """
 from __future__ import annotations
 
@@ -33,12 +33,11 @@ except ImportError:  # tqdm is optional
 # ASDL 0.1a5 registers non-full backward hooks; PyTorch warns about them on every curvature pass.
 warnings.filterwarnings("ignore", message="Using a non-full backward hook")
 
-#: Picked by a small sweep with these defaults: sgd 0.2 diverged, 0.1 was no better than 0.05; kfac 2e-4
-#: and fop 1e-4 trained smoothly on seeds 0-2, while fop 2e-4 spiked on seed 1 (its adaptive η, up to 2,
-#: makes its steps larger than K-FAC's at the same lr). K-FAC/FOP need small rates because ASDL's EMA
-#: starts from zero and scales both Kronecker factors: the first curvature is 0.05² of the Fisher, so
-#: early steps are up to ~400x larger than late ones.
-DEFAULT_LR: Dict[str, float] = {"sgd": 0.05, "kfac": 2e-4, "fop": 1e-4}
+#: Rates for these defaults (batch 500, damping 1.0, ema_decay 0.05, interval 5): sgd 0.2 diverged and
+#: 0.1 was no better than 0.05. ASDL's EMA starts from zero and scales both Kronecker factors, so the first
+#: curvature is 0.05² of the Fisher; damping 1.0 keeps those early steps bounded (at damping 1e-3, K-FAC
+#: needs lr ~2e-4). FOP's adaptive η (up to 2) makes its step larger than K-FAC's at the same rate.
+DEFAULT_LR: Dict[str, float] = {"sgd": 0.05, "kfac": 0.02, "fop": 0.02}
 
 
 def progress(n: int, desc: str) -> Iterable[int]:
@@ -132,7 +131,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help=f"override a learning rate (defaults {DEFAULT_LR})")
-    parser.add_argument("--damping", type=float, default=1e-3)
+    parser.add_argument("--damping", type=float, default=1.0)
     parser.add_argument("--interval", type=int, default=5,
                         help="curvature and preconditioner update interval (steps)")
     parser.add_argument("--json", type=Path, help="also write the results here")

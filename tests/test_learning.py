@@ -10,9 +10,10 @@ from fop_asdl.models import SmallCNN
 from conftest import step
 
 BATCH, EPOCHS = 250, 12  # 20 steps per epoch: 240 steps
-# Chance is 10 %; plain SGD with the same budget reaches about the same as FOP here, and a broken
-# preconditioner (wrong sign, wrong scale, stale inverse) stalls or diverges far below this.
-TARGET_ACCURACY = 0.80
+# Measured with this exact setup: FOP 87.2 %, K-FAC 86.0 %, plain SGD (same lr and budget) 83.3 %.
+# The target sits below FOP and above SGD, so a maker that falls back to the raw gradient fails, and a
+# broken preconditioner (wrong sign, scale or inverse) stalls or diverges far below it.
+TARGET_ACCURACY = 0.85
 
 
 def test_fop_reaches_target_accuracy_on_real_data():
