@@ -14,7 +14,7 @@ import torch
 from asdl.symmatrix import SymMatrix
 from torch import Tensor
 
-__all__ = ["BlockVector", "apply_inverse", "apply_metric", "inner"]
+__all__ = ["BlockVector", "apply_inverse", "apply_metric", "gram"]
 
 BlockVector = Tuple[Tensor, Optional[Tensor]]
 
@@ -71,10 +71,11 @@ def apply_metric(matrix: SymMatrix, vec: BlockVector,
     return weight, bias
 
 
-def inner(x: BlockVector, y: BlockVector) -> Tensor:
-    """⟨x_j, y_j⟩ for each stacked pair j, summed over weight and bias: a (k,) tensor."""
-    k = x[0].shape[0]
-    total = (x[0].reshape(k, -1) * y[0].reshape(k, -1)).sum(1)
+def gram(x: BlockVector, y: BlockVector) -> Tensor:
+    """All inner products ⟨x_i, y_j⟩ of two stacks, summed over weight and bias: a (k_x, k_y) tensor,
+    one small matrix product instead of k_x·k_y elementwise passes."""
+    kx, ky = x[0].shape[0], y[0].shape[0]
+    out = x[0].reshape(kx, -1) @ y[0].reshape(ky, -1).T
     if x[1] is not None:
-        total = total + (x[1].reshape(k, -1) * y[1].reshape(k, -1)).sum(1)
-    return total
+        out = out + x[1].reshape(kx, -1) @ y[1].reshape(ky, -1).T
+    return out

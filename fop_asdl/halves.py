@@ -36,30 +36,39 @@ def supports_half_gradients(module: nn.Module) -> bool:
     return False
 
 
-def _normalized_input(module: nn.Module, x: Tensor) -> Tensor:
-    """x̂ of a BatchNorm/LayerNorm call, as the module's forward computed it."""
+def _normalization_stats(module: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(mean, 1/std), broadcastable to ``x``, with which a BatchNorm/LayerNorm call normalised ``x``."""
     if isinstance(module, nn.LayerNorm):
         dims = tuple(range(x.ndim - len(module.normalized_shape), x.ndim))
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + module.eps)
-    shape = [1, -1] + [1] * (x.ndim - 2)
-    if module.training or module.running_mean is None:
-        dims = [0] + list(range(2, x.ndim))
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, unbiased=False, keepdim=True)
+    elif module.training or module.running_mean is None:
+        dims = (0,) + tuple(range(2, x.ndim))
     else:
-        mean = module.running_mean.view(shape)
-        var = module.running_var.view(shape)
-    return (x - mean) * torch.rsqrt(var + module.eps)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return module.running_mean.view(shape), torch.rsqrt(module.running_var + module.eps).view(shape)
+    var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)  # one pass over x
+    return mean, torch.rsqrt(var + module.eps)
+
+
+def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, n1: int
+                      ) -> List[Tuple[Tensor, Optional[Tensor]]]:
+    """Per-half (weight, bias) gradients of a BatchNorm/LayerNorm call: (Σ δ·x̂, Σ δ) over each half,
+    with x̂ normalised by the statistics of the whole batch (BatchNorm) or of each sample (LayerNorm)."""
+    mean, inv_std = _normalization_stats(module, x)
+    if isinstance(module, nn.LayerNorm):
+        lead = tuple(range(x.ndim - len(module.normalized_shape)))
+    else:
+        lead = (0,) + tuple(range(2, x.ndim))
+    per_sample = isinstance(module, nn.LayerNorm)  # its statistics belong to each row
+    out = []
+    for rows in (slice(0, n1), slice(n1, None)):
+        m, s = (mean[rows], inv_std[rows]) if per_sample else (mean, inv_std)
+        g = grad_out[rows]
+        out.append(((g * ((x[rows] - m) * s)).sum(lead), g.sum(lead)))
+    return out
 
 
 def _param_grads(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-    """(weight grad, bias grad) summed over the samples of ``x`` / ``grad_out``.
-
-    For BatchNorm/LayerNorm ``x`` must already be the normalised input x̂ (its batch statistics come
-    from the whole batch, not from the half being summed).
-    """
+    """(weight grad, bias grad) of a Linear or Conv2d call, summed over the samples of ``x``."""
     if isinstance(module, nn.Linear):
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
         weight = g2d.T @ x.reshape(-1, x.shape[-1])
@@ -70,11 +79,7 @@ def _param_grads(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tuple[Tensor
                                              module.padding, module.dilation, module.groups)
         bias = grad_out.sum((0, 2, 3)) if module.bias is not None else None
         return weight, bias
-    if isinstance(module, nn.LayerNorm):
-        lead = tuple(range(x.ndim - len(module.normalized_shape)))
-    else:
-        lead = (0,) + tuple(range(2, x.ndim))
-    return (grad_out * x).sum(lead), grad_out.sum(lead)
+    raise TypeError(f"no per-half gradients for {type(module).__name__}")
 
 
 class HalfGradientCapture:
@@ -139,8 +144,9 @@ class HalfGradientCapture:
             return
         n1 = self.n1
         if isinstance(module, _NORM):
-            x = _normalized_input(module, x)
-        halves = [_param_grads(module, x[:n1], grad_out[:n1]), _param_grads(module, x[n1:], grad_out[n1:])]
+            halves = _norm_param_grads(module, x, grad_out, n1)
+        else:
+            halves = [_param_grads(module, x[:n1], grad_out[:n1]), _param_grads(module, x[n1:], grad_out[n1:])]
         previous = self.sums.get(module)
         if previous is None:
             self.sums[module] = halves

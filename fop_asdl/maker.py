@@ -11,7 +11,7 @@ from asdl.matrices import FISHER_MC
 from asdl.utils import has_reduction
 from torch import Tensor, nn
 
-from .blocks import BlockVector, apply_inverse, apply_metric, inner
+from .blocks import BlockVector, apply_inverse, apply_metric, gram
 from .compat import KfacGradientMaker, batch_size_of, kron_damping, reject_ddp, resolve_data_size
 from .halves import HalfGradientCapture, supports_half_gradients
 from .projection import FOPOptions, average_and_difference, fop_coefficients
@@ -213,12 +213,13 @@ class FOPGradientMaker(KfacGradientMaker):
                 continue
             both = _scaled(_stack(g_avg, g_diff), self.grad_scale)  # [g_avg, g_diff]
             del g_avg, g_diff
-            avg = _index(both, 0)
             inv_both = apply_inverse(matrix, both)  # [F̃⁻¹g_avg, F̃⁻¹g_diff] in one product
-            metric_avg = apply_metric(matrix, avg, self._metric_damping(module, matrix) if damped else None)
-            scalars.append(torch.cat([inner(both, _repeat(metric_avg, 2)),  # ⟨g_a, M g_a⟩, ⟨g_d, M g_a⟩
-                                      inner(_repeat(avg, 2), inv_both),     # A, g_aᵀF̃⁻¹g_d
-                                      inner(_index(both, 1), _index(inv_both, 1))]))  # g_dᵀF̃⁻¹g_d
+            metric_avg = apply_metric(matrix, _index(both, 0),
+                                      self._metric_damping(module, matrix) if damped else None)
+            with_metric = gram(both, metric_avg)  # ⟨g_a, M g_a⟩, ⟨g_d, M g_a⟩
+            with_inverse = gram(both, inv_both)   # rows g_a, g_d; columns F̃⁻¹g_a, F̃⁻¹g_d
+            scalars.append(torch.stack([with_metric[0, 0], with_metric[1, 0], with_inverse[0, 0],
+                                        with_inverse[0, 1], with_inverse[1, 1]]))
             names.append(name)
             modules.append(module)
             inverse_products.append(inv_both)
@@ -264,10 +265,6 @@ def _stack(*vectors: BlockVector) -> BlockVector:
 
 def _index(vec: BlockVector, j: int) -> BlockVector:
     return vec[0][j:j + 1], None if vec[1] is None else vec[1][j:j + 1]
-
-
-def _repeat(vec: BlockVector, k: int) -> BlockVector:
-    return vec[0].expand(k, *vec[0].shape[1:]), None if vec[1] is None else vec[1].expand(k, *vec[1].shape[1:])
 
 
 def _scaled(vec: BlockVector, factor: float) -> BlockVector:

@@ -22,7 +22,9 @@ transient tensors of one method do not stay resident under the next; ``malloc_tr
 each method's cycle returns what smaller blocks freed. Reported per method: the absolute peak, and the
 *increment* = peak minus the RSS (or allocated bytes) just before its first measured step; with warmup, the
 makers' persistent state (curvature, inverses) is already in the baseline, so the increment is the per-step
-working memory (without warmup it includes that state). The absolute peak also holds the other methods' live
+working memory (without warmup it includes that state). The *footprint* compared between methods is that
+increment plus the method's own persistent state counted tensor by tensor (weights, grads, optimizer
+state, Kronecker/unit-wise factors and inverses), so other methods' state in the same process drops out. The absolute peak also holds the other methods' live
 models and state (one process). The < 64 KiB blocks and the 1 ms sampling period make the CPU figure
 approximate (a few MB). Cost: every large tensor is now a fresh mmap whose pages fault in on first touch
 (SGD, SmallCNN b256: ~39k instead of ~6k minor faults, ~50 ms more system CPU on ~0.4 s; ResNet-18 b32:
@@ -111,7 +113,7 @@ class Runner:
         self.gm = make_gradient_maker(name, self.model, config)
         self.step_index, self.interval, self.times, self.curv = 0, args.interval, [], []
         self.baseline: Optional[int] = None
-        self.cuda_peak, self.error = 0, None
+        self.cuda_peak, self.error, self.state = 0, None, 0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -136,6 +138,19 @@ class Runner:
                 for p, p0 in zip(self.params, self.init):
                     p.copy_(p0)
             self.step_index += 1
+
+
+def state_bytes(r: "Runner") -> int:
+    """Bytes the method keeps between steps: weights, grads, optimizer state and the maker's curvature
+    (factors and inverses), counted tensor by tensor, so it needs no memory measurement."""
+    tensors = [p for p in r.model.parameters()] + [p.grad for p in r.model.parameters() if p.grad is not None]
+    tensors += [v for st in r.opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    for _, module in getattr(r.gm, "named_modules_for_curvature", []):
+        matrix = getattr(module, "fisher", None)
+        for part, keys in (("kron", ("A", "B", "A_inv", "B_inv")), ("unit", ("data", "inv"))):
+            obj = getattr(matrix, part, None) if matrix is not None else None
+            tensors += [getattr(obj, k) for k in keys if obj is not None and getattr(obj, k) is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def summary(times: List[float]) -> Dict[str, Optional[float]]:
@@ -194,6 +209,8 @@ def main() -> None:
             elif not cuda:
                 _LIBC.malloc_trim(0)  # untimed: give freed heap pages back, so RSS starts at live memory
                 r.baseline = sampler.rss() if measure and r.baseline is None else r.baseline
+            if measure:
+                r.state = state_bytes(r)
             sampler.set_active(r.name if measure and not cuda else None)
             try:
                 r.cycle(batches, measure)
@@ -214,7 +231,8 @@ def main() -> None:
             "plain": summary([t for t, k in zip(r.times, r.curv) if not k]),
             "curvature": summary([t for t, k in zip(r.times, r.curv) if k]),
             "peak_mb": peak / MB, "baseline_mb": (r.baseline or 0) / MB,
-            "peak_increment_mb": (peak - (r.baseline or 0)) / MB, "error": r.error, "step_times_s": r.times}
+            "peak_increment_mb": (peak - (r.baseline or 0)) / MB, "state_mb": r.state / MB,
+            "footprint_mb": (r.state + peak - (r.baseline or 0)) / MB, "error": r.error, "step_times_s": r.times}
 
     def ratio(a: str, b: str, key: Callable[[Dict], Optional[float]]) -> Optional[float]:
         if a in results and b in results and key(results[a]) and key(results[b]):
@@ -225,20 +243,22 @@ def main() -> None:
     ratios = {f"{a}/{b}_mean_step_time": ratio(a, b, mean_time)
               for a, b in (("fop", "kfac"), ("kfac", "sgd"), ("fop", "sgd"))}
     ratios["fop/kfac_peak_increment"] = ratio("fop", "kfac", lambda res: res["peak_increment_mb"])
+    ratios["fop/kfac_footprint"] = ratio("fop", "kfac", lambda res: res["footprint_mb"])
 
     fmt = lambda v, spec=".4f": "-" if v is None else format(v, spec)  # noqa: E731
     print(f"# bench_step: {args.model}, batch {args.batch_size}, interval {args.interval}, "
           f"{args.cycles} measured + {args.warmup_cycles} warmup cycles, {args.device}, "
           f"{torch.get_num_threads()} threads; {INPUT_NOTE}")
     print(f"`{command}`  (MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')})\n")
-    print("| method | mean s | median s | plain mean s | curv mean s | peak MB increment (abs) "
-          "| ratio vs kfac |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | mean s | median s | plain mean s | curv mean s | footprint MB = state + step peak "
+          "| time vs kfac | footprint vs kfac |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, res in results.items():
         print(f"| {name} | {fmt(res['all']['mean_s'])} | {fmt(res['all']['median_s'])} | "
               f"{fmt(res['plain']['mean_s'])} | {fmt(res['curvature']['mean_s'])} | "
-              f"{res['peak_increment_mb']:.1f} ({res['peak_mb']:.1f}) | "
-              f"{fmt(ratio(name, 'kfac', mean_time), '.3f')} |")
+              f"{res['footprint_mb']:.1f} = {res['state_mb']:.1f} + {res['peak_increment_mb']:.1f} | "
+              f"{fmt(ratio(name, 'kfac', mean_time), '.3f')} | "
+              f"{fmt(ratio(name, 'kfac', lambda v: v['footprint_mb']), '.3f')} |")
     print("\n" + ", ".join(f"{k} = {fmt(v, '.3f')}" for k, v in ratios.items()))
     for r in runners:
         if r.error:
