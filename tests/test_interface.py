@@ -26,7 +26,7 @@ def test_one_loop_for_every_maker(image_batch, name):
         y, loss = step(maker, model, x, t)
         assert y.shape == (len(x), 3)  # the output of the whole batch
         torch.testing.assert_close(loss, F.cross_entropy(y, t))  # the full-batch mean loss
-        losses.append(float(loss))
+        losses.append(loss.item())
         opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < losses[0]
