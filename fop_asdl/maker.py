@@ -1,12 +1,12 @@
 """FOPGradientMaker: FOP (FOP_SPEC steps 1-8) behind ASDL's gradient-maker interface."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import asdl
 import torch
-from asdl.grad_maker import DummyObject
 from asdl.matrices import FISHER_MC
 from asdl.utils import has_reduction
 from torch import Tensor, nn
@@ -306,8 +306,6 @@ def _ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig) 
 
     Their parameters (and any parameter owned directly by a container module) receive g_avg.
     """
-    import dataclasses
-
     ignore = list(config.ignore_modules or [])
     unsupported = []
     for name, module in model.named_modules():

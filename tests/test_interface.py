@@ -2,7 +2,6 @@
 import copy
 import warnings
 
-import asdl
 import pytest
 import torch
 import torch.nn.functional as F

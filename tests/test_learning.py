@@ -1,7 +1,6 @@
 """FOP learns on real data: the Fashion-MNIST subset shipped in the package, a small CNN, 240 steps."""
 import asdl
 import torch
-import torch.nn.functional as F
 
 import fop_asdl
 from fop_asdl.data import load_fashion_mnist_subset
