@@ -18,7 +18,7 @@ import torch
 from asdl.symmatrix import Kron, SymMatrix, UnitWise
 from torch import nn
 
-__all__ = ["KfacGradientMaker", "robust_update_inv", "kron_damping", "batch_size_of"]
+__all__ = ["KfacGradientMaker", "robust_update_inv", "rebuild_inverse", "kron_damping", "batch_size_of"]
 
 _INVALID = -1  # ASDL's marker for "not set" (data_size, ema_decay)
 
@@ -148,6 +148,22 @@ def robust_update_inv(matrix: SymMatrix, damping: float, name: str, warned: set)
         kron.B_inv = _floored_inverse(_gram(kron.B), damping_b)
     if matrix.has_unit:
         matrix.unit.inv = _floored_inverse(matrix.unit.data, damping)
+
+
+def rebuild_inverse(matrix: SymMatrix, damping: float, name: str, warned: set) -> None:
+    """The inverses of ``matrix`` recomputed without touching its factors.
+
+    ASDL adds and subtracts the damping on the factor's diagonal in place, which moves its last bits;
+    a rollback must leave the curvature exactly as it was, so the inversion runs on copies.
+    """
+    scratch = SymMatrix(
+        kron=Kron(matrix.kron.A.clone(), matrix.kron.B.clone()) if matrix.has_kron else None,
+        unit=UnitWise(matrix.unit.data.clone()) if matrix.has_unit else None)
+    robust_update_inv(scratch, damping, name, warned)
+    if matrix.has_kron:
+        matrix.kron.A_inv, matrix.kron.B_inv = scratch.kron.A_inv, scratch.kron.B_inv
+    if matrix.has_unit:
+        matrix.unit.inv = scratch.unit.inv
 
 
 # --- Fix 4: state_dict ----------------------------------------------------------------------------

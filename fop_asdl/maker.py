@@ -12,7 +12,8 @@ from asdl.utils import has_reduction
 from torch import Tensor, nn
 
 from .blocks import BlockVector, apply_inverse, apply_metric, gram
-from .compat import KfacGradientMaker, batch_size_of, kron_damping, reject_ddp, resolve_data_size
+from .compat import (KfacGradientMaker, batch_size_of, kron_damping, rebuild_inverse, reject_ddp,
+                     resolve_data_size)
 from .halves import HalfGradientCapture, supports_half_gradients
 from .projection import FOPOptions, average_and_difference, fop_coefficients
 
@@ -66,12 +67,17 @@ class FOPGradientMaker(KfacGradientMaker):
         update_curvature = self.do_update_curvature(step)
         # Without an EMA the new curvature replaces the old, so its inverse must follow at once.
         update_inverse = self.do_update_preconditioner(step) or (update_curvature and not self.do_accumulate)
+        # The old inverses are about to be replaced: free them to make room for the new curvature. Should
+        # the step fail, they are rebuilt from the untouched old factors (equal up to rounding).
+        dropped: List[str] = []
         params = [p for p in self.model.parameters() if p.requires_grad]
         saved_grads = [p.grad for p in params]
         for p in params:
             p.grad = None
         new_curvature: Dict[nn.Module, Any] = {}
         try:
+            if update_curvature and update_inverse:
+                dropped = self._drop_inverses()
             capture = HalfGradientCapture([m for _, m in self.named_modules_for_curvature], batch_size)
             with capture:
                 if update_curvature:
@@ -87,6 +93,7 @@ class FOPGradientMaker(KfacGradientMaker):
         except BaseException:
             for p, grad in zip(params, saved_grads):
                 p.grad = grad
+            self._rebuild_inverses(dropped)
             raise
         # Nothing below can meet bad data: commit curvature, inverses and the preconditioned gradients.
         self._commit_curvature(new_curvature)
@@ -207,8 +214,7 @@ class FOPGradientMaker(KfacGradientMaker):
                 continue  # the block took no part in the loss: autograd would leave its grad None too
             g_avg, g_diff = gradients.pop(module)
             matrix = getattr(module, attr, None)
-            has_inverse = matrix is not None and (matrix.kron.has_inv if matrix.has_kron else matrix.unit.has_inv)
-            if not has_inverse:  # no curvature yet for this block: plain gradient, as K-FAC does
+            if not _has_inverse(matrix):  # no curvature yet for this block: plain gradient, as K-FAC does
                 _write(module, g_avg)
                 continue
             both = _scaled(_stack(g_avg, g_diff), self.grad_scale)  # [g_avg, g_diff]
@@ -251,9 +257,33 @@ class FOPGradientMaker(KfacGradientMaker):
         super()._invert_all()
         self._damping_cache.clear()
 
+    def _drop_inverses(self) -> List[str]:
+        """Free the inverses of every block that has them; returns those blocks' names."""
+        dropped = []
+        for name, module in self.named_modules_for_curvature:
+            matrix = getattr(module, self._fisher_attr, None)
+            if not _has_inverse(matrix):
+                continue
+            if matrix.has_kron:
+                matrix.kron.A_inv = matrix.kron.B_inv = None
+            else:
+                matrix.unit.inv = None
+            dropped.append(name)
+        return dropped
+
+    def _rebuild_inverses(self, names: List[str]) -> None:
+        modules = dict(self.named_modules_for_curvature)
+        for name in names:
+            rebuild_inverse(getattr(modules[name], self._fisher_attr), self.config.damping, name,
+                            self._fallback_warned)
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._damping_cache.clear()
+
+
+def _has_inverse(matrix: Any) -> bool:
+    return matrix is not None and (matrix.kron.has_inv if matrix.has_kron else matrix.unit.has_inv)
 
 
 def _stack(*vectors: BlockVector) -> BlockVector:

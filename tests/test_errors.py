@@ -26,7 +26,10 @@ def assert_unchanged(model, maker, before):
     assert after.keys() == curvature.keys()
     for name in curvature:
         for key, value in curvature[name].items():
-            assert torch.equal(after[name][key], value), (name, key)
+            if key.endswith("inv"):  # inverses are rebuilt from the same factors after a failed curvature step
+                torch.testing.assert_close(after[name][key], value, rtol=1e-9, atol=0)
+            else:  # the factors (the EMA state) are untouched, bit for bit
+                assert torch.equal(after[name][key], value), (name, key)
     assert maker.state["step"] == step_count
     for key, value in params.items():
         if "running" not in key and "num_batches" not in key:  # BatchNorm buffers move in any forward
