@@ -211,6 +211,7 @@ class KfacGradientMaker(asdl.KfacGradientMaker):
 
     def __init__(self, model: nn.Module, config: asdl.PreconditioningConfig, *args: Any, **kwargs: Any):
         reject_ddp(model)
+        reject_multi_process()
         super().__init__(model, config, *args, **kwargs)
         self._fallback_warned: set = set()
 
@@ -270,8 +271,18 @@ class KfacGradientMaker(asdl.KfacGradientMaker):
 def reject_ddp(model: nn.Module) -> None:
     """ASDL's makers need the bare module: DDP would all-reduce raw gradients behind their back."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise TypeError("The model is wrapped in DistributedDataParallel. Pass the bare model "
-                        "(model.module) instead; launch with torchrun and each rank's local batch.")
+        raise TypeError("The model is wrapped in DistributedDataParallel, which would all-reduce raw "
+                        "gradients behind the gradient maker. Pass the bare model (model.module); this "
+                        "version trains in one process (a sharded torchrun path is planned).")
+
+
+def reject_multi_process() -> None:
+    """ASDL 0.1a5's own distributed path needs CUDA/NCCL and mixes raw and preconditioned gradients; until
+    the sharded path exists, refuse to run per rank without any synchronisation."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise NotImplementedError("torch.distributed is initialised with more than one rank, but this version "
+                                  "of fop_asdl trains in a single process; run one process per job.")
 
 
 def resolve_data_size(config: asdl.PreconditioningConfig, batch_size: int) -> int:

@@ -132,7 +132,15 @@ def test_ddp_wrapped_model_is_refused_with_the_way_out(tmp_path):
     try:
         ddp = nn.parallel.DistributedDataParallel(nn.Linear(3, 2))
         for name in ("fop", "kfac", "sgd"):
-            with pytest.raises(TypeError, match="torchrun"):
+            with pytest.raises(TypeError, match=r"Pass the bare model \(model.module\)"):
                 fop_asdl.make_gradient_maker(name, ddp, config())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["fop", "kfac"])
+def test_more_than_one_rank_is_refused_rather_than_run_unsynchronised(monkeypatch, name):
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(NotImplementedError, match="single process"):
+        fop_asdl.make_gradient_maker(name, conv_bn_ln_net(), config())
