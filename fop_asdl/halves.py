@@ -136,10 +136,14 @@ class HalfGradientCapture:
     def _after_forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._thaw()
         if output.requires_grad:
-            x = args[0].detach()
-            output.register_hook(lambda grad, m=module, x=x: self._on_output_grad(m, x, grad))
+            x = args[0].detach()  # shares the version counter: in-place changes stay visible
+            output.register_hook(lambda grad, m=module, x=x, v=x._version: self._on_output_grad(m, x, v, grad))
 
-    def _on_output_grad(self, module: nn.Module, x: Tensor, grad_out: Tensor) -> None:
+    def _on_output_grad(self, module: nn.Module, x: Tensor, version: int, grad_out: Tensor) -> None:
+        if x._version != version:  # autograd no longer saves x for this layer, so it cannot check this
+            raise RuntimeError(f"fop_asdl: the input of a {module.__class__.__name__} block was modified in "
+                               f"place after the layer used it; FOP needs it intact for the layer's gradient. "
+                               f"Make that operation out of place (e.g. relu without inplace=True).")
         if not self.active:
             return
         n1 = self.n1

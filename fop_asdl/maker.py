@@ -146,11 +146,16 @@ class FOPGradientMaker(KfacGradientMaker):
 
         fisher_maker._fisher_loop = loop_without_capture
         scale = self.scale * (self.config.ema_decay if self.do_accumulate else 1.0)
+        # ASDL's Fisher loop switches requires_grad off and back on without try/finally: an error inside
+        # it would leave the whole model frozen.
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
         try:
             self.delegate_forward_and_backward(fisher_maker, data_size=data_size, scale=scale,
                                                accumulate=False, calc_loss_grad=True, calc_inv=False)
             return {m: getattr(m, attr, None) for m in modules}
         finally:
+            for param, flag in flags:
+                param.requires_grad_(flag)
             del fisher_maker._fisher_loop
             for module in modules:
                 if module in stored:

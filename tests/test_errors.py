@@ -144,3 +144,22 @@ def test_more_than_one_rank_is_refused_rather_than_run_unsynchronised(monkeypatc
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     with pytest.raises(NotImplementedError, match="single process"):
         fop_asdl.make_gradient_maker(name, conv_bn_ln_net(), config())
+
+
+def test_block_input_modified_in_place_is_named():
+    class ScalesItsHidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.fc1(x) + 1.0  # nothing but fc2 needs h for the backward pass
+            y = self.fc2(h)
+            h.mul_(2.0)  # plain autograd refuses this too: it saves h for fc2's weight gradient
+            return y
+
+    model = ScalesItsHidden()
+    maker = fop_asdl.make_gradient_maker("fop", model, config())
+    with pytest.raises(RuntimeError, match="modified in place"):
+        step(maker, model, torch.randn(6, 4), torch.randint(0, 2, (6,)))
+    assert all(p.requires_grad for p in model.parameters())
