@@ -193,6 +193,18 @@ def _curvature_from_dict(tensors: Dict[str, torch.Tensor], device: torch.device)
     return SymMatrix(kron=kron, unit=unit)
 
 
+@contextlib.contextmanager
+def kept_requires_grad(model: nn.Module):
+    """ASDL's Fisher loop switches requires_grad off and back on without try/finally: an error inside it
+    would leave the whole model frozen. Restore every flag on the way out."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
 def batch_size_of(args: tuple, kwargs: dict) -> int:
     """Dim 0 of the first tensor among the model-call arguments (ASDL's batch convention)."""
     for value in (*args, *kwargs.values()):
@@ -222,14 +234,15 @@ class KfacGradientMaker(asdl.KfacGradientMaker):
             self.config = dataclasses.replace(
                 user_config, data_size=batch_size_of(self._model_args, self._model_kwargs))
         try:
-            if self.do_accumulate:
-                super().update_curvature()
-            else:
-                # ASDL inverts inside the pass with a bare Cholesky; keep the factors and invert robustly.
-                self.delegate_forward_and_backward(self.fisher_maker, data_size=self.config.data_size,
-                                                   scale=self.scale, accumulate=False, calc_loss_grad=True,
-                                                   calc_inv=False)
-                self._invert_all()
+            with kept_requires_grad(self.model):
+                if self.do_accumulate:
+                    super().update_curvature()
+                else:
+                    # ASDL inverts inside the pass with a bare Cholesky; keep the factors, invert robustly.
+                    self.delegate_forward_and_backward(self.fisher_maker, data_size=self.config.data_size,
+                                                       scale=self.scale, accumulate=False, calc_loss_grad=True,
+                                                       calc_inv=False)
+                    self._invert_all()
         finally:
             self.config = user_config
 

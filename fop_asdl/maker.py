@@ -12,8 +12,8 @@ from asdl.utils import has_reduction
 from torch import Tensor, nn
 
 from .blocks import BlockVector, apply_inverse, apply_metric, gram
-from .compat import (KfacGradientMaker, batch_size_of, kron_damping, rebuild_inverse, reject_ddp,
-                     resolve_data_size)
+from .compat import (KfacGradientMaker, batch_size_of, kept_requires_grad, kron_damping, rebuild_inverse,
+                     reject_ddp, resolve_data_size)
 from .halves import HalfGradientCapture, supports_half_gradients
 from .projection import FOPOptions, average_and_difference, fop_coefficients
 
@@ -146,16 +146,12 @@ class FOPGradientMaker(KfacGradientMaker):
 
         fisher_maker._fisher_loop = loop_without_capture
         scale = self.scale * (self.config.ema_decay if self.do_accumulate else 1.0)
-        # ASDL's Fisher loop switches requires_grad off and back on without try/finally: an error inside
-        # it would leave the whole model frozen.
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
         try:
-            self.delegate_forward_and_backward(fisher_maker, data_size=data_size, scale=scale,
-                                               accumulate=False, calc_loss_grad=True, calc_inv=False)
+            with kept_requires_grad(self.model):
+                self.delegate_forward_and_backward(fisher_maker, data_size=data_size, scale=scale,
+                                                   accumulate=False, calc_loss_grad=True, calc_inv=False)
             return {m: getattr(m, attr, None) for m in modules}
         finally:
-            for param, flag in flags:
-                param.requires_grad_(flag)
             del fisher_maker._fisher_loop
             for module in modules:
                 if module in stored:

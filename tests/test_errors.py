@@ -146,6 +146,24 @@ def test_more_than_one_rank_is_refused_rather_than_run_unsynchronised(monkeypatc
         fop_asdl.make_gradient_maker(name, conv_bn_ln_net(), config())
 
 
+def test_error_inside_the_fisher_pass_leaves_requires_grad_as_it_was(image_batch):
+    """ASDL switches requires_grad off around its Fisher backward passes without try/finally."""
+    x, t = image_batch
+    for name in ("fop", "kfac"):
+        model = conv_bn_ln_net().double()
+        maker = fop_asdl.make_gradient_maker(name, model, config(), fisher_type="fisher_exact")
+
+        def failing_loop(closure):
+            def nll():
+                raise RuntimeError("boom")
+            closure(nll)  # raises inside ASDL's skip_param_grad, which then never switches grads back on
+
+        maker.fisher_maker._fisher_loop = failing_loop
+        with pytest.raises(RuntimeError, match="boom"):
+            step(maker, model, x, t)
+        assert all(p.requires_grad for p in model.parameters()), name
+
+
 def test_block_input_modified_in_place_is_named():
     class ScalesItsHidden(nn.Module):
         def __init__(self):
