@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import asdl
 import asdl.operations.operation as _asdl_operation
@@ -302,6 +302,3 @@ def resolve_data_size(config: asdl.PreconditioningConfig, batch_size: int) -> in
     """``config.data_size`` when set, otherwise the step's batch size."""
     return batch_size if config.data_size == _INVALID else config.data_size
 
-
-def is_unset(value: Optional[float]) -> bool:
-    return value is None or value == _INVALID
