@@ -230,9 +230,8 @@ class KfacGradientMaker(asdl.KfacGradientMaker):
     # ASDL reads config.data_size in update_curvature; resolve it per step without touching the user's config.
     def update_curvature(self) -> None:
         user_config = self.config
-        if user_config.data_size == _INVALID:
-            self.config = dataclasses.replace(
-                user_config, data_size=batch_size_of(self._model_args, self._model_kwargs))
+        batch_size = batch_size_of(self._model_args, self._model_kwargs)
+        self.config = dataclasses.replace(user_config, data_size=resolve_data_size(user_config, batch_size))
         try:
             with kept_requires_grad(self.model):
                 if self.do_accumulate:
