@@ -221,9 +221,13 @@ class KfacGradientMaker(asdl.KfacGradientMaker):
     which is what a mean loss means.
     """
 
+    #: ASDL's own distributed path cannot run here; subclasses with a sharded path of their own say False.
+    single_process_only = True
+
     def __init__(self, model: nn.Module, config: asdl.PreconditioningConfig, *args: Any, **kwargs: Any):
         reject_ddp(model)
-        reject_multi_process()
+        if self.single_process_only:
+            reject_multi_process()
         super().__init__(model, config, *args, **kwargs)
         self._fallback_warned: set = set()
 

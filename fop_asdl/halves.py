@@ -1,4 +1,4 @@
-"""The two sub-batch gradients g1, g2 of every curvature block from one forward and one backward pass.
+"""The two sub-batch gradient sums of every curvature block from one forward and one backward pass.
 
 While the capture is active, the parameters of each curvature block stop requiring grad during the
 block's own forward call, so autograd computes only the gradient that flows to the block's input. The
@@ -6,6 +6,9 @@ block's weight and bias gradients are instead formed here, separately for the fi
 and the rest (B2), from the block input and the gradient at its output: the same arithmetic autograd
 would have done once, split in two. The full batch goes through the model once, so BatchNorm sees
 full-batch statistics and g_avg is exactly the full-batch gradient.
+
+With micro-batches (or on one rank of a sharded run) the capture sees one chunk at a time: ``set_chunk``
+says how many of the chunk's rows belong to B1, and the sums of all chunks add up.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HalfGradientCapture", "first_half_size", "supports_half_gradients"]
+__all__ = ["BlockSum", "HalfGradientCapture", "first_half_size", "supports_half_gradients"]
 
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 
@@ -49,10 +52,13 @@ def _normalization_stats(module: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, torch.rsqrt(var + module.eps)
 
 
-def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, n1: int
-                      ) -> List[Tuple[Tensor, Optional[Tensor]]]:
+BlockSum = Tuple[Tensor, Optional[Tensor]]  # (weight, bias) gradients summed over some samples
+
+
+def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, halves: Sequence[slice]
+                      ) -> List[BlockSum]:
     """Per-half (weight, bias) gradients of a BatchNorm/LayerNorm call: (Σ δ·x̂, Σ δ) over each half,
-    with x̂ normalised by the statistics of the whole batch (BatchNorm) or of each sample (LayerNorm)."""
+    with x̂ normalised by the statistics of the whole call (BatchNorm) or of each sample (LayerNorm)."""
     mean, inv_std = _normalization_stats(module, x)
     if isinstance(module, nn.LayerNorm):
         lead = tuple(range(x.ndim - len(module.normalized_shape)))
@@ -60,7 +66,7 @@ def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, n1: int
         lead = (0,) + tuple(range(2, x.ndim))
     per_sample = isinstance(module, nn.LayerNorm)  # its statistics belong to each row
     out = []
-    for rows in (slice(0, n1), slice(n1, None)):
+    for rows in halves:
         m, s = (mean[rows], inv_std[rows]) if per_sample else (mean, inv_std)
         g = grad_out[rows]
         out.append(((g * ((x[rows] - m) * s)).sum(lead), g.sum(lead)))
@@ -85,19 +91,26 @@ def _param_grads(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tuple[Tensor
 class HalfGradientCapture:
     """Context manager that records per-sub-batch gradient sums of the given blocks.
 
-    ``sums[module]`` is ``[(w1, b1), (w2, b2)]`` after the backward pass: gradients of the loss that was
-    backpropagated, summed over B1 and over B2. ``active`` lets the caller ignore backward passes that are
-    not the loss gradient (ASDL's Monte-Carlo Fisher passes).
+    ``sums[module]`` is ``[sum over B1, sum over B2]`` after the backward passes, each a (weight, bias)
+    pair, or None where no sample of that sub-batch has been seen (a rank of the "ranks" split holds one
+    sub-batch only). ``active`` lets the caller ignore backward passes that are not the loss gradient
+    (ASDL's Monte-Carlo Fisher passes).
     """
 
-    def __init__(self, modules: Sequence[nn.Module], batch_size: int):
+    def __init__(self, modules: Sequence[nn.Module]):
         self.modules = list(modules)
-        self.batch_size = batch_size
-        self.n1 = first_half_size(batch_size)
+        self.chunk_size = 0
+        self.split = 0
         self.active = True
-        self.sums: Dict[nn.Module, List[Tuple[Tensor, Optional[Tensor]]]] = {}
+        self.sums: Dict[nn.Module, List[Optional[BlockSum]]] = {}
         self._handles: list = []
         self._frozen: List[nn.Parameter] = []
+
+    def set_chunk(self, size: int, split: int) -> None:
+        """The next forward call sees ``size`` samples, of which the first ``split`` belong to B1."""
+        if not 0 <= split <= size:
+            raise ValueError(f"split {split} outside a chunk of {size} samples")
+        self.chunk_size, self.split = size, split
 
     def __enter__(self) -> "HalfGradientCapture":
         for module in self.modules:
@@ -118,9 +131,9 @@ class HalfGradientCapture:
 
     def _before_forward(self, module: nn.Module, args: tuple):
         x = args[0]
-        if x.shape[0] != self.batch_size:
+        if x.shape[0] != self.chunk_size:
             raise ValueError(f"fop_asdl: block {module.__class__.__name__} received a tensor with leading "
-                             f"dimension {x.shape[0]}, but the batch has {self.batch_size} samples. FOP "
+                             f"dimension {x.shape[0]}, but the batch has {self.chunk_size} samples. FOP "
                              f"needs dim 0 to be the sample index inside every preconditioned layer; list "
                              f"this module in PreconditioningConfig.ignore_modules.")
         for param in (module.weight, module.bias):
@@ -137,23 +150,30 @@ class HalfGradientCapture:
         self._thaw()
         if output.requires_grad:
             x = args[0].detach()  # shares the version counter: in-place changes stay visible
-            output.register_hook(lambda grad, m=module, x=x, v=x._version: self._on_output_grad(m, x, v, grad))
+            split = self.split
+            output.register_hook(
+                lambda grad, m=module, x=x, v=x._version, k=split: self._on_output_grad(m, x, v, k, grad))
 
-    def _on_output_grad(self, module: nn.Module, x: Tensor, version: int, grad_out: Tensor) -> None:
+    def _on_output_grad(self, module: nn.Module, x: Tensor, version: int, split: int, grad_out: Tensor) -> None:
         if x._version != version:  # autograd no longer saves x for this layer, so it cannot check this
             raise RuntimeError(f"fop_asdl: the input of a {module.__class__.__name__} block was modified in "
                                f"place after the layer used it; FOP needs it intact for the layer's gradient. "
                                f"Make that operation out of place (e.g. relu without inplace=True).")
         if not self.active:
             return
-        n1 = self.n1
+        size = x.shape[0]
+        halves = [rows for rows in (slice(0, split), slice(split, size)) if rows.stop > rows.start]
         if isinstance(module, _NORM):
-            halves = _norm_param_grads(module, x, grad_out, n1)
+            sums = iter(_norm_param_grads(module, x, grad_out, halves))
         else:
-            halves = [_param_grads(module, x[:n1], grad_out[:n1]), _param_grads(module, x[n1:], grad_out[n1:])]
+            sums = iter([_param_grads(module, x[rows], grad_out[rows]) for rows in halves])
+        new = [next(sums) if 0 < split else None, next(sums) if split < size else None]
         previous = self.sums.get(module)
-        if previous is None:
-            self.sums[module] = halves
-        else:  # the module was called more than once in the forward pass (shared weights)
-            self.sums[module] = [
-                (w0 + w, None if b0 is None else b0 + b) for (w0, b0), (w, b) in zip(previous, halves)]
+        # Chunks of a micro-batched step, and modules called more than once (shared weights), add up.
+        self.sums[module] = new if previous is None else [_add(a, b) for a, b in zip(previous, new)]
+
+
+def _add(a: Optional[BlockSum], b: Optional[BlockSum]) -> Optional[BlockSum]:
+    if a is None or b is None:
+        return b if a is None else a
+    return a[0] + b[0], None if a[1] is None else a[1] + b[1]

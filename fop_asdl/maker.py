@@ -1,9 +1,10 @@
 """FOPGradientMaker: FOP (FOP_SPEC steps 1-8) behind ASDL's gradient-maker interface."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import asdl
 import torch
@@ -12,12 +13,14 @@ from asdl.utils import has_reduction
 from torch import Tensor, nn
 
 from .blocks import BlockVector, apply_inverse, apply_metric, gram
-from .compat import (KfacGradientMaker, batch_size_of, kept_requires_grad, kron_damping, rebuild_inverse,
-                     reject_ddp, resolve_data_size)
+from .chunks import chunk_bounds, concat_outputs, sliced_calls, validate_micro_batch_size
+from .compat import (_INVALID, KfacGradientMaker, batch_size_of, kept_requires_grad, kron_damping,
+                     rebuild_inverse, reject_ddp)
 from .halves import HalfGradientCapture, supports_half_gradients
 from .projection import FOPOptions, average_and_difference, fop_coefficients
+from .sync import HalfSums, make_sync
 
-__all__ = ["FOPGradientMaker"]
+__all__ = ["FOPGradientMaker", "ScalableKfacGradientMaker"]
 
 STAT_KEYS = ("s", "beta", "eta", "A", "D", "E", "kl_base", "kl_cross", "kl_orth")
 
@@ -39,10 +42,21 @@ class FOPGradientMaker(KfacGradientMaker):
         eta_range: clamp of η*.
         projection_metric: ``"undamped"`` (F) or ``"damped"`` (F̃) for the projection of step 2.
         eps: guard for the denominators.
+        micro_batch_size: run each step as ⌈n / micro_batch_size⌉ forward/backward passes whose gradients
+            (per sub-batch) and curvature add up to those of the whole batch; memory is bounded by the
+            micro-batch. None: one pass.
+        sub_batches: with ``torch.distributed`` initialised, how B1 and B2 are formed: ``"ranks"`` (even
+            ranks' batches vs odd ranks'), ``"halves"`` (every rank's first ⌈n/2⌉ samples vs the rest) or
+            ``"auto"`` ("ranks" for an even world size, else "halves"). Ignored in one process.
 
     After each step ``last_stats[block name]`` holds the block's s, β, η, A, D, E and the KL terms as
     0-d tensors (kept on the device, so reading them is the only sync).
     """
+
+    #: FOP needs g1 and g2; the K-FAC variant below needs only their mean.
+    two_gradients = True
+    #: Several ranks run the sharded path (fop_asdl.distributed), not ASDL's.
+    single_process_only = False
 
     def __init__(self, model: nn.Module, config: asdl.PreconditioningConfig,
                  fisher_type: str = FISHER_MC, loss_type: str = "cross_entropy",
@@ -50,15 +64,22 @@ class FOPGradientMaker(KfacGradientMaker):
                  seed: Optional[int] = None, swift: bool = False,
                  beta: Union[float, str] = "adaptive", beta_range: Tuple[float, float] = (-0.5, 0.5),
                  eta: Optional[str] = "adaptive", eta_range: Tuple[float, float] = (0.0, 2.0),
-                 projection_metric: str = "undamped", eps: float = 1e-12):
+                 projection_metric: str = "undamped", eps: float = 1e-12,
+                 micro_batch_size: Optional[int] = None, sub_batches: str = "auto"):
         self.options = FOPOptions(beta=beta, beta_range=tuple(beta_range), eta=eta,
                                   eta_range=tuple(eta_range), projection_metric=projection_metric, eps=eps)
+        self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
         reject_ddp(model)
         config = _ignoring_unsupported(model, config)
         super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
                          grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift)
+        self._sync = make_sync(model, self.named_modules_for_curvature, sub_batches, self.two_gradients)
+        if swift and (self.micro_batch_size is not None or self._sync.world_size > 1):
+            raise ValueError("swift=True (SKFAC) keeps per-sample factor matrices that cannot be summed over "
+                             "micro-batches or ranks; use swift=False with micro_batch_size or torch.distributed.")
         self.last_stats: Dict[str, Dict[str, Tensor]] = {}
         self._damping_cache: Dict[nn.Module, Tuple[float, float]] = {}
+        self._shapes: Optional[Dict[str, Tuple[torch.Size, Optional[torch.Size]]]] = None
 
     # --- the step ---------------------------------------------------------------------------------
     def forward_and_backward(self) -> Tuple[Any, Tensor]:
@@ -67,29 +88,28 @@ class FOPGradientMaker(KfacGradientMaker):
         update_curvature = self.do_update_curvature(step)
         # Without an EMA the new curvature replaces the old, so its inverse must follow at once.
         update_inverse = self.do_update_preconditioner(step) or (update_curvature and not self.do_accumulate)
-        # The old inverses are about to be replaced: free them to make room for the new curvature. Should
-        # the step fail, they are rebuilt from the untouched old factors (equal up to rounding).
-        dropped: List[str] = []
         params = [p for p in self.model.parameters() if p.requires_grad]
         saved_grads = [p.grad for p in params]
         for p in params:
             p.grad = None
-        new_curvature: Dict[nn.Module, Any] = {}
+        # The old inverses are about to be replaced: free them to make room for the new curvature. Should
+        # the step fail, they are rebuilt from the untouched old factors (equal up to rounding).
+        dropped: List[str] = []
         try:
             if update_curvature and update_inverse:
                 dropped = self._drop_inverses()
-            capture = HalfGradientCapture([m for _, m in self.named_modules_for_curvature], batch_size)
-            with capture:
-                if update_curvature:
-                    data_size = resolve_data_size(self.config, batch_size)
-                    new_curvature = self._curvature_pass(capture, data_size)
-                    sum_scale = batch_size / data_size  # the pass backpropagates the summed loss
-                else:
-                    self.forward()
-                    self.backward()
-                    sum_scale = float(batch_size)  # the user's loss is a mean over the batch
-            gradients = self._block_gradients(capture, sum_scale)
-            self._raise_if_not_finite(gradients, params, new_curvature)
+            sums, counts, loss_sum, output, curvature = self._local_pass(batch_size, update_curvature)
+            block_params = {p for _, m in self.named_modules_for_curvature for p in m.parameters()}
+            others = [p for p in params if p not in block_params]
+            sums, (n1, n2), loss_sum = self._sync.reduce_gradients(sums, counts, loss_sum, others)
+            n = n1 + n2
+            for p in others:
+                if p.grad is not None:
+                    p.grad.div_(n)
+            gradients = self._block_gradients(sums, n1, n2)
+            new_curvature = self._sync.reduce_curvature(curvature) if update_curvature else {}
+            self._scale_curvature(new_curvature, n)
+            self._raise_if_not_finite(gradients, others, new_curvature, loss_sum)
         except BaseException:
             for p, grad in zip(params, saved_grads):
                 p.grad = grad
@@ -101,6 +121,7 @@ class FOPGradientMaker(KfacGradientMaker):
             self._invert_all()
         self._write_fop_gradients(gradients)
         self.state["step"] += 1
+        self._model_output, self._loss = output, loss_sum / n
         return self._model_output, self._loss
 
     def _check_ready(self) -> int:
@@ -114,7 +135,7 @@ class FOPGradientMaker(KfacGradientMaker):
                             f"'reduction' argument; ASDL's Fisher pass calls it with reduction='sum'. Use e.g. "
                             f"torch.nn.functional.cross_entropy or a function with a reduction parameter.")
         batch_size = batch_size_of(self._model_args, self._model_kwargs)
-        if batch_size < 2:
+        if batch_size < (2 if self.two_gradients and self._sync.splits_locally else 1):
             raise ValueError(f"FOP splits every batch into two halves and needs at least 2 samples; got a "
                              f"batch of {batch_size}.")
         for where, values in (("model", (*self._model_args, *self._model_kwargs.values())),
@@ -125,12 +146,68 @@ class FOPGradientMaker(KfacGradientMaker):
                                      f"batch has {batch_size}; FOP splits every tensor argument along dim 0.")
         return batch_size
 
-    def _curvature_pass(self, capture: HalfGradientCapture, data_size: int) -> Dict[nn.Module, Any]:
-        """ASDL's Fisher pass (one forward, its Fisher backward(s) and the loss backward) into fresh
-        matrices, so that the stored curvature stays untouched until the step is known to be finite."""
-        attr = self._fisher_attr
+    def _local_pass(self, batch_size: int, update_curvature: bool):
+        """This process's sums: one forward and one backward pass per micro-batch (one in all by default).
+
+        Every pass backpropagates the loss *summed* over its samples, so gradients, loss and curvature of
+        the chunks (and of the ranks) simply add up; :meth:`forward_and_backward` divides by the counts.
+        Returns (block half-sums by name, (n1, n2) here, loss sum, model output, curvature sums by name).
+        """
+        split = self._sync.local_split(batch_size, self.two_gradients)
         modules = [m for _, m in self.named_modules_for_curvature]
-        stored = {m: getattr(m, attr) for m in modules if hasattr(m, attr)}
+        capture = HalfGradientCapture(modules)
+        loss_sum = None
+        outputs = []
+        with capture, self._fresh_curvature(update_curvature) as curvature:
+            for index, (start, end) in enumerate(chunk_bounds(batch_size, self.micro_batch_size)):
+                capture.set_chunk(end - start, min(max(split - start, 0), end - start))
+                with sliced_calls(self, start, end, batch_size):
+                    if update_curvature:
+                        self._curvature_chunk(capture, first=index == 0)
+                    else:
+                        self._loss_chunk()
+                loss = self._loss.detach()
+                loss_sum = loss if loss_sum is None else loss_sum + loss
+                outputs.append(self._model_output)
+        names = {m: name for name, m in self.named_modules_for_curvature}
+        sums = {names[m]: tuple(halves) for m, halves in capture.sums.items()}
+        return sums, (split, batch_size - split), loss_sum, concat_outputs(outputs), curvature
+
+    def _loss_chunk(self) -> None:
+        """The user's loss on one chunk, summed over its samples, and its backward pass."""
+        self._loss_reduction = "sum"
+        try:
+            self.forward()
+        finally:
+            self._loss_reduction = None
+        self.backward()
+
+    @contextlib.contextmanager
+    def _fresh_curvature(self, update_curvature: bool) -> Iterator[Dict[str, Any]]:
+        """During the block, ASDL's Fisher passes write into fresh matrices, which are yielded (filled on
+        exit); the stored curvature stays untouched until the step is known to be finite."""
+        new: Dict[str, Any] = {}
+        if not update_curvature:
+            yield new
+            return
+        attr = self._fisher_attr
+        named = self.named_modules_for_curvature
+        stored = {m: getattr(m, attr) for _, m in named if hasattr(m, attr)}
+        for module in stored:
+            delattr(module, attr)
+        try:
+            yield new
+            new.update({name: getattr(m, attr) for name, m in named if getattr(m, attr, None) is not None})
+        finally:
+            for _, module in named:
+                if module in stored:
+                    setattr(module, attr, stored[module])
+                elif hasattr(module, attr):
+                    delattr(module, attr)
+
+    def _curvature_chunk(self, capture: HalfGradientCapture, first: bool) -> None:
+        """ASDL's Fisher pass on one chunk (its forward, Fisher backward(s) and the loss backward), with
+        the curvature summed over the chunk's samples (data_size=1) and added to that of earlier chunks."""
         fisher_maker = self.fisher_maker
         fisher_loop = fisher_maker._fisher_loop
 
@@ -145,58 +222,70 @@ class FOPGradientMaker(KfacGradientMaker):
                 capture.active = True
 
         fisher_maker._fisher_loop = loop_without_capture
+        seed = fisher_maker.config.seed
+        if not first:
+            fisher_maker.config.seed = None  # re-seeding each chunk would repeat the first chunk's draws
         scale = self.scale * (self.config.ema_decay if self.do_accumulate else 1.0)
         try:
             with kept_requires_grad(self.model):
-                self.delegate_forward_and_backward(fisher_maker, data_size=data_size, scale=scale,
-                                                   accumulate=False, calc_loss_grad=True, calc_inv=False)
-            return {m: getattr(m, attr, None) for m in modules}
+                self.delegate_forward_and_backward(fisher_maker, data_size=1, scale=scale, accumulate=not first,
+                                                   calc_loss_grad=True, calc_inv=False)
         finally:
             del fisher_maker._fisher_loop
-            for module in modules:
-                if module in stored:
-                    setattr(module, attr, stored[module])
-                elif hasattr(module, attr):
-                    delattr(module, attr)
+            fisher_maker.config.seed = seed
 
-    def _block_gradients(self, capture: HalfGradientCapture, sum_scale: float
-                         ) -> Dict[nn.Module, Tuple[BlockVector, BlockVector]]:
-        """(g_avg, g_diff) per block, each as a (weight, bias) pair without the stacking dimension."""
-        n1 = capture.n1
-        n2 = capture.batch_size - n1
+    def _block_gradients(self, sums: Dict[str, HalfSums], n1, n2) -> Dict[str, Tuple[BlockVector, BlockVector]]:
+        """(g_avg, g_diff) per owned block (g_diff None for K-FAC), as (weight, bias) pairs without the
+        stacking dimension, Conv2d weights flattened to the (out, in·kh·kw) matrix ASDL's Kron acts on."""
+        shapes = self._block_shapes()
         out = {}
-        while capture.sums:  # consume the sums: each block holds two copies of its gradient, not four
-            module, ((w1, b1), (w2, b2)) = capture.sums.popitem()
-            if isinstance(module, nn.Conv2d):  # ASDL's Kron acts on the (out, in·kh·kw) matrix
-                w1, w2 = w1.flatten(1), w2.flatten(1)
-            w_avg, w_diff = average_and_difference(w1, w2, n1, n2, sum_scale)
-            b_avg, b_diff = (None, None) if b1 is None else average_and_difference(b1, b2, n1, n2, sum_scale)
-            out[module] = ((w_avg, b_avg), (w_diff, b_diff))
+        while sums:  # consume the sums: each block holds two copies of its gradient, not four
+            name, (sum1, sum2) = sums.popitem()
+            sum1, sum2 = (_flat(s, shapes[name]) for s in (sum1, sum2))
+            if not self.two_gradients:
+                total = sum1 if sum2 is None else _add_vectors(sum1, sum2)
+                out[name] = (_divided(total, n1 + n2), None)
+                continue
+            w_avg, w_diff = average_and_difference(sum1[0], sum2[0], n1, n2)
+            b_avg, b_diff = (None, None) if sum1[1] is None else average_and_difference(sum1[1], sum2[1], n1, n2)
+            out[name] = ((w_avg, b_avg), (w_diff, b_diff))
         return out
 
-    def _raise_if_not_finite(self, gradients, params: Sequence[nn.Parameter], new_curvature) -> None:
-        """One fused check (one host sync) of loss, gradients and new curvature."""
-        named: List[Tuple[str, Tensor]] = [("loss", self._loss)]
-        for module, ((w_avg, b_avg), (w_diff, b_diff)) in gradients.items():
-            named += [("gradient", t) for t in (w_avg, b_avg, w_diff, b_diff) if t is not None]
-        named += [("gradient", p.grad) for p in params if p.grad is not None]
-        for module, matrix in new_curvature.items():
-            if matrix is not None:
-                named += [("curvature", t) for t in _matrix_tensors(matrix)]
-        flags = torch.stack([torch.isfinite(t).all() for _, t in named])
-        if bool(flags.all()):
+    def _scale_curvature(self, curvature: Dict[str, Any], n) -> None:
+        """Sums over samples → ASDL's scaling: every stored factor divided by data_size (config.data_size, or
+        the global batch size when unset), as ASDL's ``scale / data_size`` does for each factor."""
+        if not curvature:
             return
-        bad = sorted({name for (name, _), ok in zip(named, flags.tolist()) if not ok})
-        raise FloatingPointError(f"FOP step aborted: NaN or Inf in the {', '.join(bad)}. Nothing was updated "
+        data_size = n if self.config.data_size == _INVALID else self.config.data_size
+        for matrix in curvature.values():
+            for tensor in _matrix_tensors(matrix):
+                tensor.div_(data_size)
+
+    def _raise_if_not_finite(self, gradients, others: Sequence[nn.Parameter], new_curvature, loss_sum) -> None:
+        """One fused check (one host sync) of loss, gradients and new curvature, agreed by all processes."""
+        groups: List[List[Tensor]] = [[loss_sum], [], []]
+        for g_avg, g_diff in gradients.values():
+            groups[1] += [t for vec in (g_avg, g_diff) if vec is not None for t in vec if t is not None]
+        groups[1] += [p.grad for p in others if p.grad is not None]
+        for matrix in new_curvature.values():
+            groups[2] += _matrix_tensors(matrix)
+        device = loss_sum.device
+        bad = torch.stack([torch.stack([~torch.isfinite(t).all() for t in group]).any() if group
+                           else torch.zeros((), dtype=torch.bool, device=device) for group in groups])
+        bad = self._sync.any_bad(bad.to(torch.int32))
+        if not bool(bad.any()):
+            return
+        what = [name for name, flag in zip(("loss", "gradient", "curvature"), bad.tolist()) if flag]
+        raise FloatingPointError(f"FOP step aborted: NaN or Inf in the {', '.join(what)}. Nothing was updated "
                                  f"(gradients, curvature and inverses are as before the step); lower the "
                                  f"learning rate or raise the damping.")
 
-    def _commit_curvature(self, new_curvature: Dict[nn.Module, Any]) -> None:
+    def _commit_curvature(self, new_curvature: Dict[str, Any]) -> None:
         attr = self._fisher_attr
         decay = self.config.ema_decay
-        for module, matrix in new_curvature.items():
-            if matrix is None:
-                continue
+        modules = dict(self.named_modules_for_curvature)
+        for name, matrix in new_curvature.items():
+            module = modules[name]
             stored = getattr(module, attr, None)
             if self.do_accumulate and stored is not None:
                 stored.mul_(1.0 - decay)  # the same EMA as ASDL's update_curvature, per factor
@@ -204,48 +293,71 @@ class FOPGradientMaker(KfacGradientMaker):
             else:
                 setattr(module, attr, matrix)
 
-    # --- FOP proper (steps 2-8), all blocks solved together -----------------------------------------
-    def _write_fop_gradients(self, gradients) -> None:
-        """Steps 2-8 for every block; ``gradients`` is consumed block by block to keep memory flat."""
+    # --- FOP proper (steps 2-8), all owned blocks solved together ------------------------------------
+    def _write_fop_gradients(self, gradients: Dict[str, Tuple[BlockVector, Optional[BlockVector]]]) -> None:
+        """Steps 2-8 for every owned block, then every block's result into ``p.grad`` on every process.
+        ``gradients`` is consumed block by block to keep memory flat."""
         attr = self._fisher_attr
+        modules = dict(self.named_modules_for_curvature)
         damped = self.options.projection_metric == "damped"
-        names, modules, inverse_products, scalars = [], [], [], []
+        results: Dict[str, Tuple[BlockVector, Optional[Tensor]]] = {}
+        names, inverse_products, scalars = [], [], []
         for name, module in self.named_modules_for_curvature:
-            if module not in gradients:
-                continue  # the block took no part in the loss: autograd would leave its grad None too
-            g_avg, g_diff = gradients.pop(module)
+            if name not in gradients:
+                continue  # not owned here, or the block took no part in the loss (autograd leaves None too)
+            g_avg, g_diff = gradients.pop(name)
             matrix = getattr(module, attr, None)
             if not _has_inverse(matrix):  # no curvature yet for this block: plain gradient, as K-FAC does
-                _write(module, g_avg)
+                results[name] = (g_avg, None)
+                continue
+            if g_diff is None:  # K-FAC: F̃⁻¹ g_avg
+                results[name] = (_index(apply_inverse(matrix, _scaled(_stack(g_avg), self.grad_scale)), 0), None)
                 continue
             both = _scaled(_stack(g_avg, g_diff), self.grad_scale)  # [g_avg, g_diff]
             del g_avg, g_diff
             inv_both = apply_inverse(matrix, both)  # [F̃⁻¹g_avg, F̃⁻¹g_diff] in one product
-            metric_avg = apply_metric(matrix, _index(both, 0),
+            metric_avg = apply_metric(matrix, _slice(both, 0),
                                       self._metric_damping(module, matrix) if damped else None)
             with_metric = gram(both, metric_avg)  # ⟨g_a, M g_a⟩, ⟨g_d, M g_a⟩
             with_inverse = gram(both, inv_both)   # rows g_a, g_d; columns F̃⁻¹g_a, F̃⁻¹g_d
             scalars.append(torch.stack([with_metric[0, 0], with_metric[1, 0], with_inverse[0, 0],
                                         with_inverse[0, 1], with_inverse[1, 1]]))
             names.append(name)
-            modules.append(module)
             inverse_products.append(inv_both)
+        if names:
+            table = torch.stack(scalars)  # (blocks, 5)
+            coef = fop_coefficients(table[:, 0], table[:, 1], table[:, 2], table[:, 3], table[:, 4], self.options)
+            w_avg, w_diff = coef.weight_avg, coef.weight_diff
+            kl_base, kl_cross, kl_orth = coef.kl_terms()
+            stats = torch.stack((coef.s, coef.beta, coef.eta, coef.A, coef.D, coef.E, kl_base, kl_cross, kl_orth), 1)
+            for i, name in enumerate(names):
+                inv_w, inv_b = inverse_products[i]
+                inverse_products[i] = None
+                # η((1 − βs) F̃⁻¹g_avg + β F̃⁻¹g_diff), as fresh tensors so the stacked products can be freed
+                weight = torch.addcmul(inv_w[0] * w_avg[i], inv_w[1], w_diff[i])
+                bias = None if inv_b is None else torch.addcmul(inv_b[0] * w_avg[i], inv_b[1], w_diff[i])
+                results[name] = ((weight, bias), stats[i])
+        results = self._sync.share(results, self._block_shapes())
         self.last_stats = {}
-        if not modules:
-            return
-        table = torch.stack(scalars)  # (blocks, 5)
-        coef = fop_coefficients(table[:, 0], table[:, 1], table[:, 2], table[:, 3], table[:, 4], self.options)
-        w_avg, w_diff = coef.weight_avg, coef.weight_diff
-        for i, module in enumerate(modules):
-            inv_w, inv_b = inverse_products[i]
-            inverse_products[i] = None
-            # η((1 − βs) F̃⁻¹g_avg + β F̃⁻¹g_diff), as fresh tensors so the stacked products can be freed
-            weight = torch.addcmul(inv_w[0] * w_avg[i], inv_w[1], w_diff[i])
-            bias = None if inv_b is None else torch.addcmul(inv_b[0] * w_avg[i], inv_b[1], w_diff[i])
-            _write(module, (weight, bias))
-        kl_base, kl_cross, kl_orth = coef.kl_terms()
-        columns = (coef.s, coef.beta, coef.eta, coef.A, coef.D, coef.E, kl_base, kl_cross, kl_orth)
-        self.last_stats = {name: dict(zip(STAT_KEYS, (c[i] for c in columns))) for i, name in enumerate(names)}
+        for name, module in self.named_modules_for_curvature:
+            if name not in results:
+                continue
+            vector, block_stats = results[name]
+            _write(module, vector)
+            if block_stats is not None:
+                self.last_stats[name] = dict(zip(STAT_KEYS, block_stats.unbind()))
+
+    def _block_shapes(self) -> Dict[str, Tuple[torch.Size, Optional[torch.Size]]]:
+        """(weight, bias) shapes of each block's vectors as the FOP math sees them (Conv2d flattened)."""
+        if self._shapes is None:
+            self._shapes = {}
+            for name, module in self.named_modules_for_curvature:
+                weight = module.weight.shape
+                if isinstance(module, nn.Conv2d):
+                    weight = torch.Size((weight[0], weight[1:].numel()))
+                bias = None if module.bias is None else module.bias.shape
+                self._shapes[name] = (weight, bias)
+        return self._shapes
 
     def _metric_damping(self, module: nn.Module, matrix) -> Tuple[float, float]:
         """(d_A, d_B) of the damped metric, cached until the next inverse update (it costs a sync)."""
@@ -278,9 +390,40 @@ class FOPGradientMaker(KfacGradientMaker):
             rebuild_inverse(getattr(modules[name], self._fisher_attr), self.config.damping, name,
                             self._fallback_warned)
 
+    @property
+    def assignment(self) -> Dict[str, int]:
+        """{block name: owner rank}: the rank that keeps, inverts and applies each block's curvature."""
+        return {name: getattr(self._sync, "assignment", {}).get(name, 0)
+                for name, _ in self.named_modules_for_curvature}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Step, curvature and inverses of every block; on several ranks gathered from the owners (a
+        collective: call it on every rank), so it resumes a run of any world size."""
+        state = super().state_dict()
+        state["curvature"] = self._sync.gathered_curvature(state["curvature"])
+        return state
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state of any world size; each rank keeps the curvature of the blocks it owns."""
         super().load_state_dict(state_dict)
+        for name, module in self.named_modules_for_curvature:
+            if not self._sync.owns(name) and hasattr(module, self._fisher_attr):
+                delattr(module, self._fisher_attr)
         self._damping_cache.clear()
+
+
+class ScalableKfacGradientMaker(FOPGradientMaker):
+    """K-FAC on FOP's step machinery (β = 0, η = 1, only the mean gradient formed and communicated):
+    what ``make_gradient_maker("kfac", ...)`` returns with ``micro_batch_size`` or on several ranks.
+    Its gradients equal ``asdl.KfacGradientMaker``'s."""
+
+    two_gradients = False
+
+    def __init__(self, model: nn.Module, config: asdl.PreconditioningConfig, **kwargs: Any):
+        foreign = {"beta", "beta_range", "eta", "eta_range", "projection_metric", "eps"} & set(kwargs)
+        if foreign:
+            raise TypeError(f"K-FAC takes no FOP options, got {sorted(foreign)}.")
+        super().__init__(model, config, beta=0.0, eta=None, **kwargs)
 
 
 def _has_inverse(matrix: Any) -> bool:
@@ -294,8 +437,27 @@ def _stack(*vectors: BlockVector) -> BlockVector:
     return weight, bias
 
 
-def _index(vec: BlockVector, j: int) -> BlockVector:
+def _slice(vec: BlockVector, j: int) -> BlockVector:
+    """Entry j of a stack, keeping the stacking dimension."""
     return vec[0][j:j + 1], None if vec[1] is None else vec[1][j:j + 1]
+
+
+def _index(vec: BlockVector, j: int) -> BlockVector:
+    """Entry j of a stack, without the stacking dimension."""
+    return vec[0][j], None if vec[1] is None else vec[1][j]
+
+
+def _flat(vec: Optional[BlockVector], shape: Tuple[torch.Size, Optional[torch.Size]]) -> Optional[BlockVector]:
+    """A block's (weight, bias) sum reshaped as the FOP math sees it (Conv2d weight as a matrix)."""
+    return None if vec is None else (vec[0].reshape(shape[0]), vec[1])
+
+
+def _add_vectors(a: BlockVector, b: BlockVector) -> BlockVector:
+    return a[0] + b[0], None if a[1] is None else a[1] + b[1]
+
+
+def _divided(vec: BlockVector, n) -> BlockVector:
+    return vec[0] / n, None if vec[1] is None else vec[1] / n
 
 
 def _scaled(vec: BlockVector, factor: float) -> BlockVector:

@@ -7,27 +7,39 @@ import asdl
 from torch import nn
 
 from .compat import KfacGradientMaker, reject_ddp
-from .maker import FOPGradientMaker
+from .maker import FOPGradientMaker, ScalableKfacGradientMaker
+from .plain import PlainGradientMaker
+from .sync import several_ranks
 
 __all__ = ["GRADIENT_MAKERS", "make_gradient_maker"]
 
 
-def _sgd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
+def _sgd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], micro_batch_size: Optional[int] = None,
+         **kwargs: Any) -> asdl.GradientMaker:
     if kwargs:
-        raise TypeError(f"the 'sgd' gradient maker takes no options, got {sorted(kwargs)}.")
+        raise TypeError(f"the 'sgd' gradient maker takes only micro_batch_size, got {sorted(kwargs)}.")
     reject_ddp(model)
-    return asdl.GradientMaker(model)
+    if micro_batch_size is None and not several_ranks():
+        return asdl.GradientMaker(model)
+    return PlainGradientMaker(model, micro_batch_size=micro_batch_size)
 
 
-def _preconditioned(cls: type) -> Callable[..., asdl.GradientMaker]:
-    def build(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any):
-        return cls(model, config if config is not None else asdl.PreconditioningConfig(), **kwargs)
-    return build
+def _fop(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
+    return FOPGradientMaker(model, config if config is not None else asdl.PreconditioningConfig(), **kwargs)
+
+
+def _kfac(model: nn.Module, config: Optional[asdl.PreconditioningConfig], micro_batch_size: Optional[int] = None,
+          **kwargs: Any) -> asdl.GradientMaker:
+    """ASDL's K-FAC (with the compat fixes); K-FAC on FOP's step machinery for micro-batches or ranks."""
+    config = config if config is not None else asdl.PreconditioningConfig()
+    if micro_batch_size is None and not several_ranks():
+        return KfacGradientMaker(model, config, **kwargs)
+    return ScalableKfacGradientMaker(model, config, micro_batch_size=micro_batch_size, **kwargs)
 
 
 GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
-    "fop": _preconditioned(FOPGradientMaker),
-    "kfac": _preconditioned(KfacGradientMaker),
+    "fop": _fop,
+    "kfac": _kfac,
     "sgd": _sgd,
 }
 
@@ -37,7 +49,10 @@ def make_gradient_maker(name: str, model: nn.Module, config: Optional[asdl.Preco
     """Build the gradient maker called ``name`` ("fop", "kfac" or "sgd") for ``model``.
 
     ``config`` defaults to ``asdl.PreconditioningConfig()``; ``kwargs`` go to the maker's constructor
-    (FOP: see :class:`FOPGradientMaker`; K-FAC: ``asdl.KfacGradientMaker``'s; SGD takes none).
+    (FOP: see :class:`FOPGradientMaker`; K-FAC: ``asdl.KfacGradientMaker``'s). All three take
+    ``micro_batch_size`` (gradient accumulation inside one step) and run sharded when
+    ``torch.distributed`` is initialised with several ranks; K-FAC then runs on FOP's step machinery
+    (:class:`ScalableKfacGradientMaker`) and SGD all-reduces its gradients once per step.
     """
     try:
         build = GRADIENT_MAKERS[name]

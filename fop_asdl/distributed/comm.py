@@ -1,0 +1,65 @@
+"""The collectives of the sharded path, on ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Each call counts the bytes it moves, as the average number of bytes a rank receives under a
+bandwidth-optimal algorithm (ring all-reduce: 2·S·(W−1)/W; reduce to one rank, and broadcast from one:
+S·(W−1)/W), so that benchmarks compare methods without depending on the backend's algorithm. A collective
+that fails or times out (another rank raised, or died) is re-raised with what to look for.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["Communicator", "CollectiveError"]
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed on this rank because another rank did not take part in it."""
+
+
+class Communicator:
+    """Thin wrapper of the default process group: reduce, broadcast, all-reduce, with byte counts."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.bytes: Counter = Counter()  # kind of collective -> bytes received per rank (nominal)
+
+    def _run(self, kind: str, nbytes: float, call: Callable[[], Any]) -> Any:
+        self.bytes[kind] += nbytes
+        try:
+            return call()
+        except RuntimeError as error:  # gloo and NCCL raise RuntimeError subclasses on timeouts/closed peers
+            raise CollectiveError(
+                f"fop_asdl: the {kind} of this step failed on rank {self.rank}: another rank did not join it "
+                f"(it raised an error or stopped - see its traceback) or the process group timed out. The step "
+                f"changed nothing here. Cause: {error}") from error
+
+    def _share(self, tensor: Tensor) -> float:
+        return tensor.numel() * tensor.element_size() * (self.world_size - 1) / self.world_size
+
+    def all_reduce(self, tensor: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+        self._run("all_reduce", 2 * self._share(tensor), lambda: dist.all_reduce(tensor, op=op))
+
+    def reduce(self, tensor: Tensor, dst: int) -> None:
+        self._run("reduce", self._share(tensor), lambda: dist.reduce(tensor, dst=dst))
+
+    def broadcast(self, tensor: Tensor, src: int) -> None:
+        self._run("broadcast", self._share(tensor), lambda: dist.broadcast(tensor, src=src))
+
+    def broadcast_object(self, obj: Optional[Any], src: int) -> Any:
+        """A picklable object from ``src`` to every rank (state dicts; not for the hot path)."""
+        box: List[Any] = [obj]
+        self._run("broadcast_object", 0.0, lambda: dist.broadcast_object_list(box, src=src))
+        return box[0]
+
+    @property
+    def device(self) -> torch.device:
+        """Where this backend's tensors live (NCCL: this rank's GPU)."""
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")

@@ -1,0 +1,216 @@
+"""The sharded step (paper Algorithm 1): every rank is the owner of some curvature blocks.
+
+Per step: the counts, the loss and the gradients of parameters outside curvature blocks are all-reduced
+in one buffer; each block's gradient sums over B1 and B2 (FOP) or their total (K-FAC) are reduced to the
+block's owner only; on curvature steps so is the block's curvature (only the owner keeps and inverts it);
+the owners compute their blocks' results, and each owner broadcasts its results, so every rank ends the
+step with identical ``p.grad`` and ``last_stats``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from asdl.symmatrix import SymMatrix
+from torch import Tensor, nn
+
+from ..halves import first_half_size
+from ..sync import HalfSums, LocalSync, Vector
+from .assignment import assign_owners, block_cost
+from .comm import Communicator
+
+__all__ = ["ShardedSync", "resolve_sub_batches"]
+
+Shapes = Tuple[torch.Size, Optional[torch.Size]]
+N_STATS = 9  # s, β, η, A, D, E and the three KL terms (fop_asdl.maker.STAT_KEYS)
+
+
+def resolve_sub_batches(sub_batches: str, world_size: int) -> str:
+    """"auto" → "ranks" for an even world size, else "halves"; "ranks" needs an even world size."""
+    if sub_batches == "auto":
+        return "ranks" if world_size % 2 == 0 else "halves"
+    if sub_batches == "ranks" and world_size % 2:
+        raise ValueError(f"sub_batches='ranks' forms B1 from the even ranks and B2 from the odd ones, so it needs "
+                         f"an even world size; got {world_size}. Use sub_batches='halves' (or 'auto').")
+    return sub_batches
+
+
+class ShardedSync(LocalSync):
+    """The step's collectives for ``world_size`` > 1 ranks; blocks owned as :func:`assign_owners` says."""
+
+    def __init__(self, named_modules: Sequence[Tuple[str, nn.Module]], sub_batches: str, two_gradients: bool,
+                 dtype: torch.dtype):
+        self.comm = Communicator()
+        self.world_size, self.rank = self.comm.world_size, self.comm.rank
+        self.sub_batches = resolve_sub_batches(sub_batches, self.world_size)
+        self.two_gradients = two_gradients
+        self.splits_locally = two_gradients and self.sub_batches == "halves"
+        self.assignment: Dict[str, int] = assign_owners([(name, block_cost(m)) for name, m in named_modules],
+                                                        self.world_size)
+        self._blocks = [name for name, _ in named_modules]
+        self._dtype = dtype  # every buffer is in the parameters' dtype, so all ranks agree on sizes
+
+    def local_split(self, batch_size: int, two_gradients: bool) -> int:
+        if not two_gradients:
+            return batch_size
+        if self.sub_batches == "halves":
+            return first_half_size(batch_size)
+        return batch_size if self.rank % 2 == 0 else 0
+
+    def owns(self, name: str) -> bool:
+        return self.assignment[name] == self.rank
+
+    def _owned_by(self, rank: int) -> List[str]:
+        return [name for name in self._blocks if self.assignment[name] == rank]
+
+    # --- gradients ------------------------------------------------------------------------------
+    def reduce_gradients(self, sums: Dict[str, HalfSums], counts: Tuple[int, int], loss_sum: Tensor,
+                         others: Sequence[nn.Parameter]):
+        device, dtype = self.comm.device, self._dtype
+        grads = [p for p in others if p.grad is not None]
+        head = torch.tensor([counts[0], counts[1]], dtype=dtype, device=device)
+        small = torch.cat([head, loss_sum.reshape(1).to(dtype)] + [p.grad.reshape(-1) for p in grads])
+        self.comm.all_reduce(small)  # one all-reduce: counts, loss, gradients outside blocks (DDP's share)
+        offset = 3
+        for p in grads:
+            p.grad.copy_(small[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+        n1, n2 = small[0], small[1]
+        if not sums:
+            return {}, (n1, n2), small[2]
+        halves = 2 if self.two_gradients else 1
+        shapes = {name: _shapes_of(s) for name, s in sums.items()}
+        owned: Dict[str, HalfSums] = {}
+        for owner in range(self.world_size):
+            names = [name for name in self._owned_by(owner) if name in sums]
+            if not names:
+                continue
+            parts: List[Tensor] = []
+            for name in names:
+                pieces = sums[name] if self.two_gradients else (_total(sums[name]),)
+                parts += [_flat_or_zeros(piece, shapes[name], dtype, device) for piece in pieces]
+            buffer = torch.cat(parts)
+            del parts
+            self.comm.reduce(buffer, dst=owner)
+            if owner == self.rank:
+                offset = 0
+                for name in names:
+                    pieces = []
+                    for _ in range(halves):
+                        piece, offset = _unflatten(buffer, offset, shapes[name])
+                        pieces.append(piece)
+                    owned[name] = (pieces[0], pieces[1] if halves == 2 else None)
+        return owned, (n1, n2), small[2]
+
+    # --- curvature ------------------------------------------------------------------------------
+    def reduce_curvature(self, curvature: Dict[str, SymMatrix]) -> Dict[str, SymMatrix]:
+        owned = {}
+        for owner in range(self.world_size):
+            names = [name for name in self._owned_by(owner) if name in curvature]
+            if not names:
+                continue
+            tensors = [t for name in names for t in _curvature_tensors(curvature[name])]
+            buffer = torch.cat([t.reshape(-1) for t in tensors])
+            self.comm.reduce(buffer, dst=owner)
+            if owner == self.rank:
+                offset = 0
+                for t in tensors:
+                    t.copy_(buffer[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+                owned.update({name: curvature[name] for name in names})
+        return owned
+
+    def any_bad(self, flags: Tensor) -> Tensor:
+        flags = flags.clone()
+        self.comm.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return flags
+
+    # --- results --------------------------------------------------------------------------------
+    def share(self, results: Dict[str, Tuple[Vector, Optional[Tensor]]], shapes: Dict[str, Shapes]
+              ) -> Dict[str, Tuple[Vector, Optional[Tensor]]]:
+        """Each owner broadcasts its blocks' results (and FOP's per-block stats) in one buffer.
+
+        A block whose owner has no curvature for it yet has NaN stats on the other ranks (a host sync per
+        step would be needed to leave it out, as one process does).
+        """
+        dtype, device = self._dtype, self.comm.device
+        n_stats = N_STATS if self.two_gradients else 0
+        shared: Dict[str, Tuple[Vector, Optional[Tensor]]] = {}
+        for owner in range(self.world_size):
+            names = self._owned_by(owner)
+            if not names:
+                continue
+            if owner == self.rank:
+                parts: List[Tensor] = []
+                for name in names:
+                    vector, stats = results.get(name, (None, None))
+                    parts.append(_flat_or_zeros(vector, shapes[name], dtype, device))
+                    if n_stats:
+                        parts.append(stats.to(dtype) if stats is not None else
+                                     torch.full((n_stats,), float("nan"), dtype=dtype, device=device))
+                buffer = torch.cat(parts)
+                self.comm.broadcast(buffer, src=owner)
+                shared.update({name: results[name] for name in names if name in results})
+                continue
+            size = sum(_numel(shapes[name]) + n_stats for name in names)
+            buffer = torch.empty(size, dtype=dtype, device=device)
+            self.comm.broadcast(buffer, src=owner)
+            offset = 0
+            for name in names:
+                vector, offset = _unflatten(buffer, offset, shapes[name])
+                stats = buffer[offset:offset + n_stats] if n_stats else None
+                offset += n_stats
+                shared[name] = (vector, stats)
+        return shared
+
+    def gathered_curvature(self, local: Dict[str, Dict[str, Tensor]]) -> Dict[str, Dict[str, Tensor]]:
+        gathered: Dict[str, Dict[str, Tensor]] = {}
+        for owner in range(self.world_size):
+            mine = {name: {k: v.cpu() for k, v in local[name].items()}
+                    for name in self._owned_by(owner) if name in local} if owner == self.rank else None
+            gathered.update(self.comm.broadcast_object(mine, src=owner))
+        return {name: gathered[name] for name in self._blocks if name in gathered}
+
+
+def _shapes_of(halves: HalfSums) -> Shapes:
+    piece = halves[0] if halves[0] is not None else halves[1]
+    return piece[0].shape, None if piece[1] is None else piece[1].shape
+
+
+def _total(halves: HalfSums) -> Optional[Vector]:
+    a, b = halves
+    if a is None or b is None:
+        return b if a is None else a
+    return a[0] + b[0], None if a[1] is None else a[1] + b[1]
+
+
+def _numel(shapes: Shapes) -> int:
+    return shapes[0].numel() + (0 if shapes[1] is None else shapes[1].numel())
+
+
+def _flat_or_zeros(piece: Optional[Vector], shapes: Shapes, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A (weight, bias) pair as one flat tensor; zeros for a sub-batch this rank has no samples of."""
+    if piece is None:
+        return torch.zeros(_numel(shapes), dtype=dtype, device=device)
+    flat = [piece[0].reshape(-1)] + ([] if piece[1] is None else [piece[1].reshape(-1)])
+    return torch.cat(flat).to(dtype)
+
+
+def _unflatten(buffer: Tensor, offset: int, shapes: Shapes) -> Tuple[Vector, int]:
+    weight_shape, bias_shape = shapes
+    weight = buffer[offset:offset + weight_shape.numel()].view(weight_shape)
+    offset += weight_shape.numel()
+    bias = None
+    if bias_shape is not None:
+        bias = buffer[offset:offset + bias_shape.numel()].view(bias_shape)
+        offset += bias_shape.numel()
+    return (weight, bias), offset
+
+
+def _curvature_tensors(matrix: SymMatrix) -> List[Tensor]:
+    out = []
+    if matrix.has_kron:
+        out += [matrix.kron.A, matrix.kron.B]
+    if matrix.has_unit:
+        out.append(matrix.unit.data)
+    return out

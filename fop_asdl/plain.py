@@ -1,0 +1,62 @@
+"""SGD's gradient maker (the full-batch mean gradient in ``p.grad``) with micro-batches and, on several
+ranks, one all-reduce of the gradients: what ``make_gradient_maker("sgd", ...)`` returns when either is
+asked for, so that all three methods scale the same way."""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import asdl
+from torch import Tensor, nn
+
+from .chunks import chunk_bounds, concat_outputs, sliced_calls, validate_micro_batch_size
+from .compat import batch_size_of, reject_ddp
+from .sync import make_sync
+
+__all__ = ["PlainGradientMaker"]
+
+
+class PlainGradientMaker(asdl.GradientMaker):
+    """``asdl.GradientMaker`` whose step may run as several micro-batches and over several ranks."""
+
+    def __init__(self, model: nn.Module, micro_batch_size: Optional[int] = None):
+        reject_ddp(model)
+        super().__init__(model)
+        self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
+        self._sync = make_sync(model, [], "auto", two_gradients=False)
+
+    def forward_and_backward(self) -> Tuple[Any, Tensor]:
+        if self._model_fn is None:
+            raise RuntimeError("forward_and_backward() needs setup_model_call(model, x, ...) first.")
+        if self._loss_fn is None:
+            raise RuntimeError("forward_and_backward() needs setup_loss_call(loss_fn, dummy_y, t, ...) first.")
+        batch_size = batch_size_of(self._model_args, self._model_kwargs)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            loss_sum: Optional[Tensor] = None
+            outputs: List[Any] = []
+            for start, end in chunk_bounds(batch_size, self.micro_batch_size):
+                with sliced_calls(self, start, end, batch_size):
+                    self._loss_reduction = "sum"  # chunks (and ranks) add up; divided by the count below
+                    try:
+                        self.forward()
+                    finally:
+                        self._loss_reduction = None
+                    self.backward()
+                loss = self._loss.detach()
+                loss_sum = loss if loss_sum is None else loss_sum + loss
+                outputs.append(self._model_output)
+            _, (n, _), loss_sum = self._sync.reduce_gradients({}, (batch_size, 0), loss_sum, params)
+        except BaseException:
+            for p, grad in zip(params, saved):
+                p.grad = grad
+            raise
+        for p, grad in zip(params, saved):
+            if p.grad is not None:
+                p.grad.div_(n)
+                if grad is not None:  # like loss.backward(), add to what the user left in p.grad
+                    p.grad += grad
+        self._model_output, self._loss = concat_outputs(outputs), loss_sum / n
+        return self._model_output, self._loss

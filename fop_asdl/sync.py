@@ -1,0 +1,81 @@
+"""Where the sums of one step come together: the single-process case, and the interface the sharded
+path (:mod:`fop_asdl.distributed`) implements.
+
+A step makes, on every process, *sums* over its own samples: per curvature block the gradient summed over
+the process's share of B1 and of B2, the gradients of all other parameters (in ``p.grad``), the loss, and
+on curvature steps the curvature. The sync turns them into global sums at each block's owner, and shares
+the owners' results. In one process every block is owned here and nothing moves.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from asdl.symmatrix import SymMatrix
+from torch import Tensor, nn
+
+from .halves import first_half_size
+
+__all__ = ["HalfSums", "LocalSync", "make_sync", "several_ranks"]
+
+Vector = Tuple[Tensor, Optional[Tensor]]
+#: Per block: (sum over this process's B1 samples, sum over its B2 samples); None where it has none.
+HalfSums = Tuple[Optional[Vector], Optional[Vector]]
+
+
+class LocalSync:
+    """Single process: every block is owned here; counts are Python ints; nothing is communicated."""
+
+    world_size = 1
+    rank = 0
+    #: Whether this process's own batch is split into B1 and B2 (so FOP needs 2 samples here).
+    splits_locally = True
+
+    def local_split(self, batch_size: int, two_gradients: bool) -> int:
+        """How many of this process's samples (the first ones) belong to B1."""
+        return first_half_size(batch_size) if two_gradients else batch_size
+
+    def owns(self, name: str) -> bool:
+        return True
+
+    def reduce_gradients(self, sums: Dict[str, HalfSums], counts: Tuple[int, int], loss_sum: Tensor,
+                         others: Sequence[nn.Parameter]) -> Tuple[Dict[str, HalfSums], Tuple, Tensor]:
+        """Global (S1, S2) of the owned blocks, the global counts (n1, n2) and the global loss sum; the
+        ``p.grad`` of ``others`` become global sums too."""
+        return sums, counts, loss_sum
+
+    def reduce_curvature(self, curvature: Dict[str, SymMatrix]) -> Dict[str, SymMatrix]:
+        """Global curvature sums of the owned blocks."""
+        return curvature
+
+    def any_bad(self, flags: Tensor) -> Tensor:
+        """Element-wise maximum of ``flags`` over processes, so that all of them fail together."""
+        return flags
+
+    def share(self, results: Dict[str, Tuple[Vector, Tensor]], shapes: Dict[str, Tuple[torch.Size, ...]]
+              ) -> Dict[str, Tuple[Vector, Tensor]]:
+        """The owners' (preconditioned gradient, stats) of every block, on every process."""
+        return results
+
+    def gathered_curvature(self, local: Dict[str, Dict[str, Tensor]]) -> Dict[str, Dict[str, Tensor]]:
+        """The state-dict tensors of every block's curvature, from their owners."""
+        return local
+
+
+def several_ranks() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def make_sync(model: nn.Module, named_modules: Sequence[Tuple[str, nn.Module]], sub_batches: str,
+              two_gradients: bool) -> LocalSync:
+    """The sharded sync (:mod:`fop_asdl.distributed`) when ``torch.distributed`` runs several ranks, else
+    the local one."""
+    if sub_batches not in ("auto", "ranks", "halves"):
+        raise ValueError(f"sub_batches must be 'auto', 'ranks' or 'halves', got {sub_batches!r}.")
+    if not several_ranks():
+        return LocalSync()
+    from .distributed.sharded import ShardedSync  # the library's single-process path never imports it
+
+    dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.get_default_dtype())
+    return ShardedSync(named_modules, sub_batches, two_gradients, dtype)

@@ -1,0 +1,134 @@
+"""Training pieces for test_distributed.py: the same loop on one process (global batch) or on a rank."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+import fop_asdl
+
+from conftest import config, conv_ln_net, step
+
+STEPS = 5  # interval 2: curvature on steps 0, 2, 4; EMA on
+LOCAL = 4  # samples per rank
+
+
+def global_batch(i: int, world_size: int):
+    gen = torch.Generator().manual_seed(1000 + i)
+    n = LOCAL * world_size
+    return torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+
+def local_rows(rank: int, world_size: int) -> torch.Tensor:
+    return torch.arange(rank * LOCAL, (rank + 1) * LOCAL)
+
+
+def single_process_order(mode: str, world_size: int) -> torch.Tensor:
+    """The global batch as one process sees it: B1 first, B2 second, exactly as the ranks form them."""
+    if mode == "ranks":
+        ranks = list(range(0, world_size, 2)) + list(range(1, world_size, 2))
+        return torch.cat([local_rows(r, world_size) for r in ranks])
+    half = LOCAL // 2
+    first = [local_rows(r, world_size)[:half] for r in range(world_size)]
+    second = [local_rows(r, world_size)[half:] for r in range(world_size)]
+    return torch.cat(first + second)
+
+
+def build(name: str, **kwargs):
+    torch.manual_seed(0)
+    model = conv_ln_net().double()
+    maker = fop_asdl.make_gradient_maker(name, model, config(), fisher_type="fisher_emp", **kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, maker, opt
+
+
+def train(model, maker, opt, batches, steps) -> List[List[torch.Tensor]]:
+    grads = []
+    for i in steps:
+        x, t = batches(i)
+        opt.zero_grad(set_to_none=True)
+        step(maker, model, x, t)
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+        opt.step()
+    return grads
+
+
+def run_single(name: str, mode: str, world_size: int, steps=range(STEPS), **kwargs):
+    order = single_process_order(mode, world_size) if name == "fop" else torch.arange(LOCAL * world_size)
+    model, maker, opt = build(name, **kwargs)
+
+    def batches(i):
+        x, t = global_batch(i, world_size)
+        return x[order], t[order]
+
+    return train(model, maker, opt, batches, steps), model, maker, opt
+
+
+def init(rank: int, world_size: int, store: str, timeout_s: float = 60.0) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def rank_batches(rank: int, world_size: int):
+    rows = local_rows(rank, world_size)
+
+    def batches(i):
+        x, t = global_batch(i, world_size)
+        return x[rows], t[rows]
+
+    return batches
+
+
+def equivalence(rank: int, world_size: int, store: str, out: str) -> None:
+    """Every mode this world size allows, for FOP and K-FAC: per-step grads, assignment, last stats."""
+    init(rank, world_size, store)
+    results: Dict[str, object] = {}
+    modes = ["halves"] + (["ranks"] if world_size % 2 == 0 else [])
+    for name, mode in [("fop", m) for m in modes] + [("kfac", "-")]:
+        kwargs = {"sub_batches": mode} if name == "fop" else {}
+        model, maker, opt = build(name, **kwargs)
+        grads = train(model, maker, opt, rank_batches(rank, world_size), range(STEPS))
+        stats = {k: {s: v.clone() for s, v in d.items()} for k, d in getattr(maker, "last_stats", {}).items()}
+        results[f"{name}/{mode}"] = {"grads": grads, "assignment": maker.assignment, "stats": stats,
+                                     "state": maker.state_dict(),
+                                     "params": [p.detach().clone() for p in model.parameters()]}
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def resume_sharded(rank: int, world_size: int, store: str, ckpt: str, out: str) -> None:
+    """Load a single-process checkpoint into a sharded run and train on."""
+    init(rank, world_size, store)
+    state = torch.load(ckpt, weights_only=False)
+    model, maker, opt = build("fop", sub_batches="halves")
+    model.load_state_dict(state["model"])
+    maker.load_state_dict(state["maker"])
+    opt.load_state_dict(state["opt"])
+    train(model, maker, opt, rank_batches(rank, world_size), range(3, STEPS + 2))
+    torch.save([p.detach().clone() for p in model.parameters()], f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def failing_rank(rank: int, world_size: int, store: str, out: str) -> None:
+    """Rank 1 gets a batch too small to split and raises before any collective; rank 0 must not hang."""
+    import time
+
+    init(rank, world_size, store, timeout_s=5.0)
+    model, maker, opt = build("fop", sub_batches="halves")
+    x, t = rank_batches(rank, world_size)(0)
+    if rank == 1:
+        x, t = x[:1], t[:1]
+    start = time.monotonic()
+    try:
+        step(maker, model, x, t)
+        outcome = ("ok", "")
+    except Exception as error:  # noqa: BLE001 - the test inspects it
+        outcome = (type(error).__name__, str(error))
+    torch.save({"outcome": outcome, "seconds": time.monotonic() - start}, f"{out}.{rank}")
+    if rank == 0:
+        dist.destroy_process_group()

@@ -1,0 +1,113 @@
+"""The sharded path equals single-process training on the corresponding global batch (gloo, CPU)."""
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist_worker as w
+from fop_asdl.distributed import assign_owners, resolve_sub_batches
+
+
+def spawn(fn, world_size, *args):
+    mp.start_processes(fn, args=(world_size, *args), nprocs=world_size, join=True, start_method="spawn")
+
+
+def assert_close_lists(actual, expected, rtol=1e-5):
+    for step, (a_step, e_step) in enumerate(zip(actual, expected)):
+        scale = max(float(g.abs().max()) for g in e_step)
+        for a, e in zip(a_step, e_step):
+            torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale, msg=lambda m: f"step {step}: {m}")
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4])
+def sharded_runs(request, tmp_path_factory):
+    world_size = request.param
+    tmp = tmp_path_factory.mktemp(f"world{world_size}")
+    spawn(w.equivalence, world_size, str(tmp / "store"), str(tmp / "out"))
+    return world_size, [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(world_size)]
+
+
+def test_sharded_fop_and_kfac_equal_single_process_training(sharded_runs):
+    world_size, ranks = sharded_runs
+    for key, result in ranks[0].items():
+        name, mode = key.split("/")
+        expected, model, maker, _ = w.run_single(name, mode if name == "fop" else "halves", world_size,
+                                                 **({"sub_batches": "auto"} if name == "fop" else {}))
+        for rank in ranks:  # every rank ends each step with the same p.grad, equal to one process's
+            assert_close_lists(rank[key]["grads"], expected)
+        if name == "fop":
+            for block, stats in maker.last_stats.items():
+                for rank in ranks:
+                    for stat, value in stats.items():
+                        torch.testing.assert_close(rank[key]["stats"][block][stat], value, rtol=1e-5, atol=1e-12)
+
+
+def test_every_block_has_one_owner_and_ranks_agree(sharded_runs):
+    world_size, ranks = sharded_runs
+    assignment = ranks[0]["fop/halves"]["assignment"]
+    assert all(r["fop/halves"]["assignment"] == assignment for r in ranks)
+    assert set(assignment.values()) <= set(range(world_size))
+    assert len(set(assignment.values())) == min(world_size, len(assignment))  # no idle rank while blocks remain
+
+
+def test_gathered_state_resumes_a_single_process_run(sharded_runs):
+    """state_dict() of a sharded run holds every block; a single process continues from it exactly."""
+    world_size, ranks = sharded_runs
+    state = ranks[0]["fop/halves"]["state"]
+    _, model, maker, _ = w.run_single("fop", "halves", world_size, sub_batches="auto")
+    reference = maker.state_dict()
+    assert state["step"] == reference["step"] and state["curvature"].keys() == reference["curvature"].keys()
+    for block, tensors in reference["curvature"].items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(state["curvature"][block][key], value, rtol=1e-5, atol=1e-10)
+    for rank in ranks[1:]:  # the same on every rank
+        for block, tensors in state["curvature"].items():
+            for key, value in tensors.items():
+                assert torch.equal(rank["fop/halves"]["state"]["curvature"][block][key], value)
+
+
+def test_single_process_checkpoint_resumes_a_sharded_run(tmp_path):
+    world_size = 2
+    _, model, maker, opt = w.run_single("fop", "halves", world_size, steps=range(3), sub_batches="halves")
+    torch.save({"model": model.state_dict(), "maker": maker.state_dict(), "opt": opt.state_dict()},
+               tmp_path / "ckpt.pt")
+    spawn(w.resume_sharded, world_size, str(tmp_path / "store"), str(tmp_path / "ckpt.pt"), str(tmp_path / "out"))
+    order = w.single_process_order("halves", world_size)
+
+    def batches(i):
+        x, t = w.global_batch(i, world_size)
+        return x[order], t[order]
+
+    w.train(model, maker, opt, batches, range(3, w.STEPS + 2))
+    for rank in range(world_size):
+        for p, q in zip(model.parameters(), torch.load(tmp_path / f"out.{rank}")):
+            torch.testing.assert_close(q, p.detach(), rtol=1e-5, atol=1e-8)
+
+
+def test_a_rank_that_raises_makes_the_others_fail_in_bounded_time(tmp_path):
+    start = time.monotonic()
+    spawn(w.failing_rank, 2, str(tmp_path / "store"), str(tmp_path / "out"))  # each rank records its error
+    failed = torch.load(tmp_path / "out.1")
+    assert failed["outcome"][0] == "ValueError" and "at least 2 samples" in failed["outcome"][1]
+    waiting = torch.load(tmp_path / "out.0")
+    assert waiting["outcome"][0] == "CollectiveError", waiting
+    assert "another rank did not join" in waiting["outcome"][1]
+    assert waiting["seconds"] < 30 and time.monotonic() - start < 90
+
+
+def test_owners_balance_cost_deterministically():
+    costs = [("a", 8.0), ("b", 1.0), ("c", 5.0), ("d", 4.0), ("e", 3.0)]
+    owners = assign_owners(costs, 2)
+    assert owners == assign_owners(costs, 2)
+    load = [sum(c for n, c in costs if owners[n] == r) for r in range(2)]
+    assert sorted(load) == [10.0, 11.0]  # LPT: a→0, c→1, d→1, e→0, b→1: the best split of 21
+    assert assign_owners(costs, 8) == {"a": 0, "b": 4, "c": 1, "d": 2, "e": 3}  # more ranks than blocks
+    with pytest.raises(ValueError):
+        assign_owners(costs, 0)
+
+
+def test_sub_batch_modes():
+    assert resolve_sub_batches("auto", 4) == "ranks" and resolve_sub_batches("auto", 3) == "halves"
+    with pytest.raises(ValueError, match="even world size"):
+        resolve_sub_batches("ranks", 3)
