@@ -18,7 +18,8 @@ import torch
 from asdl.symmatrix import Kron, SymMatrix, UnitWise
 from torch import nn
 
-__all__ = ["KfacGradientMaker", "robust_update_inv", "rebuild_inverse", "kron_damping", "batch_size_of"]
+__all__ = ["KfacGradientMaker", "robust_update_inv", "rebuild_inverse", "kron_damping", "batch_size_of",
+           "full_precision"]
 
 _INVALID = -1  # ASDL's marker for "not set" (data_size, ema_decay)
 
@@ -80,6 +81,43 @@ def _patch_swift_factors() -> None:
 
 
 _patch_swift_factors()
+
+
+# --- Fix 2b: curvature under autocast ---------------------------------------------------------------
+# Under torch.autocast ASDL's hooks see bf16/fp16 activations and output gradients, and autocast (which
+# stays on in CPU backward hooks) turns their factor products into half-precision matmuls: factors and
+# inverses would lose their precision. The hooks run in the parameters' precision instead.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def full_precision(device_type: str):
+    """Autocast off for the block: curvature, inverses and the FOP scalars stay in the parameters' dtype."""
+    with torch.autocast(device_type, enabled=False):
+        yield
+
+
+def _patch_hooks_precision() -> None:
+    op_class = _asdl_operation.Operation
+    for name in ("forward_post_process", "backward_pre_process"):
+        original = getattr(op_class, name)
+        if getattr(original, "_fop_asdl_full_precision", False):
+            continue
+
+        def in_full_precision(self, tensor, *args, _original=original, **kwargs):
+            dtype = self._module.weight.dtype if getattr(self._module, "weight", None) is not None else torch.float32
+            args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype in _LOW_PRECISION else a
+                         for a in args)
+            if tensor.dtype in _LOW_PRECISION:
+                tensor = tensor.to(dtype)
+            with full_precision(tensor.device.type):
+                return _original(self, tensor, *args, **kwargs)
+
+        in_full_precision._fop_asdl_full_precision = True
+        setattr(op_class, name, in_full_precision)
+
+
+_patch_hooks_precision()
 
 
 # --- Fix 3: inverses of factors that are not positive definite --------------------------------------
@@ -254,10 +292,15 @@ class KfacGradientMaker(asdl.KfacGradientMaker):
             self._invert_all()
 
     def _invert_all(self) -> None:
-        for name, module in self.named_modules_for_curvature:
-            matrix = getattr(module, self._fisher_attr, None)
-            if matrix is not None:
-                robust_update_inv(matrix, self.config.damping, name, self._fallback_warned)
+        with full_precision(self.device.type):
+            for name, module in self.named_modules_for_curvature:
+                matrix = getattr(module, self._fisher_attr, None)
+                if matrix is not None:
+                    robust_update_inv(matrix, self.config.damping, name, self._fallback_warned)
+
+    def precondition(self, *args: Any, **kwargs: Any) -> None:
+        with full_precision(self.device.type):  # the gradients are fp32; so stays F̃⁻¹ g under autocast
+            super().precondition(*args, **kwargs)
 
     def state_dict(self) -> Dict[str, Any]:
         curvature = {}

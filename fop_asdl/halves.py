@@ -163,10 +163,13 @@ class HalfGradientCapture:
             return
         size = x.shape[0]
         halves = [rows for rows in (slice(0, split), slice(split, size)) if rows.stop > rows.start]
-        if isinstance(module, _NORM):
-            sums = iter(_norm_param_grads(module, x, grad_out, halves))
-        else:
-            sums = iter([_param_grads(module, x[rows], grad_out[rows]) for rows in halves])
+        dtype = module.weight.dtype  # under autocast x and grad_out are bf16/fp16; the sums are not
+        x, grad_out = x.to(dtype), grad_out.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            if isinstance(module, _NORM):
+                sums = iter(_norm_param_grads(module, x, grad_out, halves))
+            else:
+                sums = iter([_param_grads(module, x[rows], grad_out[rows]) for rows in halves])
         new = [next(sums) if 0 < split else None, next(sums) if split < size else None]
         previous = self.sums.get(module)
         # Chunks of a micro-batched step, and modules called more than once (shared weights), add up.

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from .blocks import BlockVector, apply_inverse, apply_metric, gram
 from .chunks import chunk_bounds, concat_outputs, sliced_calls, validate_micro_batch_size
-from .compat import (_INVALID, KfacGradientMaker, batch_size_of, kept_requires_grad, kron_damping,
-                     rebuild_inverse, reject_ddp)
+from .compat import (_INVALID, KfacGradientMaker, batch_size_of, full_precision, kept_requires_grad,
+                     kron_damping, rebuild_inverse, reject_ddp)
 from .halves import HalfGradientCapture, supports_half_gradients
 from .projection import FOPOptions, average_and_difference, fop_coefficients
 from .sync import HalfSums, make_sync
@@ -48,6 +48,13 @@ class FOPGradientMaker(KfacGradientMaker):
         sub_batches: with ``torch.distributed`` initialised, how B1 and B2 are formed: ``"ranks"`` (even
             ranks' batches vs odd ranks'), ``"halves"`` (every rank's first ⌈n/2⌉ samples vs the rest) or
             ``"auto"`` ("ranks" for an even world size, else "halves"). Ignored in one process.
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 autocast: every backward pass starts from the
+            scaled loss, so ``p.grad`` holds scaled results for ``scaler.step(optimizer)`` to unscale. A step
+            with NaN/Inf then does not raise: it commits nothing, fills the blocks' ``p.grad`` with NaN so that
+            ``scaler.step`` skips it, and sets ``last_step_skipped``.
+
+    Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its
+    inverses, the per-sub-batch gradients and the FOP scalars are computed in the parameters' precision.
 
     After each step ``last_stats[block name]`` holds the block's s, β, η, A, D, E and the KL terms as
     0-d tensors (kept on the device, so reading them is the only sync).
@@ -65,10 +72,13 @@ class FOPGradientMaker(KfacGradientMaker):
                  beta: Union[float, str] = "adaptive", beta_range: Tuple[float, float] = (-0.5, 0.5),
                  eta: Optional[str] = "adaptive", eta_range: Tuple[float, float] = (0.0, 2.0),
                  projection_metric: str = "undamped", eps: float = 1e-12,
-                 micro_batch_size: Optional[int] = None, sub_batches: str = "auto"):
+                 micro_batch_size: Optional[int] = None, sub_batches: str = "auto",
+                 grad_scaler: Optional[torch.amp.GradScaler] = None):
         self.options = FOPOptions(beta=beta, beta_range=tuple(beta_range), eta=eta,
                                   eta_range=tuple(eta_range), projection_metric=projection_metric, eps=eps)
         self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
+        self.grad_scaler = grad_scaler
+        self.last_step_skipped = False
         reject_ddp(model)
         config = _ignoring_unsupported(model, config)
         super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
@@ -99,29 +109,39 @@ class FOPGradientMaker(KfacGradientMaker):
             if update_curvature and update_inverse:
                 dropped = self._drop_inverses()
             sums, counts, loss_sum, output, curvature = self._local_pass(batch_size, update_curvature)
-            block_params = {p for _, m in self.named_modules_for_curvature for p in m.parameters()}
-            others = [p for p in params if p not in block_params]
-            sums, (n1, n2), loss_sum = self._sync.reduce_gradients(sums, counts, loss_sum, others)
-            n = n1 + n2
-            for p in others:
-                if p.grad is not None:
-                    p.grad.div_(n)
-            gradients = self._block_gradients(sums, n1, n2)
-            new_curvature = self._sync.reduce_curvature(curvature) if update_curvature else {}
-            self._scale_curvature(new_curvature, n)
-            self._raise_if_not_finite(gradients, others, new_curvature, loss_sum)
+            with full_precision(self.device.type):
+                block_params = {p for _, m in self.named_modules_for_curvature for p in m.parameters()}
+                others = [p for p in params if p not in block_params]
+                sums, (n1, n2), loss_sum = self._sync.reduce_gradients(sums, counts, loss_sum, others)
+                n = n1 + n2
+                for p in others:
+                    if p.grad is not None:
+                        p.grad.div_(n)
+                gradients = self._block_gradients(sums, n1, n2)
+                new_curvature = self._sync.reduce_curvature(curvature) if update_curvature else {}
+                self._scale_curvature(new_curvature, n)
+                finite = self._check_finite(gradients, others, new_curvature, loss_sum)
         except BaseException:
             for p, grad in zip(params, saved_grads):
                 p.grad = grad
             self._rebuild_inverses(dropped)
             raise
-        # Nothing below can meet bad data: commit curvature, inverses and the preconditioned gradients.
-        self._commit_curvature(new_curvature)
-        if update_inverse:
-            self._invert_all()
-        self._write_fop_gradients(gradients)
-        self.state["step"] += 1
         self._model_output, self._loss = output, loss_sum / n
+        self.last_step_skipped = not finite
+        if not finite:  # only with a grad_scaler: its step() sees the NaN and skips, update() lowers the scale
+            self._rebuild_inverses(dropped)
+            for _, module in self.named_modules_for_curvature:
+                for param in module.parameters():
+                    if param.requires_grad:
+                        param.grad = torch.full_like(param, float("nan"))
+            return self._model_output, self._loss
+        # Nothing below can meet bad data: commit curvature, inverses and the preconditioned gradients.
+        with full_precision(self.device.type):
+            self._commit_curvature(new_curvature)
+            if update_inverse:
+                self._invert_all()
+            self._write_fop_gradients(gradients)
+        self.state["step"] += 1
         return self._model_output, self._loss
 
     def _check_ready(self) -> int:
@@ -169,6 +189,13 @@ class FOPGradientMaker(KfacGradientMaker):
                 loss = self._loss.detach()
                 loss_sum = loss if loss_sum is None else loss_sum + loss
                 outputs.append(self._model_output)
+        if curvature and self.grad_scaler is not None and self.fisher_maker.is_fisher_emp:
+            # The empirical Fisher comes from the scaled loss's own gradients: its output-side factors carry
+            # the scale squared.
+            scale_squared = self._scaled(torch.ones((), device=self.device)) ** 2
+            for matrix in curvature.values():
+                for tensor in ([matrix.kron.B] if matrix.has_kron else []) + ([matrix.unit.data] if matrix.has_unit else []):
+                    tensor.div_(scale_squared)
         names = {m: name for name, m in self.named_modules_for_curvature}
         sums = {names[m]: tuple(halves) for m, halves in capture.sums.items()}
         return sums, (split, batch_size - split), loss_sum, concat_outputs(outputs), curvature
@@ -180,7 +207,11 @@ class FOPGradientMaker(KfacGradientMaker):
             self.forward()
         finally:
             self._loss_reduction = None
-        self.backward()
+        self._scaled(self._loss).backward()
+
+    def _scaled(self, loss: Tensor) -> Tensor:
+        """The loss the backward pass starts from: times the grad_scaler's scale when there is one."""
+        return loss if self.grad_scaler is None else self.grad_scaler.scale(loss)
 
     @contextlib.contextmanager
     def _fresh_curvature(self, update_curvature: bool) -> Iterator[Dict[str, Any]]:
@@ -222,6 +253,15 @@ class FOPGradientMaker(KfacGradientMaker):
                 capture.active = True
 
         fisher_maker._fisher_loop = loop_without_capture
+        if self.grad_scaler is not None:  # ASDL backpropagates fisher_maker._loss: make that the scaled loss
+            call_loss = fisher_maker.call_loss
+
+            def scaled_call_loss():
+                self._unscaled_loss = call_loss()
+                fisher_maker._loss = self._scaled(self._unscaled_loss)
+                return fisher_maker._loss
+
+            fisher_maker.call_loss = scaled_call_loss
         seed = fisher_maker.config.seed
         if not first:
             fisher_maker.config.seed = None  # re-seeding each chunk would repeat the first chunk's draws
@@ -232,7 +272,10 @@ class FOPGradientMaker(KfacGradientMaker):
                                                    calc_loss_grad=True, calc_inv=False)
         finally:
             del fisher_maker._fisher_loop
+            fisher_maker.__dict__.pop("call_loss", None)
             fisher_maker.config.seed = seed
+        if self.grad_scaler is not None:
+            self._loss = self._unscaled_loss
 
     def _block_gradients(self, sums: Dict[str, HalfSums], n1, n2) -> Dict[str, Tuple[BlockVector, BlockVector]]:
         """(g_avg, g_diff) per owned block (g_diff None for K-FAC), as (weight, bias) pairs without the
@@ -261,8 +304,9 @@ class FOPGradientMaker(KfacGradientMaker):
             for tensor in _matrix_tensors(matrix):
                 tensor.div_(data_size)
 
-    def _raise_if_not_finite(self, gradients, others: Sequence[nn.Parameter], new_curvature, loss_sum) -> None:
-        """One fused check (one host sync) of loss, gradients and new curvature, agreed by all processes."""
+    def _check_finite(self, gradients, others: Sequence[nn.Parameter], new_curvature, loss_sum) -> bool:
+        """One fused check (one host sync) of loss, gradients and new curvature, agreed by all processes.
+        Non-finite values raise, except with a grad_scaler, where they are its signal to skip the step."""
         groups: List[List[Tensor]] = [[loss_sum], [], []]
         for g_avg, g_diff in gradients.values():
             groups[1] += [t for vec in (g_avg, g_diff) if vec is not None for t in vec if t is not None]
@@ -274,7 +318,9 @@ class FOPGradientMaker(KfacGradientMaker):
                            else torch.zeros((), dtype=torch.bool, device=device) for group in groups])
         bad = self._sync.any_bad(bad.to(torch.int32))
         if not bool(bad.any()):
-            return
+            return True
+        if self.grad_scaler is not None:
+            return False
         what = [name for name, flag in zip(("loss", "gradient", "curvature"), bad.tolist()) if flag]
         raise FloatingPointError(f"FOP step aborted: NaN or Inf in the {', '.join(what)}. Nothing was updated "
                                  f"(gradients, curvature and inverses are as before the step); lower the "

@@ -1,11 +1,12 @@
-"""SGD's gradient maker (the full-batch mean gradient in ``p.grad``) with micro-batches and, on several
-ranks, one all-reduce of the gradients: what ``make_gradient_maker("sgd", ...)`` returns when either is
-asked for, so that all three methods scale the same way."""
+"""SGD's gradient maker (the full-batch mean gradient in ``p.grad``) with micro-batches, a GradScaler and,
+on several ranks, one all-reduce of the gradients: what ``make_gradient_maker("sgd", ...)`` returns when
+any of these is asked for, so that all three methods scale the same way."""
 from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
 import asdl
+import torch
 from torch import Tensor, nn
 
 from .chunks import chunk_bounds, concat_outputs, sliced_calls, validate_micro_batch_size
@@ -18,10 +19,12 @@ __all__ = ["PlainGradientMaker"]
 class PlainGradientMaker(asdl.GradientMaker):
     """``asdl.GradientMaker`` whose step may run as several micro-batches and over several ranks."""
 
-    def __init__(self, model: nn.Module, micro_batch_size: Optional[int] = None):
+    def __init__(self, model: nn.Module, micro_batch_size: Optional[int] = None,
+                 grad_scaler: Optional[torch.amp.GradScaler] = None):
         reject_ddp(model)
         super().__init__(model)
         self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
+        self.grad_scaler = grad_scaler  # backward from the scaled loss; scaler.step() unscales and skips Inf
         self._sync = make_sync(model, [], "auto", two_gradients=False)
 
     def forward_and_backward(self) -> Tuple[Any, Tensor]:
@@ -44,7 +47,8 @@ class PlainGradientMaker(asdl.GradientMaker):
                         self.forward()
                     finally:
                         self._loss_reduction = None
-                    self.backward()
+                    loss = self._loss if self.grad_scaler is None else self.grad_scaler.scale(self._loss)
+                    loss.backward()
                 loss = self._loss.detach()
                 loss_sum = loss if loss_sum is None else loss_sum + loss
                 outputs.append(self._model_output)

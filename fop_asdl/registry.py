@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional
 
 import asdl
+import torch
 from torch import nn
 
 from .compat import KfacGradientMaker, reject_ddp
@@ -15,13 +16,13 @@ __all__ = ["GRADIENT_MAKERS", "make_gradient_maker"]
 
 
 def _sgd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], micro_batch_size: Optional[int] = None,
-         **kwargs: Any) -> asdl.GradientMaker:
+         grad_scaler: Optional[torch.amp.GradScaler] = None, **kwargs: Any) -> asdl.GradientMaker:
     if kwargs:
-        raise TypeError(f"the 'sgd' gradient maker takes only micro_batch_size, got {sorted(kwargs)}.")
+        raise TypeError(f"the 'sgd' gradient maker takes only micro_batch_size and grad_scaler, got {sorted(kwargs)}.")
     reject_ddp(model)
-    if micro_batch_size is None and not several_ranks():
+    if micro_batch_size is None and grad_scaler is None and not several_ranks():
         return asdl.GradientMaker(model)
-    return PlainGradientMaker(model, micro_batch_size=micro_batch_size)
+    return PlainGradientMaker(model, micro_batch_size=micro_batch_size, grad_scaler=grad_scaler)
 
 
 def _fop(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
@@ -29,12 +30,14 @@ def _fop(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwarg
 
 
 def _kfac(model: nn.Module, config: Optional[asdl.PreconditioningConfig], micro_batch_size: Optional[int] = None,
-          **kwargs: Any) -> asdl.GradientMaker:
-    """ASDL's K-FAC (with the compat fixes); K-FAC on FOP's step machinery for micro-batches or ranks."""
+          grad_scaler: Optional[torch.amp.GradScaler] = None, **kwargs: Any) -> asdl.GradientMaker:
+    """ASDL's K-FAC (with the compat fixes); K-FAC on FOP's step machinery for micro-batches, a GradScaler
+    or several ranks."""
     config = config if config is not None else asdl.PreconditioningConfig()
-    if micro_batch_size is None and not several_ranks():
+    if micro_batch_size is None and grad_scaler is None and not several_ranks():
         return KfacGradientMaker(model, config, **kwargs)
-    return ScalableKfacGradientMaker(model, config, micro_batch_size=micro_batch_size, **kwargs)
+    return ScalableKfacGradientMaker(model, config, micro_batch_size=micro_batch_size, grad_scaler=grad_scaler,
+                                     **kwargs)
 
 
 GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
@@ -50,7 +53,7 @@ def make_gradient_maker(name: str, model: nn.Module, config: Optional[asdl.Preco
 
     ``config`` defaults to ``asdl.PreconditioningConfig()``; ``kwargs`` go to the maker's constructor
     (FOP: see :class:`FOPGradientMaker`; K-FAC: ``asdl.KfacGradientMaker``'s). All three take
-    ``micro_batch_size`` (gradient accumulation inside one step) and run sharded when
+    ``micro_batch_size`` (gradient accumulation inside one step) and ``grad_scaler`` (fp16), and run sharded when
     ``torch.distributed`` is initialised with several ranks; K-FAC then runs on FOP's step machinery
     (:class:`ScalableKfacGradientMaker`) and SGD all-reduces its gradients once per step.
     """
