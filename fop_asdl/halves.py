@@ -88,6 +88,19 @@ def _param_grads(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tuple[Tensor
     raise TypeError(f"no per-half gradients for {type(module).__name__}")
 
 
+class _JoinGraph(torch.autograd.Function):
+    """Identity on ``output`` that puts it into the autograd graph through ``anchor``; backward passes the
+    gradient through and gives the anchor none."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, anchor: Tensor) -> Tensor:
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
 class HalfGradientCapture:
     """Context manager that records per-sub-batch gradient sums of the given blocks.
 
@@ -140,19 +153,23 @@ class HalfGradientCapture:
             if param is not None and param.requires_grad:
                 param.requires_grad_(False)
                 self._frozen.append(param)
-        if not x.requires_grad and torch.is_grad_enabled():
-            # Without any input or parameter requiring grad the output would leave the graph, and the
-            # gradient at this block's output (which ASDL's Fisher also needs) would never be formed.
-            return (x.detach().requires_grad_(True),) + tuple(args[1:])
         return None
 
-    def _after_forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+    def _after_forward(self, module: nn.Module, args: tuple, output: Tensor) -> Optional[Tensor]:
         self._thaw()
-        if output.requires_grad:
-            x = args[0].detach()  # shares the version counter: in-place changes stay visible
-            split = self.split
-            output.register_hook(
-                lambda grad, m=module, x=x, v=x._version, k=split: self._on_output_grad(m, x, v, k, grad))
+        if not torch.is_grad_enabled():
+            return None
+        if not output.requires_grad:
+            # Neither the input (a first layer) nor the frozen parameters require grad, so the output left
+            # the graph and the gradient at it (which ASDL's Fisher needs too) would never be formed. Join it
+            # to the graph through a free identity rather than making the input require grad, which would
+            # have autograd compute an input gradient that nothing uses.
+            output = _JoinGraph.apply(output, output.new_zeros((), requires_grad=True))
+        x = args[0].detach()  # shares the version counter: in-place changes stay visible
+        split = self.split
+        output.register_hook(
+            lambda grad, m=module, x=x, v=x._version, k=split: self._on_output_grad(m, x, v, k, grad))
+        return output
 
     def _on_output_grad(self, module: nn.Module, x: Tensor, version: int, split: int, grad_out: Tensor) -> None:
         if x._version != version:  # autograd no longer saves x for this layer, so it cannot check this

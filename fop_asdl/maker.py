@@ -307,16 +307,17 @@ class FOPGradientMaker(KfacGradientMaker):
     def _check_finite(self, gradients, others: Sequence[nn.Parameter], new_curvature, loss_sum) -> bool:
         """One fused check (one host sync) of loss, gradients and new curvature, agreed by all processes.
         Non-finite values raise, except with a grad_scaler, where they are its signal to skip the step."""
+        # g_avg = (S1 + S2)/n is non-finite whenever S1 or S2 is (inf - inf is NaN), so g_diff needs no check;
+        # a tensor's sum is non-finite whenever an entry is: one read per tensor.
         groups: List[List[Tensor]] = [[loss_sum], [], []]
-        for g_avg, g_diff in gradients.values():
-            groups[1] += [t for vec in (g_avg, g_diff) if vec is not None for t in vec if t is not None]
+        for g_avg, _ in gradients.values():
+            groups[1] += [t for t in g_avg if t is not None]
         groups[1] += [p.grad for p in others if p.grad is not None]
         for matrix in new_curvature.values():
             groups[2] += _matrix_tensors(matrix)
-        device = loss_sum.device
-        bad = torch.stack([torch.stack([~torch.isfinite(t).all() for t in group]).any() if group
-                           else torch.zeros((), dtype=torch.bool, device=device) for group in groups])
-        bad = self._sync.any_bad(bad.to(torch.int32))
+        finite = [torch.stack([torch.isfinite(t.sum()) for t in group]).all() if group
+                  else torch.ones((), dtype=torch.bool, device=loss_sum.device) for group in groups]
+        bad = self._sync.any_bad((~torch.stack(finite)).to(torch.int32))
         if not bool(bad.any()):
             return True
         if self.grad_scaler is not None:
