@@ -12,7 +12,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["chunk_bounds", "sliced_calls", "concat_outputs", "validate_micro_batch_size"]
+__all__ = ["chunk_bounds", "sliced_calls", "concat_outputs", "detached", "validate_micro_batch_size"]
 
 
 def validate_micro_batch_size(micro_batch_size: Optional[int]) -> Optional[int]:
@@ -53,8 +53,19 @@ def sliced_calls(maker: Any, start: int, end: int, batch_size: int) -> Iterator[
         maker._model_args, maker._model_kwargs, maker._loss_fn_args, maker._loss_fn_kwargs = saved
 
 
+def detached(output: Any) -> Any:
+    """``output`` with every tensor (also inside tuples, lists and dicts) detached from its graph."""
+    if isinstance(output, Tensor):
+        return output.detach()
+    if isinstance(output, (tuple, list)):
+        return type(output)(detached(o) for o in output)
+    if isinstance(output, dict):
+        return {key: detached(value) for key, value in output.items()}
+    return output
+
+
 def concat_outputs(outputs: List[Any]) -> Any:
-    """The outputs of all micro-batches as one batch (detached tensors joined along dim 0).
+    """The outputs of all micro-batches as one batch (tensors joined along dim 0).
 
     A single chunk's output is returned as is. Tensors, and tuples/lists/dicts of tensors, are joined;
     any other output type comes back as the list of per-chunk outputs.
@@ -63,7 +74,7 @@ def concat_outputs(outputs: List[Any]) -> Any:
         return outputs[0]
     first = outputs[0]
     if isinstance(first, Tensor):
-        return torch.cat([o.detach() for o in outputs])
+        return torch.cat(outputs)
     if isinstance(first, (tuple, list)):
         return type(first)(concat_outputs(list(parts)) for parts in zip(*outputs))
     if isinstance(first, dict):

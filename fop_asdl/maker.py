@@ -13,7 +13,7 @@ from asdl.utils import has_reduction
 from torch import Tensor, nn
 
 from .blocks import BlockVector, apply_inverse, apply_metric, gram
-from .chunks import chunk_bounds, concat_outputs, sliced_calls, validate_micro_batch_size
+from .chunks import chunk_bounds, concat_outputs, detached, sliced_calls, validate_micro_batch_size
 from .compat import (_INVALID, KfacGradientMaker, batch_size_of, full_precision, kept_requires_grad,
                      kron_damping, rebuild_inverse, reject_ddp)
 from .halves import HalfGradientCapture, supports_half_gradients
@@ -188,7 +188,9 @@ class FOPGradientMaker(KfacGradientMaker):
                         self._loss_chunk()
                 loss = self._loss.detach()
                 loss_sum = loss if loss_sum is None else loss_sum + loss
-                outputs.append(self._model_output)
+                # A chunk's output must not keep its graph (and the block inputs the hooks hold) alive while
+                # the next chunks run: that would make memory grow with the batch, not the micro-batch.
+                outputs.append(detached(self._model_output) if self.micro_batch_size else self._model_output)
         if curvature and self.grad_scaler is not None and self.fisher_maker.is_fisher_emp:
             # The empirical Fisher comes from the scaled loss's own gradients: its output-side factors carry
             # the scale squared.

@@ -9,7 +9,7 @@ import asdl
 import torch
 from torch import Tensor, nn
 
-from .chunks import chunk_bounds, concat_outputs, sliced_calls, validate_micro_batch_size
+from .chunks import chunk_bounds, concat_outputs, detached, sliced_calls, validate_micro_batch_size
 from .compat import batch_size_of, reject_ddp
 from .sync import make_sync
 
@@ -51,7 +51,9 @@ class PlainGradientMaker(asdl.GradientMaker):
                     loss.backward()
                 loss = self._loss.detach()
                 loss_sum = loss if loss_sum is None else loss_sum + loss
-                outputs.append(self._model_output)
+                # A chunk's output must not keep its graph (and the block inputs the hooks hold) alive while
+                # the next chunks run: that would make memory grow with the batch, not the micro-batch.
+                outputs.append(detached(self._model_output) if self.micro_batch_size else self._model_output)
             _, (n, _), loss_sum = self._sync.reduce_gradients({}, (batch_size, 0), loss_sum, params)
         except BaseException:
             for p, grad in zip(params, saved):

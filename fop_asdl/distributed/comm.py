@@ -1,9 +1,11 @@
 """The collectives of the sharded path, on ``torch.distributed`` (gloo on CPU, NCCL on GPU).
 
-Each call counts the bytes it moves, as the average number of bytes a rank receives under a
+Each call counts the bytes it moves, as the average over all W ranks of the bytes a rank receives under a
 bandwidth-optimal algorithm (ring all-reduce: 2·S·(W−1)/W; reduce to one rank, and broadcast from one:
-S·(W−1)/W), so that benchmarks compare methods without depending on the backend's algorithm. A collective
-that fails or times out (another rank raised, or died) is re-raised with what to look for.
+S·(W−1)/W; a reduce inside each parity group of g = W/2 ranks: 2·S·(g−1)/W; one rank handing S bytes to
+another: S/W), so that benchmarks compare methods without depending on the backend's algorithm. Every
+rank counts every transfer, also those it takes no part in, so any rank's count is the average. A
+collective that fails or times out (another rank raised, or died) is re-raised with what to look for.
 """
 from __future__ import annotations
 
@@ -50,6 +52,31 @@ class Communicator:
 
     def broadcast(self, tensor: Tensor, src: int) -> None:
         self._run("broadcast", self._share(tensor), lambda: dist.broadcast(tensor, src=src))
+
+    def make_parity_groups(self) -> None:
+        """Process groups of the even and of the odd ranks (a collective call: every rank makes both)."""
+        self._groups = [dist.new_group(list(range(parity, self.world_size, 2))) for parity in (0, 1)]
+
+    def reduce_within_parity(self, tensor: Tensor, even_dst: int, odd_dst: int) -> None:
+        """Sum ``tensor`` over this rank's parity group (even or odd ranks) into that group's ``dst``."""
+        size = self.world_size // 2
+        nbytes = 2 * tensor.numel() * tensor.element_size() * (size - 1) / self.world_size
+        dst = odd_dst if self.rank % 2 else even_dst
+        group = self._groups[self.rank % 2]
+        self._run("reduce", nbytes, lambda: dist.reduce(tensor, dst=dst, group=group) if size > 1 else None)
+
+    def hand_over(self, tensor: Tensor, src: int, dst: int) -> Optional[Tensor]:
+        """``src``'s tensor arrives at ``dst`` (returned there, None elsewhere); call it on every rank."""
+        nbytes = tensor.numel() * tensor.element_size() / self.world_size
+        if self.rank == src:
+            self._run("send", nbytes, lambda: dist.send(tensor, dst=dst))
+        elif self.rank == dst:
+            received = torch.empty_like(tensor)
+            self._run("send", nbytes, lambda: dist.recv(received, src=src))
+            return received
+        else:
+            self.bytes["send"] += nbytes
+        return None
 
     def broadcast_object(self, obj: Optional[Any], src: int) -> Any:
         """A picklable object from ``src`` to every rank (state dicts; not for the hot path)."""

@@ -49,6 +49,11 @@ class ShardedSync(LocalSync):
                                                         self.world_size)
         self._blocks = [name for name, _ in named_modules]
         self._dtype = dtype  # every buffer is in the parameters' dtype, so all ranks agree on sizes
+        # "ranks": each rank holds a share of g1 (even ranks) or of g2 (odd ranks), never both, so the two
+        # sums are formed inside the parity groups and only the other group's sum travels to the owner.
+        self._by_parity = two_gradients and self.sub_batches == "ranks"
+        if self._by_parity:
+            self.comm.make_parity_groups()
 
     def local_split(self, batch_size: int, two_gradients: bool) -> int:
         if not two_gradients:
@@ -85,6 +90,11 @@ class ShardedSync(LocalSync):
             names = [name for name in self._owned_by(owner) if name in sums]
             if not names:
                 continue
+            if self._by_parity:
+                received = self._reduce_by_parity(sums, names, shapes, owner)
+                if received is not None:
+                    owned.update(received)
+                continue
             parts: List[Tensor] = []
             for name in names:
                 pieces = sums[name] if self.two_gradients else (_total(sums[name]),)
@@ -101,6 +111,29 @@ class ShardedSync(LocalSync):
                         pieces.append(piece)
                     owned[name] = (pieces[0], pieces[1] if halves == 2 else None)
         return owned, (n1, n2), small[2]
+
+    def _reduce_by_parity(self, sums: Dict[str, HalfSums], names: List[str], shapes: Dict[str, Shapes],
+                          owner: int) -> Optional[Dict[str, HalfSums]]:
+        """The owner's (S1, S2) of ``names`` when B1 = even ranks and B2 = odd ranks: each parity group sums
+        its ranks' shares into one member (the owner in its own group, the owner's neighbour in the other),
+        and the neighbour hands its group's sum to the owner."""
+        parity = self.rank % 2
+        own = torch.cat([_flat_or_zeros(_total(sums[name]), shapes[name], self._dtype, self.comm.device)
+                         for name in names])
+        neighbour = owner + 1 if owner % 2 == 0 else owner - 1
+        even_dst, odd_dst = (owner, neighbour) if owner % 2 == 0 else (neighbour, owner)
+        self.comm.reduce_within_parity(own, even_dst, odd_dst)
+        other = self.comm.hand_over(own, src=neighbour, dst=owner)
+        if self.rank != owner:
+            return None
+        even, odd = (own, other) if parity == 0 else (other, own)
+        out: Dict[str, HalfSums] = {}
+        offset_even = offset_odd = 0
+        for name in names:
+            s1, offset_even = _unflatten(even, offset_even, shapes[name])
+            s2, offset_odd = _unflatten(odd, offset_odd, shapes[name])
+            out[name] = (s1, s2)
+        return out
 
     # --- curvature ------------------------------------------------------------------------------
     def reduce_curvature(self, curvature: Dict[str, SymMatrix]) -> Dict[str, SymMatrix]:
