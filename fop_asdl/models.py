@@ -11,7 +11,8 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SmallCNN", "MLP", "BasicBlock", "ResNet", "resnet18_cifar", "build_model", "MODELS"]
+__all__ = ["SmallCNN", "MLP", "BasicBlock", "ResNet", "resnet18_cifar", "PadShortcutBlock", "CifarResNet",
+           "resnet32_cifar", "build_model", "MODELS"]
 
 
 class SmallCNN(nn.Module):
@@ -98,10 +99,68 @@ def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> ResNet:
     return ResNet([2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels)
 
 
+class PadShortcutBlock(nn.Module):
+    """ResNet basic block with the parameter-free "option A" shortcut of He et al. (2016) for CIFAR: where
+    the shape changes, the input is subsampled by 2 and zero-padded along channels (no 1x1 conv)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride = stride
+        self.extra_channels = planes - in_planes
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        if self.stride == 1 and self.extra_channels == 0:
+            return x
+        x = x[:, :, ::self.stride, ::self.stride]
+        half = self.extra_channels // 2
+        return F.pad(x, (0, 0, 0, 0, half, self.extra_channels - half))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016) used by the long-tail papers (LDAM, ...): 3x3 stem, three stages
+    of ``n`` :class:`PadShortcutBlock` (widths 16/32/64, strides 1/2/2), global average pool, Linear;
+    Kaiming-normal init of conv and Linear weights as in those papers' code."""
+
+    def __init__(self, n: int, num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = (16, 32, 64)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        blocks: List[nn.Module] = []
+        in_planes = widths[0]
+        for stage, planes in enumerate(widths):
+            for i in range(n):
+                blocks.append(PadShortcutBlock(in_planes, planes, stride=2 if stage > 0 and i == 0 else 1))
+                in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.blocks(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def resnet32_cifar(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """ResNet-32 for 32x32 inputs (3 stages of 5 blocks, 31 conv layers + fc; ~0.46M parameters)."""
+    return CifarResNet(5, num_classes=num_classes, in_channels=in_channels)
+
+
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "mlp": MLP,
     "resnet18": resnet18_cifar,
+    "resnet32": resnet32_cifar,
 }
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from fop_asdl.models import MLP, MODELS, SmallCNN, build_model, resnet18_cifar
+from fop_asdl.models import MLP, MODELS, SmallCNN, build_model, resnet18_cifar, resnet32_cifar
 
 PRECONDITIONED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
 
@@ -18,6 +18,8 @@ def n_params(model: nn.Module) -> int:
     ("mlp", {}, (2, 1, 28, 28), 10),
     ("mlp", {"in_features": 3 * 32 * 32, "hidden": (64, 32), "num_classes": 5}, (2, 3, 32, 32), 5),
     ("resnet18", {}, (2, 3, 32, 32), 10),
+    ("resnet32", {}, (2, 3, 32, 32), 10),
+    ("resnet32", {"num_classes": 100}, (2, 3, 32, 32), 100),
 ])
 def test_output_shape(name: str, kwargs: dict, input_shape: tuple, n_classes: int) -> None:
     model = build_model(name, **kwargs)
@@ -28,6 +30,7 @@ def test_parameter_counts() -> None:
     assert 100_000 < n_params(SmallCNN()) < 400_000
     assert n_params(MLP()) == 784 * 256 + 256 + 256 * 10 + 10
     assert 11_000_000 < n_params(resnet18_cifar()) < 11_300_000  # the usual 11.17M
+    assert n_params(resnet32_cifar()) == 464_154  # the usual 0.46M of the CIFAR ResNet-32 (option A shortcuts)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -55,3 +58,13 @@ def test_backward_reaches_every_parameter() -> None:
 def test_build_model_rejects_unknown_names() -> None:
     with pytest.raises(ValueError, match="small_cnn"):
         build_model("vgg16")
+
+
+def test_resnet32_structure() -> None:
+    model = resnet32_cifar()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(model.blocks) == 15 and len(convs) == 31  # 3 stages x 5 blocks x 2 convs + the stem
+    assert all(m.kernel_size == (3, 3) for m in convs)  # parameter-free shortcuts: no 1x1 convs
+    assert [model.blocks[i].conv1.out_channels for i in (0, 5, 10)] == [16, 32, 64]
+    x = torch.randn(2, 3, 32, 32)
+    assert model.blocks[:6](model.bn1(model.conv1(x))).shape == (2, 32, 16, 16)

@@ -2,7 +2,7 @@
 
 ``load_fashion_mnist_subset`` reads the real Fashion-MNIST subset shipped inside the package (see
 ``fop_asdl/_data/README.md``), so tests and quick runs need no download. ``load_npz_dataset`` reads the
-full ``.npz`` files (MNIST, Fashion-MNIST, CIFAR-10) with the same keys.
+full ``.npz`` files (MNIST, Fashion-MNIST, CIFAR-10/100) with the same keys.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ NORMALIZATION: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 SUBSET_FILE = "fashion_mnist_subset.npz"
 
