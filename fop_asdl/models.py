@@ -130,7 +130,8 @@ class CifarResNet(nn.Module):
     of ``n`` :class:`PadShortcutBlock` (widths 16/32/64, strides 1/2/2), global average pool, Linear;
     Kaiming-normal init of conv and Linear weights as in those papers' code."""
 
-    def __init__(self, n: int, num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = (16, 32, 64)):
+    def __init__(self, n: int, num_classes: int = 10, in_channels: int = 3,
+                 widths: Sequence[int] = (16, 32, 64)):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])

@@ -1,4 +1,4 @@
-"""Runner data: long-tailed subsets, on-device augmentation, named datasets and checksum-verified downloads."""
+"""Runner data: long-tailed subsets, on-device augmentation, named datasets, checksum-verified downloads."""
 import gzip
 import hashlib
 import io
@@ -127,6 +127,7 @@ def test_dataset_lookup_uses_data_dir_then_env_and_names_the_fix(tmp_path: Path,
     with pytest.raises(FileNotFoundError, match=r"mnist.npz not found.*download"):
         load_dataset("mnist")
     x = np.zeros((50, 32, 32, 3), dtype=np.uint8)
-    np.savez(tmp_path / "cifar10.npz", x_train=x, y_train=np.arange(50) % 10, x_test=x[:5], y_test=np.zeros(5))
+    np.savez(tmp_path / "cifar10.npz", x_train=x, y_train=np.arange(50) % 10, x_test=x[:5],
+             y_test=np.zeros(5))
     lt = load_dataset("cifar10_lt", imbalance=5.0)  # 5 per class: n_c = floor(5 * 5^(-c/9))
     assert torch.bincount(lt.y_train, minlength=10).tolist() == long_tail_counts(5, 10, 5.0)

@@ -28,7 +28,7 @@ DATASETS: Dict[str, int] = {
 
 
 def base_dataset(name: str) -> str:
-    """The balanced dataset a name derives from (its file and normalisation): ``cifar10_lt`` -> ``cifar10``."""
+    """The balanced dataset a name derives from (file, normalisation): ``cifar10_lt`` -> ``cifar10``."""
     if name == SUBSET:
         return "fashion_mnist"
     return name[:-len("_lt")] if name.endswith("_lt") else name
@@ -58,8 +58,8 @@ def load_dataset(name: str, data_dir: Optional[Union[str, Path]] = None, downloa
     path = dataset_file(name, data_dir)
     if not path.is_file():
         if not download:
-            raise FileNotFoundError(f"{path} not found: put {path.name} there, point data_dir/{DATA_ENV} to its "
-                                    f"folder, or set download to fetch it from the official source.")
+            raise FileNotFoundError(f"{path} not found: put {path.name} there, point data_dir/{DATA_ENV} to "
+                                    f"its folder, or set download to fetch it from the official source.")
         download_dataset(base_dataset(name), path.parent)
     data = load_npz_dataset(path, dataset=base_dataset(name), device=device, test_split=test_split)
     if not name.endswith("_lt"):

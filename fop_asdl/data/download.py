@@ -33,7 +33,7 @@ _CIFAR = "https://www.cs.toronto.edu/~kriz/"
 _IDX = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
-#: Official files and md5s per dataset; idx files in the order train images, train labels, test images, labels.
+#: Official files and md5s per dataset (idx files: train images, train labels, test images, test labels).
 SOURCES: Dict[str, Sequence[RemoteFile]] = {
     "mnist": tuple(RemoteFile(_MNIST + name, md5) for name, md5 in zip(_IDX, (
         "f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
@@ -46,7 +46,8 @@ SOURCES: Dict[str, Sequence[RemoteFile]] = {
 }
 
 
-def download_dataset(name: str, data_dir: Union[str, Path], files: Optional[Sequence[RemoteFile]] = None) -> Path:
+def download_dataset(name: str, data_dir: Union[str, Path],
+                     files: Optional[Sequence[RemoteFile]] = None) -> Path:
     """Fetch ``name`` (a key of :data:`SOURCES`), verify the md5s, write ``data_dir/<name>.npz``; its path.
 
     ``files`` replaces the official sources (a mirror, or ``file://`` URLs in tests). Nothing is left in
@@ -75,8 +76,8 @@ def _fetch(remote: RemoteFile, folder: Path) -> Path:
             digest.update(chunk)
             f.write(chunk)
     if digest.hexdigest() != remote.md5:
-        raise ValueError(f"checksum mismatch for {remote.url}: md5 {digest.hexdigest()}, expected {remote.md5}. "
-                         f"The download is corrupt or not the official file; nothing was written.")
+        raise ValueError(f"checksum mismatch for {remote.url}: md5 {digest.hexdigest()}, expected "
+                         f"{remote.md5}. The download is corrupt or not the official file; nothing was written.")
     return path
 
 
@@ -97,7 +98,10 @@ def _from_idx(paths: List[Path]) -> Dict[str, np.ndarray]:
             "x_test": x_test, "y_test": y_test.astype(np.int64)}
 
 
-def _cifar(members: Dict[str, Sequence[str]], label_key: bytes) -> Callable[[List[Path]], Dict[str, np.ndarray]]:
+Converter = Callable[[List[Path]], Dict[str, np.ndarray]]
+
+
+def _cifar(members: Dict[str, Sequence[str]], label_key: bytes) -> Converter:
     """Converter for a CIFAR python tarball: pickled dicts of (N, 3072) uint8 rows (CHW) and labels."""
     def convert(paths: List[Path]) -> Dict[str, np.ndarray]:
         out = {}
@@ -115,7 +119,7 @@ def _cifar(members: Dict[str, Sequence[str]], label_key: bytes) -> Callable[[Lis
     return convert
 
 
-_CONVERTERS: Dict[str, Callable[[List[Path]], Dict[str, np.ndarray]]] = {
+_CONVERTERS: Dict[str, Converter] = {
     "mnist": _from_idx,
     "fashion_mnist": _from_idx,
     "cifar10": _cifar({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, b"labels"),

@@ -18,7 +18,8 @@ __all__ = ["long_tail_counts", "long_tail_indices"]
 def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> List[int]:
     """n_c for c = 0..C−1: ``n_max`` for class 0 down to ``n_max / imbalance`` for the last class."""
     if num_classes < 2 or imbalance < 1:
-        raise ValueError(f"need at least 2 classes and an imbalance factor >= 1; got {num_classes}, {imbalance}.")
+        raise ValueError(f"need at least 2 classes and an imbalance factor >= 1; got {num_classes}, "
+                         f"{imbalance}.")
     return [math.floor(n_max * imbalance ** (-c / (num_classes - 1))) for c in range(num_classes)]
 
 

@@ -1,0 +1,184 @@
+"""``fop-asdl``: the command line (``train`` one run, ``compare`` a sweep) over YAML configs and overrides."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+from . import distributed
+from .batches import load_data
+from .compare import run_compare
+from .config import ConfigError, ExperimentConfig, build_config, field_docs, load_config
+from .protocol import RunSpec
+from .report import plot_curves, results_markdown
+from .train import RunDirError, train_run
+
+__all__ = ["main", "build_parser"]
+
+CONFIG_FILE = "config.yaml"
+DESCRIPTION = (
+    "Train one run (train) or compare SGD, AdamW, K-FAC and FOP over batch sizes, learning-rate "
+    "grids and seeds (compare), from a YAML config (--config) and overrides (--set)."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fields = "\n".join(f"  {name}: {doc}" for name, doc in field_docs().items())
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        help="YAML file of config fields (default: the built-in " "experiment, as in configs/default.yaml)",
+    )
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config fields; VALUE is YAML, e.g. --set batch_sizes=[1024,8192] "
+        "epochs=5 lr_grid.fop=[0.01,0.02]",
+    )
+    common.add_argument(
+        "--data-dir", help="folder of the .npz files (same as --set data_dir=...; " "default: $FOP_DATA)"
+    )
+    common.add_argument("--out", type=Path, help="output folder (default: runs/<command>-<config>-<time>)")
+    common.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the runs in --out from their checkpoints (bit-identical on CPU); "
+        "without --config the config saved in --out is used",
+    )
+    common.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (also off when stderr " "is not a terminal)",
+    )
+    layout = {
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+        "epilog": "config fields (YAML keys and --set names):\n" + fields,
+    }
+    parser = argparse.ArgumentParser(prog="fop-asdl", description=DESCRIPTION, **layout)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train", parents=[common], help="one run: the sweep's first point unless chosen below", **layout
+    )
+    train.add_argument("--method", help="sgd, adamw, kfac or fop (default: the first of methods)")
+    train.add_argument("--batch-size", type=int, help="global batch size (default: the first of batch_sizes)")
+    train.add_argument(
+        "--lr", type=float, help="base lr at base_batch (default: the first of lr_grid[method])"
+    )
+    train.add_argument("--seed", type=int, help="seed (default: the first of seeds)")
+    sub.add_parser(
+        "compare",
+        parents=[common],
+        help="the sweep: methods × batch sizes × lr grid × seeds; " "writes results.md and plots",
+        **layout,
+    )
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    # ASDL 0.1a5 registers non-full backward hooks; PyTorch warns about them on every curvature pass.
+    warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+    try:
+        return _run(args)
+    except (ConfigError, RunDirError, FileNotFoundError) as error:
+        print(f"fop-asdl: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.stop()
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.resume and args.out is None:
+        raise RunDirError("--resume needs --out, the folder of the runs to continue.")
+    overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
+    saved = args.out / CONFIG_FILE if args.out is not None else None
+    config_path = args.config or (saved if args.resume and saved.exists() else None)
+    config = load_config(config_path, overrides)
+    topo = distributed.start(config.device)
+    out = (
+        args.out
+        or Path("runs") / f"{args.command}-{Path(args.config).stem if args.config else 'default'}-"
+        f"{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    out = distributed.agree(topo, out)
+    if topo.is_main:
+        _save_config(config, out, args.resume)
+    progress = not args.no_progress and sys.stderr.isatty() and topo.is_main
+    spec = _train_point(config, args) if args.command == "train" else None  # validate before loading data
+    data = load_data(config, topo.device)
+    if spec is not None:
+        summary = train_run(spec, data, topo, out / spec.name, resume=args.resume, progress=progress)
+        if topo.is_main:
+            print(
+                json.dumps(
+                    {
+                        k: summary[k]
+                        for k in (
+                            "run",
+                            "epochs_to_target",
+                            "train_seconds_to_target",
+                            "best_accuracy",
+                            "final_accuracy",
+                            "diverged",
+                        )
+                    },
+                    indent=2,
+                )
+            )
+            print(f"outputs: {out / spec.name}", file=sys.stderr)
+        return 0
+    results = run_compare(config, data, topo, out, resume=args.resume, progress=progress)
+    if topo.is_main:
+        table = results_markdown(config, results)
+        (out / "results.md").write_text(table)
+        (out / "results.json").write_text(
+            json.dumps([dataclasses.asdict(r) for r in results], indent=2) + "\n"
+        )
+        plot_curves(config, results, out)
+        print(table, end="")
+        print(
+            f"outputs: {out} (results.md, results.json, accuracy_vs_epoch.png, accuracy_vs_time.png, "
+            f"one folder per run)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _train_point(config: ExperimentConfig, args: argparse.Namespace) -> RunSpec:
+    method = args.method or config.methods[0]
+    lr = args.lr
+    if lr is None:
+        if method not in config.lr_grid:
+            raise ConfigError("lr", f"no --lr given and lr_grid has no entry for method {method!r}.")
+        lr = config.lr_grid[method][0]
+    batch = config.batch_sizes[0] if args.batch_size is None else args.batch_size
+    return RunSpec(config, method, batch, lr, config.seeds[0] if args.seed is None else args.seed)
+
+
+def _save_config(config: ExperimentConfig, out: Path, resume: bool) -> None:
+    """Write ``out/config.yaml``; on resume, refuse a config that differs from the saved one."""
+    path = out / CONFIG_FILE
+    current = dataclasses.asdict(config)
+    if resume and path.exists():
+        saved = dataclasses.asdict(build_config(yaml.safe_load(path.read_text())))
+        changed = sorted(k for k in current if current[k] != saved[k])
+        if changed:
+            raise RunDirError(
+                f"{path} was written with other values of {', '.join(changed)}; resume with the "
+                f"same config, or start a new --out."
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(current, sort_keys=False))

@@ -1,0 +1,142 @@
+"""The comparison's report: a markdown table (``results.md``) and accuracy curves (PNG, matplotlib Agg)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .compare import MethodResult
+from .config import ExperimentConfig
+
+__all__ = ["results_markdown", "plot_curves"]
+
+DASH = "–"
+
+
+def _spread(values: Sequence[float], fmt: Callable[[float], str]) -> str:
+    """``mean (min–max)``; a single value, or identical ones, alone."""
+    if len(values) == 1 or min(values) == max(values):
+        return fmt(values[0])
+    return f"{fmt(statistics.mean(values))} ({fmt(min(values))}{DASH}{fmt(max(values))})"
+
+
+def _to_target(runs: List[Dict], key: str, fmt: Callable[[float], str]) -> str:
+    reached = [r[key] for r in runs if r[key] is not None]
+    if not reached:
+        return DASH
+    text = _spread(reached, fmt)
+    return text if len(reached) == len(runs) else f"{text} [{len(reached)}/{len(runs)} seeds]"
+
+
+def _mean_seconds(result: MethodResult) -> Optional[float]:
+    """Mean training seconds to target when every seed reached it, else None."""
+    seconds = [r["train_seconds_to_target"] for r in result.runs]
+    return statistics.mean(seconds) if all(s is not None for s in seconds) else None
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _epochs(x: float) -> str:
+    return f"{x:g}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def results_markdown(config: ExperimentConfig, results: List[MethodResult]) -> str:
+    """The comparison table, then the lr search it was built from."""
+    n, first = len(config.seeds), config.seeds[0]
+    target = _pct(config.target_accuracy)
+    lines = [
+        f"# {config.dataset}, {config.model}: epochs and seconds to {target} % test accuracy",
+        "",
+        f"Each row is one method at its best base learning rate (picked from its grid on seed {first}: "
+        f"fewest epochs to the target, then best accuracy), run with {n} seed{'s' if n > 1 else ''} "
+        f"({', '.join(map(str, config.seeds))}). Values: mean (min{DASH}max) over the seeds. Seconds: "
+        f"training time only, evaluation excluded. {DASH}: target never reached; [k/{n} seeds]: only k "
+        f"seeds reached it, the mean is over those. Speed-up: SGD's mean seconds to target over the "
+        f"method's, at the same batch size (only when every seed of both reached the target). "
+        f"lr = base lr · batch / {config.base_batch}.",
+        "",
+        "| batch | method @ base lr (lr) | seeds | epochs to target | seconds to target | best test acc (%) "
+        "| speed-up vs SGD |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    sgd = {r.batch_size: _mean_seconds(r) for r in results if r.method == "sgd"}
+    for r in results:
+        lr = r.runs[0]["run"]["lr"]
+        mine, base = _mean_seconds(r), sgd.get(r.batch_size)
+        speedup = f"{base / mine:.2f}×" if mine and base else DASH
+        best = [s["best_accuracy"] for s in r.runs if s["best_accuracy"] is not None]
+        diverged = sum(s["diverged"] for s in r.runs)
+        lines.append(
+            f"| {r.batch_size} | {r.method} @ {r.best_lr:g} ({lr:.4g}) | {len(r.runs)} "
+            f"| {_to_target(r.runs, 'epochs_to_target', _epochs)} "
+            f"| {_to_target(r.runs, 'train_seconds_to_target', lambda x: f'{x:.1f}')} "
+            f"| {_spread(best, _pct) if best else DASH}{f' ({diverged} diverged)' if diverged else ''} "
+            f"| {speedup} |"
+        )
+    lines += [
+        "",
+        f"## Learning-rate search (seed {first})",
+        "",
+        "| batch | method | base lr | lr | epochs to target | seconds to target | best test acc (%) "
+        "| chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for s in r.grid:
+            run = s["run"]
+            epochs = s["epochs_to_target"]
+            seconds = s["train_seconds_to_target"]
+            lines.append(
+                f"| {r.batch_size} | {r.method} | {run['base_lr']:g} | {run['lr']:.4g} "
+                f"| {DASH if epochs is None else epochs} | {DASH if seconds is None else f'{seconds:.1f}'} "
+                f"| {_pct(s['best_accuracy'])}{' (diverged)' if s['diverged'] else ''} "
+                f"| {'✓' if run['base_lr'] == r.best_lr else ''} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(config: ExperimentConfig, results: List[MethodResult], out_dir: Path) -> List[Path]:
+    """Test accuracy vs epoch and vs training seconds: one panel per batch size, one line per method
+    (mean over its seeds, over the epochs every seed ran)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(dict.fromkeys(r.batch_size for r in results))
+    paths = []
+    for x_key, x_label, name in (
+        ("epoch", "epoch", "accuracy_vs_epoch.png"),
+        ("train_seconds_total", "training time (s)", "accuracy_vs_time.png"),
+    ):
+        fig, axes = plt.subplots(
+            1, len(batches), figsize=(4.5 * len(batches), 3.6), squeeze=False, sharey=True
+        )
+        for ax, batch in zip(axes[0], batches):
+            for r in (r for r in results if r.batch_size == batch):
+                curves = [s["curve"] for s in r.runs]
+                length = min(len(c["test_accuracy"]) for c in curves)
+                if length == 0:
+                    continue
+                acc = [statistics.mean(c["test_accuracy"][i] for c in curves) for i in range(length)]
+                x = (
+                    list(range(1, length + 1))
+                    if x_key == "epoch"
+                    else [statistics.mean(c["train_seconds_total"][i] for c in curves) for i in range(length)]
+                )
+                ax.plot(x, acc, marker=".", label=f"{r.method} @ {r.best_lr:g}")
+            ax.axhline(config.target_accuracy, color="grey", linestyle="--", linewidth=0.8)
+            ax.set_title(f"batch {batch}")
+            ax.set_xlabel(x_label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        axes[0][0].set_ylabel(f"test accuracy (mean of {len(config.seeds)} seeds)")
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,260 @@
+"""The runner end to end on small slices: `train`, `compare`, outputs, bit-identical resume, run options."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fop_asdl.cli.protocol as protocol
+import fop_asdl.cli.train as train_module
+from fop_asdl.cli import main
+from fop_asdl.cli.config import load_config
+from fop_asdl.cli.distributed import Topology
+from fop_asdl.cli.protocol import RunSpec, build_gradient_maker
+from fop_asdl.models import SmallCNN
+
+# A slice of the packaged real Fashion-MNIST subset: 600 train / 200 test images.
+SLICE = ["subset_size=600", "test_size=200", "base_batch=100", "eval_batch_size=100"]
+TIMING = {"train_seconds", "train_seconds_total", "eval_seconds"}
+
+
+def _records(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
+
+
+def test_train_one_epoch_writes_records_summary_and_checkpoint(tmp_path: Path, capsys) -> None:
+    code = main(
+        [
+            "train",
+            "--method",
+            "fop",
+            "--batch-size",
+            "100",
+            "--lr",
+            "0.05",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            "--set",
+            *SLICE,
+            "epochs=1",
+            "target_accuracy=0.3",
+        ]
+    )
+    assert code == 0
+    run_dir = tmp_path / "b100" / "fop" / "lr0.05_seed0"
+    (record,) = _records(run_dir)
+    assert record["epoch"] == 1 and record["steps"] == 6 and record["lr"] == pytest.approx(0.05)
+    assert 0.0 < record["train_loss"] < 3.0 and 0.3 <= record["test_accuracy"] <= 1.0
+    assert record["train_seconds"] > 0 and record["eval_seconds"] > 0
+    for block in ("conv1", "conv2", "fc1", "fc2"):
+        beta, eta = record["fop_stats"][block]["beta"], record["fop_stats"][block]["eta"]
+        assert -0.5 <= beta["min"] <= beta["mean"] <= beta["max"] <= 0.5 and beta["steps"] == 6
+        assert 0.0 <= eta["min"] <= eta["mean"] <= eta["max"] <= 2.0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_to_target"] == 1 and summary["train_seconds_to_target"] == record["train_seconds"]
+    assert summary["seeds"] == {"model_init": 0, "data_order": 0, "augmentation": 1}
+    assert summary["run"]["update_interval"] == 10 and summary["config"]["subset_size"] == 600
+    assert set(torch.load(run_dir / "checkpoint.pt", weights_only=True)) >= {
+        "model",
+        "optimizer",
+        "scheduler",
+        "maker",
+        "batches",
+        "rng",
+        "history",
+    }
+    assert json.loads(capsys.readouterr().out)["best_accuracy"] == record["test_accuracy"]
+    # The same folder again without --resume is refused rather than overwritten.
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "fop",
+                "--batch-size",
+                "100",
+                "--lr",
+                "0.05",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+                "--set",
+                *SLICE,
+                "epochs=1",
+                "target_accuracy=0.3",
+            ]
+        )
+        == 2
+    )
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_compare_picks_lr_per_method_and_reports(tmp_path: Path, capsys) -> None:
+    code = main(
+        [
+            "compare",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            "--set",
+            *SLICE,
+            "epochs=2",
+            "batch_sizes=[100, 200]",
+            "methods=[sgd, fop]",
+            "lr_grid={sgd: [0.001, 0.1], fop: [0.05]}",
+            "seeds=[0, 1]",
+            "target_accuracy=0.5",
+        ]
+    )
+    assert code == 0
+    table = capsys.readouterr().out
+    assert table == (tmp_path / "results.md").read_text()
+    assert "| 100 | sgd @ 0.1 (0.1) | 2 |" in table and "| 200 | fop @ 0.05 (0.1) | 2 |" in table
+    assert "| 100 | sgd | 0.001 | 0.001 | – |" in table  # lr 0.001 never reaches 50 % in 2 epochs
+    assert (tmp_path / "b100" / "sgd" / "lr0.1_seed1" / "summary.json").exists()
+    assert not (tmp_path / "b100" / "sgd" / "lr0.001_seed1").exists()  # only the chosen lr runs other seeds
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["batch_size"], r["method"], r["best_lr"], len(r["runs"])) for r in results] == [
+        (100, "sgd", 0.1, 2),
+        (100, "fop", 0.05, 2),
+        (200, "sgd", 0.1, 2),
+        (200, "fop", 0.05, 2),
+    ]
+    for png in ("accuracy_vs_epoch.png", "accuracy_vs_time.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("method, schedule", [("fop", "cosine"), ("adamw", "plateau")])
+def test_resume_is_bit_identical(tmp_path: Path, monkeypatch, method: str, schedule: str) -> None:
+    """Interrupted after epoch 1 and resumed == uninterrupted: records, weights, optimizer and maker state.
+    Fake CIFAR images, so the augmentation generator's state is part of what must survive."""
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "cifar10.npz",
+        x_train=rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8),
+        y_train=np.arange(96) % 10,
+        x_test=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+        y_test=np.arange(40) % 10,
+    )
+    args = [
+        "train",
+        "--method",
+        method,
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.01",
+        "--no-progress",
+        "--data-dir",
+        str(tmp_path),
+        "--set",
+        "dataset=cifar10",
+        "epochs=3",
+        f"schedule={schedule}",
+        "plateau_patience=0",
+        "base_batch=32",
+        "update_interval=2",
+    ]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+
+    evaluate = train_module.evaluate
+    calls = []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # during epoch 2's evaluation: the checkpoint holds epoch 1
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(train_module, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--out", str(tmp_path / "split")])
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    assert main(args + ["--out", str(tmp_path / "split"), "--resume"]) == 0
+
+    name = f"b32/{method}/lr0.01_seed0"
+    whole, split = (_records(tmp_path / d / name) for d in ("whole", "split"))
+    assert len(whole) == len(split) == 3
+    for a, b in zip(whole, split):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {
+            k: v for k, v in b.items() if k not in TIMING
+        }
+    states = [
+        torch.load(tmp_path / d / name / "checkpoint.pt", weights_only=True) for d in ("whole", "split")
+    ]
+    _assert_equal_nested(states[0]["model"], states[1]["model"])
+    _assert_equal_nested(states[0]["optimizer"], states[1]["optimizer"])
+    _assert_equal_nested(states[0]["maker"], states[1]["maker"])
+    _assert_equal_nested(states[0]["batches"], states[1]["batches"])
+    assert states[0]["scheduler"] == states[1]["scheduler"]
+
+
+def _assert_equal_nested(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_equal_nested(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_equal_nested(x, y)
+    else:
+        assert a == b
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path, capsys) -> None:
+    args = [
+        "train",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+        "--set",
+        *SLICE,
+        "epochs=1",
+        "batch_sizes=[200]",
+    ]
+    assert main(args) == 0
+    assert main(args + ["--resume", "--set", "damping=0.5"]) == 2
+    assert "damping" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0  # unchanged: the finished run is reused
+
+
+def test_micro_batch_size_is_passed_only_when_set_and_useful(monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(
+        protocol, "make_gradient_maker", lambda name, model, config, **kw: seen.append((name, kw))
+    )
+    model = SmallCNN()
+    for override, batch in (([], 1024), (["micro_batch_size=256"], 1024), (["micro_batch_size=256"], 256)):
+        config = load_config(overrides=override + ["batch_sizes=[1024]"])
+        for method in ("adamw", "fop"):
+            build_gradient_maker(RunSpec(config, method, batch, 0.1, 0), model, local_batch=batch)
+    assert seen == [
+        ("sgd", {}),
+        ("fop", {}),
+        ("sgd", {"micro_batch_size": 256}),
+        ("fop", {"micro_batch_size": 256}),
+        ("sgd", {}),
+        ("fop", {}),
+    ]
+
+
+def test_each_rank_takes_a_contiguous_slice_of_every_global_batch() -> None:
+    from fop_asdl.cli.batches import EpochBatches, load_data
+
+    config = load_config(overrides=SLICE)
+    data = load_data(config, torch.device("cpu"))
+    whole = list(EpochBatches(data, config, 200, 3, Topology(0, 1, torch.device("cpu"))).epoch())
+    parts = [
+        list(EpochBatches(data, config, 200, 3, Topology(r, 4, torch.device("cpu"))).epoch())
+        for r in range(4)
+    ]
+    for step, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([p[step][0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[step][1] for p in parts]), y)
+    assert len(whole) == 3 and all(len(p[0][1]) == 50 for p in parts)
