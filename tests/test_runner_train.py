@@ -258,3 +258,21 @@ def test_each_rank_takes_a_contiguous_slice_of_every_global_batch() -> None:
         assert torch.equal(torch.cat([p[step][0] for p in parts]), x)
         assert torch.equal(torch.cat([p[step][1] for p in parts]), y)
     assert len(whole) == 3 and all(len(p[0][1]) == 50 for p in parts)
+
+
+def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path: Path) -> None:
+    """Two CPU ranks (gloo): the sharded maker's state is gathered on every rank, rank 0 alone writes."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fop_asdl", "train", "--no-progress", "--method", "fop", "--out", str(tmp_path),
+           "--set", *SLICE, "epochs=2", "batch_sizes=[100]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra in ([], ["--resume"]):  # the resume finds the finished run and loads it on both ranks
+        done = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count('"best_accuracy"') == 1  # printed by rank 0 only
+    records = _records(tmp_path / "b100" / "fop" / "lr0.02_seed0")
+    assert [r["epoch"] for r in records] == [1, 2] and all(r["steps"] == 6 for r in records)

@@ -246,9 +246,10 @@ def train_run(
         while not trainer.done():
             record = trainer.run_epoch(lambda: bar.update(1))
             bar.set_postfix(acc=f"{record['test_accuracy']:.3f}")
+            state = trainer.state_dict()  # on every rank: a sharded maker gathers its curvature collectively
             if topo.is_main:
                 _write_lines(run_dir / EPOCHS, [record], append=True)
-                save_checkpoint(checkpoint, trainer.state_dict())
+                save_checkpoint(checkpoint, state)
     summary = trainer.summary()
     if topo.is_main:
         (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
