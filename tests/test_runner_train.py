@@ -25,24 +25,9 @@ def _records(run_dir: Path) -> list:
 
 
 def test_train_one_epoch_writes_records_summary_and_checkpoint(tmp_path: Path, capsys) -> None:
-    code = main(
-        [
-            "train",
-            "--method",
-            "fop",
-            "--batch-size",
-            "100",
-            "--lr",
-            "0.05",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-            "--set",
-            *SLICE,
-            "epochs=1",
-            "target_accuracy=0.3",
-        ]
-    )
+    one_epoch = ["train", "--method", "fop", "--batch-size", "100", "--lr", "0.05", "--no-progress",
+                 "--out", str(tmp_path), "--set", *SLICE, "epochs=1", "target_accuracy=0.3"]
+    code = main(one_epoch)
     assert code == 0
     run_dir = tmp_path / "b100" / "fop" / "lr0.05_seed0"
     (record,) = _records(run_dir)
@@ -68,27 +53,7 @@ def test_train_one_epoch_writes_records_summary_and_checkpoint(tmp_path: Path, c
     }
     assert json.loads(capsys.readouterr().out)["best_accuracy"] == record["test_accuracy"]
     # The same folder again without --resume is refused rather than overwritten.
-    assert (
-        main(
-            [
-                "train",
-                "--method",
-                "fop",
-                "--batch-size",
-                "100",
-                "--lr",
-                "0.05",
-                "--no-progress",
-                "--out",
-                str(tmp_path),
-                "--set",
-                *SLICE,
-                "epochs=1",
-                "target_accuracy=0.3",
-            ]
-        )
-        == 2
-    )
+    assert main(one_epoch) == 2
     assert "--resume" in capsys.readouterr().err
 
 
