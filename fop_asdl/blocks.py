@@ -8,13 +8,13 @@ per unit.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from asdl.symmatrix import SymMatrix
 from torch import Tensor
 
-__all__ = ["BlockVector", "apply_inverse", "apply_metric", "gram"]
+__all__ = ["BlockVector", "apply_inverse", "apply_metric", "gram", "matrix_tensors"]
 
 BlockVector = Tuple[Tensor, Optional[Tensor]]
 
@@ -78,4 +78,14 @@ def gram(x: BlockVector, y: BlockVector) -> Tensor:
     out = x[0].reshape(kx, -1) @ y[0].reshape(ky, -1).T
     if x[1] is not None:
         out = out + x[1].reshape(kx, -1) @ y[1].reshape(ky, -1).T
+    return out
+
+
+def matrix_tensors(matrix: SymMatrix) -> List[Tensor]:
+    """The stored curvature of a block (Kronecker factors, unit-wise 2×2 blocks), not its inverses."""
+    out = []
+    if matrix.has_kron:
+        out += [t for t in (matrix.kron.A, matrix.kron.B) if t is not None]
+    if matrix.has_unit and matrix.unit.data is not None:
+        out.append(matrix.unit.data)
     return out

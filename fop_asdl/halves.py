@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BlockSum", "HalfGradientCapture", "first_half_size", "supports_half_gradients"]
+__all__ = ["BlockSum", "HalfGradientCapture", "add_sums", "first_half_size", "supports_half_gradients"]
 
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 
@@ -190,10 +190,11 @@ class HalfGradientCapture:
         new = [next(sums) if 0 < split else None, next(sums) if split < size else None]
         previous = self.sums.get(module)
         # Chunks of a micro-batched step, and modules called more than once (shared weights), add up.
-        self.sums[module] = new if previous is None else [_add(a, b) for a, b in zip(previous, new)]
+        self.sums[module] = new if previous is None else [add_sums(a, b) for a, b in zip(previous, new)]
 
 
-def _add(a: Optional[BlockSum], b: Optional[BlockSum]) -> Optional[BlockSum]:
+def add_sums(a: Optional[BlockSum], b: Optional[BlockSum]) -> Optional[BlockSum]:
+    """a + b for (weight, bias) sums, where None stands for no samples (zero)."""
     if a is None or b is None:
         return b if a is None else a
     return a[0] + b[0], None if a[1] is None else a[1] + b[1]

@@ -12,11 +12,11 @@ from asdl.matrices import FISHER_MC
 from asdl.utils import has_reduction
 from torch import Tensor, nn
 
-from .blocks import BlockVector, apply_inverse, apply_metric, gram
+from .blocks import BlockVector, apply_inverse, apply_metric, gram, matrix_tensors
 from .chunks import chunk_bounds, concat_outputs, detached, sliced_calls, validate_micro_batch_size
 from .compat import (_INVALID, KfacGradientMaker, batch_size_of, full_precision, kept_requires_grad,
                      kron_damping, rebuild_inverse, reject_ddp)
-from .halves import HalfGradientCapture, supports_half_gradients
+from .halves import HalfGradientCapture, add_sums, supports_half_gradients
 from .projection import FOPOptions, average_and_difference, fop_coefficients
 from .sync import HalfSums, make_sync
 
@@ -196,7 +196,9 @@ class FOPGradientMaker(KfacGradientMaker):
             # the scale squared.
             scale_squared = self._scaled(torch.ones((), device=self.device)) ** 2
             for matrix in curvature.values():
-                for tensor in ([matrix.kron.B] if matrix.has_kron else []) + ([matrix.unit.data] if matrix.has_unit else []):
+                output_side = [matrix.kron.B] if matrix.has_kron else []
+                output_side += [matrix.unit.data] if matrix.has_unit else []
+                for tensor in output_side:
                     tensor.div_(scale_squared)
         names = {m: name for name, m in self.named_modules_for_curvature}
         sums = {names[m]: tuple(halves) for m, halves in capture.sums.items()}
@@ -288,7 +290,7 @@ class FOPGradientMaker(KfacGradientMaker):
             name, (sum1, sum2) = sums.popitem()
             sum1, sum2 = (_flat(s, shapes[name]) for s in (sum1, sum2))
             if not self.two_gradients:
-                total = sum1 if sum2 is None else _add_vectors(sum1, sum2)
+                total = add_sums(sum1, sum2)
                 out[name] = (_divided(total, n1 + n2), None)
                 continue
             w_avg, w_diff = average_and_difference(sum1[0], sum2[0], n1, n2)
@@ -303,7 +305,7 @@ class FOPGradientMaker(KfacGradientMaker):
             return
         data_size = n if self.config.data_size == _INVALID else self.config.data_size
         for matrix in curvature.values():
-            for tensor in _matrix_tensors(matrix):
+            for tensor in matrix_tensors(matrix):
                 tensor.div_(data_size)
 
     def _check_finite(self, gradients, others: Sequence[nn.Parameter], new_curvature, loss_sum) -> bool:
@@ -316,7 +318,7 @@ class FOPGradientMaker(KfacGradientMaker):
             groups[1] += [t for t in g_avg if t is not None]
         groups[1] += [p.grad for p in others if p.grad is not None]
         for matrix in new_curvature.values():
-            groups[2] += _matrix_tensors(matrix)
+            groups[2] += matrix_tensors(matrix)
         finite = [torch.stack([torch.isfinite(t.sum()) for t in group]).all() if group
                   else torch.ones((), dtype=torch.bool, device=loss_sum.device) for group in groups]
         bad = self._sync.any_bad((~torch.stack(finite)).to(torch.int32))
@@ -347,7 +349,6 @@ class FOPGradientMaker(KfacGradientMaker):
         """Steps 2-8 for every owned block, then every block's result into ``p.grad`` on every process.
         ``gradients`` is consumed block by block to keep memory flat."""
         attr = self._fisher_attr
-        modules = dict(self.named_modules_for_curvature)
         damped = self.options.projection_metric == "damped"
         results: Dict[str, Tuple[BlockVector, Optional[Tensor]]] = {}
         names, inverse_products, scalars = [], [], []
@@ -501,10 +502,6 @@ def _flat(vec: Optional[BlockVector], shape: Tuple[torch.Size, Optional[torch.Si
     return None if vec is None else (vec[0].reshape(shape[0]), vec[1])
 
 
-def _add_vectors(a: BlockVector, b: BlockVector) -> BlockVector:
-    return a[0] + b[0], None if a[1] is None else a[1] + b[1]
-
-
 def _divided(vec: BlockVector, n) -> BlockVector:
     return vec[0] / n, None if vec[1] is None else vec[1] / n
 
@@ -521,15 +518,6 @@ def _write(module: nn.Module, vec: BlockVector) -> None:
     module.weight.grad = weight.reshape(module.weight.shape).contiguous()
     if bias is not None:
         module.bias.grad = bias.reshape(module.bias.shape).contiguous()
-
-
-def _matrix_tensors(matrix) -> List[Tensor]:
-    out = []
-    if matrix.has_kron:
-        out += [t for t in (matrix.kron.A, matrix.kron.B) if t is not None]
-    if matrix.has_unit and matrix.unit.data is not None:
-        out.append(matrix.unit.data)
-    return out
 
 
 def _user_ignores(name: str, module: nn.Module, ignore_modules: Optional[Sequence[Any]]) -> bool:

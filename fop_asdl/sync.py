@@ -8,7 +8,7 @@ the owners' results. In one process every block is owned here and nothing moves.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from asdl.symmatrix import SymMatrix

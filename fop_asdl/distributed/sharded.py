@@ -14,7 +14,8 @@ import torch
 from asdl.symmatrix import SymMatrix
 from torch import Tensor, nn
 
-from ..halves import first_half_size
+from ..blocks import matrix_tensors
+from ..halves import add_sums, first_half_size
 from ..sync import HalfSums, LocalSync, Vector
 from .assignment import assign_owners, block_cost
 from .comm import Communicator
@@ -97,7 +98,7 @@ class ShardedSync(LocalSync):
                 continue
             parts: List[Tensor] = []
             for name in names:
-                pieces = sums[name] if self.two_gradients else (_total(sums[name]),)
+                pieces = sums[name] if self.two_gradients else (add_sums(*sums[name]),)
                 parts += [_flat_or_zeros(piece, shapes[name], dtype, device) for piece in pieces]
             buffer = torch.cat(parts)
             del parts
@@ -118,7 +119,7 @@ class ShardedSync(LocalSync):
         its ranks' shares into one member (the owner in its own group, the owner's neighbour in the other),
         and the neighbour hands its group's sum to the owner."""
         parity = self.rank % 2
-        own = torch.cat([_flat_or_zeros(_total(sums[name]), shapes[name], self._dtype, self.comm.device)
+        own = torch.cat([_flat_or_zeros(add_sums(*sums[name]), shapes[name], self._dtype, self.comm.device)
                          for name in names])
         neighbour = owner + 1 if owner % 2 == 0 else owner - 1
         even_dst, odd_dst = (owner, neighbour) if owner % 2 == 0 else (neighbour, owner)
@@ -142,7 +143,7 @@ class ShardedSync(LocalSync):
             names = [name for name in self._owned_by(owner) if name in curvature]
             if not names:
                 continue
-            tensors = [t for name in names for t in _curvature_tensors(curvature[name])]
+            tensors = [t for name in names for t in matrix_tensors(curvature[name])]
             buffer = torch.cat([t.reshape(-1) for t in tensors])
             self.comm.reduce(buffer, dst=owner)
             if owner == self.rank:
@@ -210,13 +211,6 @@ def _shapes_of(halves: HalfSums) -> Shapes:
     return piece[0].shape, None if piece[1] is None else piece[1].shape
 
 
-def _total(halves: HalfSums) -> Optional[Vector]:
-    a, b = halves
-    if a is None or b is None:
-        return b if a is None else a
-    return a[0] + b[0], None if a[1] is None else a[1] + b[1]
-
-
 def _numel(shapes: Shapes) -> int:
     return shapes[0].numel() + (0 if shapes[1] is None else shapes[1].numel())
 
@@ -239,11 +233,3 @@ def _unflatten(buffer: Tensor, offset: int, shapes: Shapes) -> Tuple[Vector, int
         offset += bias_shape.numel()
     return (weight, bias), offset
 
-
-def _curvature_tensors(matrix: SymMatrix) -> List[Tensor]:
-    out = []
-    if matrix.has_kron:
-        out += [matrix.kron.A, matrix.kron.B]
-    if matrix.has_unit:
-        out.append(matrix.unit.data)
-    return out
