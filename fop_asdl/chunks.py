@@ -12,7 +12,8 @@ from typing import Any, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["chunk_bounds", "sliced_calls", "concat_outputs", "detached", "validate_micro_batch_size"]
+__all__ = ["chunk_bounds", "sliced_calls", "summed_loss_backward", "concat_outputs", "detached",
+           "validate_micro_batch_size"]
 
 
 def validate_micro_batch_size(micro_batch_size: Optional[int]) -> Optional[int]:
@@ -51,6 +52,19 @@ def sliced_calls(maker: Any, start: int, end: int, batch_size: int) -> Iterator[
         yield
     finally:
         maker._model_args, maker._model_kwargs, maker._loss_fn_args, maker._loss_fn_kwargs = saved
+
+
+def summed_loss_backward(maker: Any, grad_scaler: Optional[torch.amp.GradScaler] = None) -> None:
+    """``maker``'s model and loss calls with the loss summed over the samples, then its backward pass
+    (from the scaled loss with a ``grad_scaler``): sums of chunks and ranks add up, divided by the count
+    at the end. ``maker.loss`` stays the unscaled sum."""
+    maker._loss_reduction = "sum"
+    try:
+        maker.forward()
+    finally:
+        maker._loss_reduction = None
+    loss = maker._loss
+    (loss if grad_scaler is None else grad_scaler.scale(loss)).backward()
 
 
 def detached(output: Any) -> Any:

@@ -13,7 +13,8 @@ from asdl.utils import has_reduction
 from torch import Tensor, nn
 
 from .blocks import BlockVector, apply_inverse, apply_metric, gram, matrix_tensors
-from .chunks import chunk_bounds, concat_outputs, detached, sliced_calls, validate_micro_batch_size
+from .chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward,
+                     validate_micro_batch_size)
 from .compat import (_INVALID, KfacGradientMaker, batch_size_of, full_precision, kept_requires_grad,
                      kron_damping, rebuild_inverse, reject_ddp)
 from .halves import HalfGradientCapture, add_sums, supports_half_gradients
@@ -185,7 +186,7 @@ class FOPGradientMaker(KfacGradientMaker):
                     if update_curvature:
                         self._curvature_chunk(capture, first=index == 0)
                     else:
-                        self._loss_chunk()
+                        summed_loss_backward(self, self.grad_scaler)
                 loss = self._loss.detach()
                 loss_sum = loss if loss_sum is None else loss_sum + loss
                 # A chunk's output must not keep its graph (and the block inputs the hooks hold) alive while
@@ -203,15 +204,6 @@ class FOPGradientMaker(KfacGradientMaker):
         names = {m: name for name, m in self.named_modules_for_curvature}
         sums = {names[m]: tuple(halves) for m, halves in capture.sums.items()}
         return sums, (split, batch_size - split), loss_sum, concat_outputs(outputs), curvature
-
-    def _loss_chunk(self) -> None:
-        """The user's loss on one chunk, summed over its samples, and its backward pass."""
-        self._loss_reduction = "sum"
-        try:
-            self.forward()
-        finally:
-            self._loss_reduction = None
-        self._scaled(self._loss).backward()
 
     def _scaled(self, loss: Tensor) -> Tensor:
         """The loss the backward pass starts from: times the grad_scaler's scale when there is one."""

@@ -9,7 +9,8 @@ import asdl
 import torch
 from torch import Tensor, nn
 
-from .chunks import chunk_bounds, concat_outputs, detached, sliced_calls, validate_micro_batch_size
+from .chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward,
+                     validate_micro_batch_size)
 from .compat import batch_size_of, reject_ddp
 from .sync import make_sync
 
@@ -42,13 +43,7 @@ class PlainGradientMaker(asdl.GradientMaker):
             outputs: List[Any] = []
             for start, end in chunk_bounds(batch_size, self.micro_batch_size):
                 with sliced_calls(self, start, end, batch_size):
-                    self._loss_reduction = "sum"  # chunks (and ranks) add up; divided by the count below
-                    try:
-                        self.forward()
-                    finally:
-                        self._loss_reduction = None
-                    loss = self._loss if self.grad_scaler is None else self.grad_scaler.scale(self._loss)
-                    loss.backward()
+                    summed_loss_backward(self, self.grad_scaler)
                 loss = self._loss.detach()
                 loss_sum = loss if loss_sum is None else loss_sum + loss
                 # A chunk's output must not keep its graph (and the block inputs the hooks hold) alive while
