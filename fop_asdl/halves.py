@@ -137,6 +137,12 @@ class HalfGradientCapture:
         self._handles.clear()
         self._thaw()
 
+    def take_sums(self) -> Dict[nn.Module, List[Optional[BlockSum]]]:
+        """The sums, handed over: the graph's hooks keep this capture alive as long as the model output
+        lives, and must not keep the sums alive with it."""
+        sums, self.sums = self.sums, {}
+        return sums
+
     def _thaw(self) -> None:
         for param in self._frozen:
             param.requires_grad_(True)
@@ -166,18 +172,23 @@ class HalfGradientCapture:
             # have autograd compute an input gradient that nothing uses.
             output = _JoinGraph.apply(output, output.new_zeros((), requires_grad=True))
         x = args[0].detach()  # shares the version counter: in-place changes stay visible
-        split = self.split
+        # The hook holds the input in a box that it empties once it has used it: autograd frees each saved
+        # input as soon as its node has run, and the capture must not keep every block's input alive
+        # until the whole graph is freed at the end of the step.
+        box, split = [x], self.split
         output.register_hook(
-            lambda grad, m=module, x=x, v=x._version, k=split: self._on_output_grad(m, x, v, k, grad))
+            lambda grad, m=module, v=x._version, k=split: self._on_output_grad(m, box, v, k, grad))
         return output
 
-    def _on_output_grad(self, module: nn.Module, x: Tensor, version: int, split: int, grad_out: Tensor) -> None:
+    def _on_output_grad(self, module: nn.Module, box: List[Tensor], version: int, split: int,
+                        grad_out: Tensor) -> None:
+        if not self.active or not box:  # a Fisher pass (not the loss gradient), or the input was used
+            return
+        x = box.pop()
         if x._version != version:  # autograd no longer saves x for this layer, so it cannot check this
             raise RuntimeError(f"fop_asdl: the input of a {module.__class__.__name__} block was modified in "
                                f"place after the layer used it; FOP needs it intact for the layer's gradient. "
                                f"Make that operation out of place (e.g. relu without inplace=True).")
-        if not self.active:
-            return
         size = x.shape[0]
         halves = [rows for rows in (slice(0, split), slice(split, size)) if rows.stop > rows.start]
         dtype = module.weight.dtype  # under autocast x and grad_out are bf16/fp16; the sums are not

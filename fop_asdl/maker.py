@@ -202,7 +202,7 @@ class FOPGradientMaker(KfacGradientMaker):
                 for tensor in output_side:
                     tensor.div_(scale_squared)
         names = {m: name for name, m in self.named_modules_for_curvature}
-        sums = {names[m]: tuple(halves) for m, halves in capture.sums.items()}
+        sums = {names[m]: tuple(halves) for m, halves in capture.take_sums().items()}
         return sums, (split, batch_size - split), loss_sum, concat_outputs(outputs), curvature
 
     def _scaled(self, loss: Tensor) -> Tensor:
