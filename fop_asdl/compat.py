@@ -18,7 +18,7 @@ import torch
 from asdl.symmatrix import Kron, SymMatrix, UnitWise
 from torch import nn
 
-__all__ = ["KfacGradientMaker", "robust_update_inv", "rebuild_inverse", "kron_damping", "batch_size_of",
+__all__ = ["KfacGradientMaker", "robust_update_inv", "kron_damping", "batch_size_of",
            "full_precision"]
 
 _INVALID = -1  # ASDL's marker for "not set" (data_size, ema_decay)
@@ -167,10 +167,29 @@ def _inverse_is_usable(matrix: SymMatrix, damping: float) -> bool:
     return bool(torch.stack(checks).all())
 
 
-def robust_update_inv(matrix: SymMatrix, damping: float, name: str, warned: set) -> None:
-    """``matrix.update_inv(damping)`` with an eigenvalue-floor fallback, warning once per block."""
+@contextlib.contextmanager
+def _diagonals_kept(matrix: SymMatrix):
+    """ASDL inverts by adding the damping to a factor's diagonal in place and subtracting it again, which
+    moves the diagonal's last bits. The diagonals are put back exactly (an O(n) copy), so the curvature
+    after an inversion is bit for bit the one before, and an inverse rebuilt from it is the same."""
+    tensors = [t for t in ((matrix.kron.A, matrix.kron.B) if matrix.has_kron else ()) if t is not None
+               and t.ndim == 2 and t.shape[0] == t.shape[1]]
+    diagonals = [t.diagonal() for t in tensors] + ([matrix.unit.data.diagonal(dim1=1, dim2=2)]
+                                                   if matrix.has_unit else [])
+    saved = [d.clone() for d in diagonals]
     try:
-        matrix.update_inv(damping)
+        yield
+    finally:
+        for diagonal, original in zip(diagonals, saved):
+            diagonal.copy_(original)
+
+
+def robust_update_inv(matrix: SymMatrix, damping: float, name: str, warned: set) -> None:
+    """``matrix.update_inv(damping)`` with an eigenvalue-floor fallback, warning once per block. The
+    factors come out bit-identical (:func:`_diagonals_kept`)."""
+    try:
+        with _diagonals_kept(matrix):
+            matrix.update_inv(damping)
         if _inverse_is_usable(matrix, damping):
             return
     except torch.linalg.LinAlgError:
@@ -186,22 +205,6 @@ def robust_update_inv(matrix: SymMatrix, damping: float, name: str, warned: set)
         kron.B_inv = _floored_inverse(_gram(kron.B), damping_b)
     if matrix.has_unit:
         matrix.unit.inv = _floored_inverse(matrix.unit.data, damping)
-
-
-def rebuild_inverse(matrix: SymMatrix, damping: float, name: str, warned: set) -> None:
-    """The inverses of ``matrix`` recomputed without touching its factors.
-
-    ASDL adds and subtracts the damping on the factor's diagonal in place, which moves its last bits;
-    a rollback must leave the curvature exactly as it was, so the inversion runs on copies.
-    """
-    scratch = SymMatrix(
-        kron=Kron(matrix.kron.A.clone(), matrix.kron.B.clone()) if matrix.has_kron else None,
-        unit=UnitWise(matrix.unit.data.clone()) if matrix.has_unit else None)
-    robust_update_inv(scratch, damping, name, warned)
-    if matrix.has_kron:
-        matrix.kron.A_inv, matrix.kron.B_inv = scratch.kron.A_inv, scratch.kron.B_inv
-    if matrix.has_unit:
-        matrix.unit.inv = scratch.unit.inv
 
 
 # --- Fix 4: state_dict ----------------------------------------------------------------------------

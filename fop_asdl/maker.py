@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import asdl
 import torch
@@ -16,7 +16,7 @@ from .blocks import BlockVector, apply_inverse, apply_metric, gram, matrix_tenso
 from .chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward,
                      validate_micro_batch_size)
 from .compat import (_INVALID, KfacGradientMaker, batch_size_of, full_precision, kept_requires_grad,
-                     kron_damping, rebuild_inverse, reject_ddp)
+                     kron_damping, reject_ddp, robust_update_inv)
 from .halves import HalfGradientCapture, add_sums, supports_half_gradients
 from .projection import FOPOptions, average_and_difference, fop_coefficients
 from .sync import HalfSums, make_sync
@@ -24,6 +24,8 @@ from .sync import HalfSums, make_sync
 __all__ = ["FOPGradientMaker", "ScalableKfacGradientMaker"]
 
 STAT_KEYS = ("s", "beta", "eta", "A", "D", "E", "kl_base", "kl_cross", "kl_orth")
+#: K-FAC's only per-block stat: its step's squared F̃-norm g_avgᵀ F̃⁻¹ g_avg (FOP's kl_base with β = 0, η = 1).
+KFAC_STAT_KEYS = ("kl_base",)
 
 
 class FOPGradientMaker(KfacGradientMaker):
@@ -53,6 +55,14 @@ class FOPGradientMaker(KfacGradientMaker):
             scaled loss, so ``p.grad`` holds scaled results for ``scaler.step(optimizer)`` to unscale. A step
             with NaN/Inf then does not raise: it commits nothing, fills the blocks' ``p.grad`` with NaN so that
             ``scaler.step`` skips it, and sets ``last_step_skipped``.
+        kl_clip: trust-region bound κ on the step (Ba, Grosse and Martens 2017): all preconditioned block
+            gradients Δ_l are scaled together by ν = min(1, sqrt(κ / (lr² Σ_l ‖Δ_l‖²_F̃))), so the step the
+            optimizer takes has a squared F̃-norm of at most κ. ‖Δ_l‖²_F̃ is the sum of FOP's KL terms
+            (eqs. 19-22), free from the scalars FOP already forms; for K-FAC it is g_avgᵀ F̃⁻¹ g_avg. None: off.
+        lr: the optimizer's learning rate, a float or a zero-argument callable returning the current one
+            (e.g. ``lambda: optimizer.param_groups[0]["lr"]``, so a scheduler is followed); needed by kl_clip.
+
+    After each step with ``kl_clip``, ``last_nu`` holds ν as a 0-d device tensor (every rank applies the same).
 
     Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its
     inverses, the per-sub-batch gradients and the FOP scalars are computed in the parameters' precision.
@@ -74,7 +84,10 @@ class FOPGradientMaker(KfacGradientMaker):
                  eta: Optional[str] = "adaptive", eta_range: Tuple[float, float] = (0.0, 2.0),
                  projection_metric: str = "undamped", eps: float = 1e-12,
                  micro_batch_size: Optional[int] = None, sub_batches: str = "auto",
-                 grad_scaler: Optional[torch.amp.GradScaler] = None):
+                 grad_scaler: Optional[torch.amp.GradScaler] = None, kl_clip: Optional[float] = None,
+                 lr: Union[float, Callable[[], float], None] = None):
+        self.kl_clip, self._lr = _validate_kl_clip(kl_clip, lr)
+        self.last_nu: Optional[Tensor] = None
         self.options = FOPOptions(beta=beta, beta_range=tuple(beta_range), eta=eta,
                                   eta_range=tuple(eta_range), projection_metric=projection_metric, eps=eps)
         self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
@@ -352,8 +365,10 @@ class FOPGradientMaker(KfacGradientMaker):
             if not _has_inverse(matrix):  # no curvature yet for this block: plain gradient, as K-FAC does
                 results[name] = (g_avg, None)
                 continue
-            if g_diff is None:  # K-FAC: F̃⁻¹ g_avg
-                results[name] = (_index(apply_inverse(matrix, _scaled(_stack(g_avg), self.grad_scale)), 0), None)
+            if g_diff is None:  # K-FAC: F̃⁻¹ g_avg, and its squared F̃-norm g_avgᵀ F̃⁻¹ g_avg
+                vector = _scaled(_stack(g_avg), self.grad_scale)
+                inverse = apply_inverse(matrix, vector)
+                results[name] = (_index(inverse, 0), gram(vector, inverse).reshape(1))
                 continue
             both = _scaled(_stack(g_avg, g_diff), self.grad_scale)  # [g_avg, g_diff]
             del g_avg, g_diff
@@ -380,14 +395,36 @@ class FOPGradientMaker(KfacGradientMaker):
                 bias = None if inv_b is None else torch.addcmul(inv_b[0] * w_avg[i], inv_b[1], w_diff[i])
                 results[name] = ((weight, bias), stats[i])
         results = self._sync.share(results, self._block_shapes())
-        self.last_stats = {}
+        keys = STAT_KEYS if self.two_gradients else KFAC_STAT_KEYS
+        self.last_stats = {name: dict(zip(keys, results[name][1].unbind()))
+                           for name, _ in self.named_modules_for_curvature
+                           if name in results and results[name][1] is not None}
+        nu = self._kl_clip_factor(keys) if self.kl_clip is not None else None
         for name, module in self.named_modules_for_curvature:
             if name not in results:
                 continue
             vector, block_stats = results[name]
+            if nu is not None and block_stats is not None:
+                # NaN stats: the owner had no curvature and wrote the plain gradient, which ν does not scale
+                factor = torch.where(torch.isnan(block_stats[-1]), torch.ones_like(nu), nu)
+                vector = (vector[0] * factor, None if vector[1] is None else vector[1] * factor)
             _write(module, vector)
-            if block_stats is not None:
-                self.last_stats[name] = dict(zip(STAT_KEYS, block_stats.unbind()))
+
+    def _kl_clip_factor(self, keys: Sequence[str]) -> Tensor:
+        """ν = min(1, sqrt(κ / (lr² Σ_l ‖Δ_l‖²_F̃))) over the preconditioned blocks, from their KL stats, which
+        every rank holds after ``share``: the same sum in the same order, so the same ν everywhere. Blocks
+        whose owner had no curvature yet carry NaN stats on the other ranks and are left out (nansum)."""
+        kl = [stats[key] for stats in self.last_stats.values() for key in keys if key.startswith("kl_")]
+        if not kl:
+            self.last_nu = None
+            return None
+        norm = torch.stack(kl).nansum()
+        if self.grad_scaler is not None:  # p.grad holds the scaled step; the optimizer takes the unscaled one
+            norm = norm / self.grad_scaler._get_scale_async().to(norm.dtype) ** 2
+        lr = float(self._lr() if callable(self._lr) else self._lr)
+        bound = torch.sqrt(self.kl_clip / (lr * lr * norm).clamp_min(torch.finfo(norm.dtype).tiny))
+        self.last_nu = bound.clamp(max=1.0)
+        return self.last_nu
 
     def _block_shapes(self) -> Dict[str, Tuple[torch.Size, Optional[torch.Size]]]:
         """(weight, bias) shapes of each block's vectors as the FOP math sees them (Conv2d flattened)."""
@@ -428,9 +465,9 @@ class FOPGradientMaker(KfacGradientMaker):
 
     def _rebuild_inverses(self, names: List[str]) -> None:
         modules = dict(self.named_modules_for_curvature)
-        for name in names:
-            rebuild_inverse(getattr(modules[name], self._fisher_attr), self.config.damping, name,
-                            self._fallback_warned)
+        for name in names:  # bit-identical to the dropped ones: the factors are (see compat._diagonals_kept)
+            robust_update_inv(getattr(modules[name], self._fisher_attr), self.config.damping, name,
+                              self._fallback_warned)
 
     @property
     def assignment(self) -> Dict[str, int]:
@@ -466,6 +503,20 @@ class ScalableKfacGradientMaker(FOPGradientMaker):
         if foreign:
             raise TypeError(f"K-FAC takes no FOP options, got {sorted(foreign)}.")
         super().__init__(model, config, beta=0.0, eta=None, **kwargs)
+
+
+def _validate_kl_clip(kl_clip: Optional[float], lr: Union[float, Callable[[], float], None]
+                      ) -> Tuple[Optional[float], Union[float, Callable[[], float], None]]:
+    if kl_clip is None:
+        return None, lr
+    if isinstance(kl_clip, bool) or not isinstance(kl_clip, (int, float)) or not kl_clip > 0:
+        raise ValueError(f"kl_clip must be a positive float or None, got {kl_clip!r}.")
+    if lr is None:
+        raise ValueError("kl_clip bounds the step lr·Δ, so it needs the learning rate: pass lr=<float> or "
+                         "lr=lambda: optimizer.param_groups[0]['lr'] (followed when a scheduler changes it).")
+    if not callable(lr) and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ValueError(f"lr must be a positive float or a zero-argument callable, got {lr!r}.")
+    return float(kl_clip), lr
 
 
 def _has_inverse(matrix: Any) -> bool:

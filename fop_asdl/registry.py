@@ -7,7 +7,7 @@ import asdl
 import torch
 from torch import nn
 
-from .compat import KfacGradientMaker, reject_ddp
+from .compat import reject_ddp
 from .maker import FOPGradientMaker, ScalableKfacGradientMaker
 from .plain import PlainGradientMaker
 from .sync import several_ranks
@@ -29,14 +29,12 @@ def _fop(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwarg
     return FOPGradientMaker(model, config if config is not None else asdl.PreconditioningConfig(), **kwargs)
 
 
-def _kfac(model: nn.Module, config: Optional[asdl.PreconditioningConfig], micro_batch_size: Optional[int] = None,
-          grad_scaler: Optional[torch.amp.GradScaler] = None, **kwargs: Any) -> asdl.GradientMaker:
-    """ASDL's K-FAC (with the compat fixes); K-FAC on FOP's step machinery for micro-batches, a GradScaler
-    or several ranks."""
-    config = config if config is not None else asdl.PreconditioningConfig()
-    if micro_batch_size is None and grad_scaler is None and not several_ranks():
-        return KfacGradientMaker(model, config, **kwargs)
-    return ScalableKfacGradientMaker(model, config, micro_batch_size=micro_batch_size, grad_scaler=grad_scaler,
+def _kfac(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
+    """K-FAC on the package's step machinery: ASDL's curvature and inverses, its gradients, with FOP's
+    guarantees (a clear ``FloatingPointError`` before ASDL samples from a NaN output, nothing changed by a
+    failed step, micro-batches, GradScaler, several ranks, ``kl_clip``). ASDL's own path with only the
+    compat fixes stays available as ``fop_asdl.KfacGradientMaker``."""
+    return ScalableKfacGradientMaker(model, config if config is not None else asdl.PreconditioningConfig(),
                                      **kwargs)
 
 
@@ -52,10 +50,10 @@ def make_gradient_maker(name: str, model: nn.Module, config: Optional[asdl.Preco
     """Build the gradient maker called ``name`` ("fop", "kfac" or "sgd") for ``model``.
 
     ``config`` defaults to ``asdl.PreconditioningConfig()``; ``kwargs`` go to the maker's constructor
-    (FOP: see :class:`FOPGradientMaker`; K-FAC: ``asdl.KfacGradientMaker``'s). All three take
-    ``micro_batch_size`` (gradient accumulation inside one step) and ``grad_scaler`` (fp16), and run sharded when
-    ``torch.distributed`` is initialised with several ranks; K-FAC then runs on FOP's step machinery
-    (:class:`ScalableKfacGradientMaker`) and SGD all-reduces its gradients once per step.
+    (FOP: see :class:`FOPGradientMaker`; K-FAC: ``asdl.KfacGradientMaker``'s, on FOP's step machinery as
+    :class:`ScalableKfacGradientMaker`). All take ``micro_batch_size`` (gradient accumulation inside one step)
+    and ``grad_scaler`` (fp16), and run sharded when ``torch.distributed`` is initialised with several ranks;
+    SGD then all-reduces its gradients once per step.
     """
     try:
         build = GRADIENT_MAKERS[name]

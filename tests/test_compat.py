@@ -74,16 +74,18 @@ def test_floored_inverse_of_unit_wise_blocks():
 def test_swift_kfac_no_longer_corrupts_the_graph(image_batch):
     x, t = image_batch
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 64), nn.Tanh(), nn.Linear(64, 3)).double()
-    maker = fop_asdl.make_gradient_maker("kfac", model, config(), swift=True)  # 11 samples < 36 features
+    maker = fop_asdl.KfacGradientMaker(model, config(), swift=True)  # ASDL's own path; 11 samples < 36 features
     for _ in range(3):
         step(maker, model, x, t)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_kfac_uses_the_batch_size_when_data_size_is_unset(image_batch):
+@pytest.mark.parametrize("build", [fop_asdl.KfacGradientMaker,
+                                   lambda model, cfg: fop_asdl.make_gradient_maker("kfac", model, cfg)])
+def test_kfac_uses_the_batch_size_when_data_size_is_unset(image_batch, build):
     x, t = image_batch
     model = conv_bn_ln_net().double()
-    maker = fop_asdl.make_gradient_maker("kfac", model, config())
+    maker = build(model, config())
     _, loss = step(maker, model, x, t)
     torch.testing.assert_close(loss, F.cross_entropy(model(x), t))
     assert maker.config.data_size == -1  # the user's config is not modified
