@@ -45,6 +45,11 @@ def build(name: str, **kwargs):
     return model, maker, opt
 
 
+def clip_options(name: str, mode: str) -> Dict[str, object]:
+    """kl_clip (small enough that ν < 1) on K-FAC and on FOP's "halves" mode; "ranks" runs unclipped."""
+    return {"kl_clip": 1e-4, "lr": 0.1} if name == "kfac" or mode == "halves" else {}
+
+
 def train(model, maker, opt, batches, steps) -> List[List[torch.Tensor]]:
     grads = []
     for i in steps:
@@ -91,10 +96,11 @@ def equivalence(rank: int, world_size: int, store: str, out: str) -> None:
     modes = ["halves"] + (["ranks"] if world_size % 2 == 0 else [])
     for name, mode in [("fop", m) for m in modes] + [("kfac", "-")]:
         kwargs = {"sub_batches": mode} if name == "fop" else {}
-        model, maker, opt = build(name, **kwargs)
+        model, maker, opt = build(name, **kwargs, **clip_options(name, mode))
         grads = train(model, maker, opt, rank_batches(rank, world_size), range(STEPS))
         stats = {k: {s: v.clone() for s, v in d.items()} for k, d in getattr(maker, "last_stats", {}).items()}
         results[f"{name}/{mode}"] = {"grads": grads, "assignment": maker.assignment, "stats": stats,
+                                     "nu": None if maker.last_nu is None else maker.last_nu.clone(),
                                      "state": maker.state_dict(),
                                      "params": [p.detach().clone() for p in model.parameters()]}
     torch.save(results, f"{out}.{rank}")

@@ -33,9 +33,14 @@ def test_sharded_fop_and_kfac_equal_single_process_training(sharded_runs):
     for key, result in ranks[0].items():
         name, mode = key.split("/")
         expected, model, maker, _ = w.run_single(name, mode if name == "fop" else "halves", world_size,
-                                                 **({"sub_batches": "auto"} if name == "fop" else {}))
+                                                 **({"sub_batches": "auto"} if name == "fop" else {}),
+                                                 **w.clip_options(name, mode))
         for rank in ranks:  # every rank ends each step with the same p.grad, equal to one process's
             assert_close_lists(rank[key]["grads"], expected)
+        if w.clip_options(name, mode):  # the same ν on every rank, bit for bit, and it did clip
+            assert float(ranks[0][key]["nu"]) < 1
+            torch.testing.assert_close(ranks[0][key]["nu"], maker.last_nu, rtol=1e-5, atol=0)
+            assert all(torch.equal(rank[key]["nu"], ranks[0][key]["nu"]) for rank in ranks)
         if name == "fop":
             for block, stats in maker.last_stats.items():
                 for rank in ranks:
@@ -55,7 +60,8 @@ def test_gathered_state_resumes_a_single_process_run(sharded_runs):
     """state_dict() of a sharded run holds every block; a single process continues from it exactly."""
     world_size, ranks = sharded_runs
     state = ranks[0]["fop/halves"]["state"]
-    _, model, maker, _ = w.run_single("fop", "halves", world_size, sub_batches="auto")
+    _, model, maker, _ = w.run_single("fop", "halves", world_size, sub_batches="auto",
+                                      **w.clip_options("fop", "halves"))
     reference = maker.state_dict()
     assert state["step"] == reference["step"] and state["curvature"].keys() == reference["curvature"].keys()
     for block, tensors in reference["curvature"].items():

@@ -23,7 +23,7 @@ from .comm import Communicator
 __all__ = ["ShardedSync", "resolve_sub_batches"]
 
 Shapes = Tuple[torch.Size, Optional[torch.Size]]
-N_STATS = 9  # s, β, η, A, D, E and the three KL terms (fop_asdl.maker.STAT_KEYS)
+N_STATS = 9  # s, β, η, A, D, E and the three KL terms (fop_asdl.maker.STAT_KEYS); K-FAC has 1
 
 
 def resolve_sub_batches(sub_batches: str, world_size: int) -> str:
@@ -168,7 +168,7 @@ class ShardedSync(LocalSync):
         step would be needed to leave it out, as one process does).
         """
         dtype, device = self._dtype, self.comm.device
-        n_stats = N_STATS if self.two_gradients else 0
+        n_stats = N_STATS if self.two_gradients else 1
         shared: Dict[str, Tuple[Vector, Optional[Tensor]]] = {}
         for owner in range(self.world_size):
             names = self._owned_by(owner)
