@@ -1,5 +1,5 @@
 """Models built only from layers ASDL's K-FAC preconditions (``nn.Linear``, ``nn.Conv2d`` with groups=1,
-``nn.BatchNorm2d``), so FOP and K-FAC precondition every parameter and the comparison with SGD is fair.
+``nn.BatchNorm2d``, ``nn.LayerNorm``), so FOP and K-FAC precondition every parameter and the comparison with SGD is fair.
 
 Activations use ``F.relu`` and residual sums are out-of-place (``out = out + shortcut``): ASDL's hooks save
 each layer's input and hook its output, and in-place ops on those tensors can corrupt what they capture.
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["SmallCNN", "MLP", "BasicBlock", "ResNet", "resnet18_cifar", "PadShortcutBlock", "CifarResNet",
-           "resnet32_cifar", "build_model", "MODELS"]
+           "resnet32_cifar", "Mixer", "build_model", "MODELS"]
 
 
 class SmallCNN(nn.Module):
@@ -157,11 +157,47 @@ def resnet32_cifar(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(5, num_classes=num_classes, in_channels=in_channels)
 
 
+class MixerBlock(nn.Module):
+    """Pre-norm token mixing (a Linear across the tokens) then channel mixing, each with a residual."""
+
+    def __init__(self, tokens: int, dim: int, token_hidden: int, channel_hidden: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.token1, self.token2 = nn.Linear(tokens, token_hidden), nn.Linear(token_hidden, tokens)
+        self.channel1, self.channel2 = nn.Linear(dim, channel_hidden), nn.Linear(channel_hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (batch, tokens, dim)
+        mixed = self.token2(F.gelu(self.token1(self.norm1(x).transpose(1, 2))))
+        x = x + mixed.transpose(1, 2)
+        return x + self.channel2(F.gelu(self.channel1(self.norm2(x))))
+
+
+class Mixer(nn.Module):
+    """A small MLP-Mixer (patch embedding, LayerNorm, token- and channel-mixing Linears): a model family
+    whose Linear layers see a token dimension, unlike the CNNs (~60k parameters at the defaults)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, patch: int = 7,
+                 dim: int = 64, depth: int = 2, token_hidden: int = 32, channel_hidden: int = 128):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}.")
+        tokens = (image_size // patch) ** 2
+        self.embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.blocks = nn.Sequential(*[MixerBlock(tokens, dim, token_hidden, channel_hidden) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.embed(x).flatten(2).transpose(1, 2))
+        return self.head(self.norm(x).mean(1))
+
+
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "mlp": MLP,
     "resnet18": resnet18_cifar,
     "resnet32": resnet32_cifar,
+    "mixer": Mixer,
 }
 
 

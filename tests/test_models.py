@@ -5,7 +5,7 @@ from torch import nn
 
 from fop_asdl.models import MLP, MODELS, SmallCNN, build_model, resnet18_cifar, resnet32_cifar
 
-PRECONDITIONED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+PRECONDITIONED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm)
 
 
 def n_params(model: nn.Module) -> int:
@@ -20,6 +20,8 @@ def n_params(model: nn.Module) -> int:
     ("resnet18", {}, (2, 3, 32, 32), 10),
     ("resnet32", {}, (2, 3, 32, 32), 10),
     ("resnet32", {"num_classes": 100}, (2, 3, 32, 32), 100),
+    ("mixer", {}, (2, 1, 28, 28), 10),
+    ("mixer", {"in_channels": 3, "image_size": 32, "patch": 8, "num_classes": 100}, (2, 3, 32, 32), 100),
 ])
 def test_output_shape(name: str, kwargs: dict, input_shape: tuple, n_classes: int) -> None:
     model = build_model(name, **kwargs)
