@@ -41,8 +41,8 @@ def measure(model_name: str, interval: int, repeats: int, seed: int) -> Dict[str
     runner = Runner("kfac", model, [p.detach().clone() for p in model.parameters()], args)
     runner.cycle(batches, measure=False)  # warm-up: curvature and inverses exist
     runner.cycle(batches, measure=True)
-    plain = statistics.median(t for t, c in zip(runner.times, runner.curv) if not c)
-    curvature = statistics.median(t for t, c in zip(runner.times, runner.curv) if c)
+    plain = statistics.median(wall for curv, wall, _ in runner.times if not curv)
+    curvature = statistics.median(wall for curv, wall, _ in runner.times if curv)
     products = []
     for _ in range(repeats):
         start = time.perf_counter()
