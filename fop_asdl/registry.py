@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .compat import KfacGradientMaker, reject_ddp
-from .maker import FOPGradientMaker, ScalableKfacGradientMaker
+from .fop import FOPGradientMaker
+from .kfac import ScalableKfacGradientMaker
 from .plain import PlainGradientMaker
 from .sync import several_ranks
 

@@ -23,7 +23,7 @@ from .comm import Communicator
 __all__ = ["ShardedSync", "resolve_sub_batches"]
 
 Shapes = Tuple[torch.Size, Optional[torch.Size]]
-N_STATS = 9  # s, β, η, A, D, E and the three KL terms (fop_asdl.maker.STAT_KEYS)
+N_STATS = 9  # s, β, η, A, D, E and the three KL terms (fop_asdl.fop.STAT_KEYS)
 
 
 def resolve_sub_batches(sub_batches: str, world_size: int) -> str:
@@ -70,8 +70,7 @@ class ShardedSync(LocalSync):
         return [name for name in self._blocks if self.assignment[name] == rank]
 
     # --- gradients ------------------------------------------------------------------------------
-    def reduce_gradients(self, sums: Dict[str, HalfSums], counts: Tuple[int, int], loss_sum: Tensor,
-                         others: Sequence[nn.Parameter]):
+    def reduce_counts_and_others(self, counts: Tuple[int, int], loss_sum: Tensor, others: Sequence[nn.Parameter]):
         device, dtype = self.comm.device, self._dtype
         grads = [p for p in others if p.grad is not None]
         head = torch.tensor([counts[0], counts[1]], dtype=dtype, device=device)
@@ -81,9 +80,12 @@ class ShardedSync(LocalSync):
         for p in grads:
             p.grad.copy_(small[offset:offset + p.numel()].view_as(p.grad))
             offset += p.numel()
-        n1, n2 = small[0], small[1]
+        return (small[0], small[1]), small[2]
+
+    def reduce_block_sums(self, sums: Dict[str, HalfSums]) -> Dict[str, HalfSums]:
         if not sums:
-            return {}, (n1, n2), small[2]
+            return {}
+        device, dtype = self.comm.device, self._dtype
         halves = 2 if self.two_gradients else 1
         shapes = {name: _shapes_of(s) for name, s in sums.items()}
         owned: Dict[str, HalfSums] = {}
@@ -111,7 +113,7 @@ class ShardedSync(LocalSync):
                         piece, offset = _unflatten(buffer, offset, shapes[name])
                         pieces.append(piece)
                     owned[name] = (pieces[0], pieces[1] if halves == 2 else None)
-        return owned, (n1, n2), small[2]
+        return owned
 
     def _reduce_by_parity(self, sums: Dict[str, HalfSums], names: List[str], shapes: Dict[str, Shapes],
                           owner: int) -> Optional[Dict[str, HalfSums]]:
