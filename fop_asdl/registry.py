@@ -1,4 +1,4 @@
-"""One name per gradient maker, so a training loop swaps FOP, K-FAC and SGD by changing a string."""
+"""One name per gradient maker, so a training loop swaps FOP, K-FAC, FNGD and SGD by changing a string."""
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .compat import KfacGradientMaker, reject_ddp
+from .fngd import FNGDGradientMaker
 from .fop import FOPGradientMaker
 from .kfac import ScalableKfacGradientMaker
 from .plain import PlainGradientMaker
@@ -41,7 +42,12 @@ def _kfac(model: nn.Module, config: Optional[asdl.PreconditioningConfig], micro_
                                      **kwargs)
 
 
+def _fngd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
+    return FNGDGradientMaker(model, config, **kwargs)
+
+
 GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
+    "fngd": _fngd,
     "fop": _fop,
     "kfac": _kfac,
     "sgd": _sgd,
@@ -50,10 +56,11 @@ GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
 
 def make_gradient_maker(name: str, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None,
                         **kwargs: Any) -> asdl.GradientMaker:
-    """Build the gradient maker called ``name`` ("fop", "kfac" or "sgd") for ``model``.
+    """Build the gradient maker called ``name`` ("fop", "kfac", "fngd" or "sgd") for ``model``.
 
     ``config`` defaults to ``asdl.PreconditioningConfig()``; ``kwargs`` go to the maker's constructor
-    (FOP: see :class:`FOPGradientMaker`; K-FAC: ``asdl.KfacGradientMaker``'s). All three take
+    (FOP: see :class:`FOPGradientMaker`; FNGD: :class:`FNGDGradientMaker`, which needs ``iters_per_epoch``;
+    K-FAC: ``asdl.KfacGradientMaker``'s). All of them take
     ``micro_batch_size`` (gradient accumulation inside one step) and ``grad_scaler`` (fp16), and run sharded when
     ``torch.distributed`` is initialised with several ranks; K-FAC then runs on FOP's step machinery
     (:class:`ScalableKfacGradientMaker`) and SGD all-reduces its gradients once per step.

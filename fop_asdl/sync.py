@@ -8,7 +8,7 @@ the owners' results. In one process every block is owned here and nothing moves.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from asdl.symmatrix import SymMatrix
@@ -50,6 +50,15 @@ class LocalSync:
     def reduce_curvature(self, curvature: Dict[str, SymMatrix]) -> Dict[str, SymMatrix]:
         """Global curvature sums of the owned blocks."""
         return curvature
+
+    def sum_over_ranks(self, buffer: Tensor) -> Tensor:
+        """``buffer`` summed over processes, in place."""
+        return buffer
+
+    def rows_at_owners(self, rows: Dict[str, Sequence[Tensor]]) -> Dict[str, List[Tensor]]:
+        """At each block's owner, every process's row tensors (same leading size on all of them) stacked in
+        rank order along dim 0: the global batch's per-sample data of the block (FNGD's "global" scope)."""
+        return {name: list(tensors) for name, tensors in rows.items()}
 
     def any_bad(self, flags: Tensor) -> Tensor:
         """Element-wise maximum of ``flags`` over processes, so that all of them fail together."""

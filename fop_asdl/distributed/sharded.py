@@ -156,6 +156,44 @@ class ShardedSync(LocalSync):
                 owned.update({name: curvature[name] for name in names})
         return owned
 
+    def sum_over_ranks(self, buffer: Tensor) -> Tensor:
+        self.comm.all_reduce(buffer)
+        return buffer
+
+    def rows_at_owners(self, rows: Dict[str, Sequence[Tensor]]) -> Dict[str, List[Tensor]]:
+        """A reduce per owner of zero-padded buffers (each rank fills its own rows; adding zeros is exact).
+        It moves W times the data a gather would, and needs the same leading size on every rank, which one
+        small all-reduce of (m, m²) checks (Σm² = W·m̄² only if all m are equal)."""
+        m = next(t.shape[0] for tensors in rows.values() for t in tensors)
+        sizes = torch.tensor([m, m * m], dtype=torch.float64, device=self.comm.device)
+        self.comm.all_reduce(sizes)
+        if sizes.tolist() != [m * self.world_size, m * m * self.world_size]:
+            raise ValueError(f"coefficient_scope='global' needs the same batch size on every rank; rank {self.rank} "
+                             f"has {m} samples. Give every rank the same number (drop_last=True).")
+        gathered: Dict[str, List[Tensor]] = {}
+        for owner in range(self.world_size):
+            names = [name for name in self._owned_by(owner) if name in rows]
+            if not names:
+                continue
+            tensors = [t for name in names for t in rows[name]]
+            buffer = torch.zeros(self.world_size * sum(t.numel() for t in tensors), dtype=tensors[0].dtype,
+                                 device=self.comm.device)
+            offset = 0
+            for t in tensors:
+                buffer[offset + self.rank * t.numel():offset + (self.rank + 1) * t.numel()] = t.reshape(-1)
+                offset += self.world_size * t.numel()
+            self.comm.reduce(buffer, dst=owner)
+            if owner != self.rank:
+                continue
+            offset = 0
+            for name in names:
+                gathered[name] = []
+                for t in rows[name]:
+                    size = self.world_size * t.numel()
+                    gathered[name].append(buffer[offset:offset + size].view(self.world_size * m, *t.shape[1:]))
+                    offset += size
+        return gathered
+
     def any_bad(self, flags: Tensor) -> Tensor:
         flags = flags.clone()
         self.comm.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
