@@ -207,20 +207,32 @@ def fngd_coefficients(gram: Tensor, damping: Union[float, Tensor], *, damping_mo
 def linear_weighted_sum(x: Tensor, grad_out: Tensor, w: Tensor,
                         bias: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """d = Σ_m w_m u_m as (weight (O, I), bias (O,) or None): the weight-gradient GEMM with w_m in
-    place of SGD's 1/M (§2.5). x (M, I) or (M, T, I), grad_out to match."""
+    place of SGD's 1/M (§2.5), the weights applied to the smaller of x and grad_out (z_m ⊗ w_m x_m =
+    w_m z_m ⊗ x_m). x (M, I) or (M, T, I), grad_out to match."""
     _check_linear(x, grad_out)
     _check_weights(w, x.shape[0])
-    zw = (grad_out * w.view(-1, *[1] * (grad_out.dim() - 1))).reshape(-1, grad_out.shape[-1])
+    per_sample = w.view(-1, *[1] * (grad_out.dim() - 1))
+    z2d = grad_out.reshape(-1, grad_out.shape[-1])
+    if x.shape[-1] < grad_out.shape[-1]:
+        d_w = z2d.T @ (x * per_sample).reshape(-1, x.shape[-1])
+        d_b = grad_out.reshape(x.shape[0], -1, grad_out.shape[-1]).sum(1).T @ w if bias else None
+        return d_w, d_b
+    zw = (grad_out * per_sample).reshape(-1, grad_out.shape[-1])
     return zw.T @ x.reshape(-1, x.shape[-1]), (zw.sum(0) if bias else None)
 
 
 def conv2d_weighted_sum(x: Tensor, grad_out: Tensor, w: Tensor, weight_shape: Sequence[int],
                         stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, *, bias: bool,
                         groups: int = 1) -> Tuple[Tensor, Optional[Tensor]]:
-    """d = Σ_m w_m u_m as (weight, bias or None) of a Conv2d, by the weight-gradient convolution on
-    grad_out scaled per sample (§2.5), so no patches are unfolded in the sharing epochs."""
+    """d = Σ_m w_m u_m as (weight, bias or None) of a Conv2d, by the weight-gradient convolution with x or
+    grad_out (the smaller) scaled per sample (§2.5), so no patches are unfolded in the sharing epochs."""
     _, st, pd, dl = _conv_geometry(x, grad_out, weight_shape, stride, padding, dilation, groups)
     _check_weights(w, x.shape[0])
-    zw = grad_out * w.view(-1, 1, 1, 1)
-    d_w = torch.nn.grad.conv2d_weight(x, tuple(int(v) for v in weight_shape), zw, st, pd, dl, 1)
+    shape = tuple(int(v) for v in weight_shape)
+    per_sample = w.view(-1, 1, 1, 1)
+    if x.numel() < grad_out.numel():  # weigh the smaller tensor: the result is the same sum
+        d_w = torch.nn.grad.conv2d_weight(x * per_sample, shape, grad_out, st, pd, dl, 1)
+        return d_w, (grad_out.sum((2, 3)).T @ w if bias else None)
+    zw = grad_out * per_sample
+    d_w = torch.nn.grad.conv2d_weight(x, shape, zw, st, pd, dl, 1)
     return d_w, (zw.sum((0, 2, 3)) if bias else None)

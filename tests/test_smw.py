@@ -21,12 +21,16 @@ def make_case(name: str):
         "conv_stride_pad_bias": (nn.Conv2d(2, 3, 3, stride=2, padding=1), (5, 2, 7, 7)),
         "conv_dilation_rect": (nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(0, 1), dilation=2,
                                          bias=False), (5, 2, 8, 7)),
+        # inputs smaller than the output gradients: the weighted sums weigh x instead of grad_out
+        "linear_widening_bias": (nn.Linear(3, 6), (7, 3)),
+        "linear_tokens_widening_bias": (nn.Linear(2, 5), (6, 4, 2)),
+        "conv_widening_bias": (nn.Conv2d(1, 4, 3, padding=1), (5, 1, 6, 6)),
     }[name]
     return layer.to(DTYPE), torch.randn(*shape, dtype=DTYPE)
 
 
 CASES = ["linear", "linear_bias", "linear_tokens_bias", "linear_tokens", "conv_stride_pad_bias",
-         "conv_dilation_rect"]
+         "conv_dilation_rect", "linear_widening_bias", "linear_tokens_widening_bias", "conv_widening_bias"]
 
 
 def loss(y, target):
