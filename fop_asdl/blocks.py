@@ -8,13 +8,14 @@ per unit.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from asdl.symmatrix import SymMatrix
 from torch import Tensor
 
-__all__ = ["BlockVector", "apply_inverse", "apply_metric", "gram", "matrix_tensors"]
+__all__ = ["BlockVector", "apply_inverse", "apply_metric", "gram", "matrix_tensors", "has_inverse", "stacked",
+           "scaled", "flat_block", "divided"]
 
 BlockVector = Tuple[Tensor, Optional[Tensor]]
 
@@ -89,3 +90,32 @@ def matrix_tensors(matrix: SymMatrix) -> List[Tensor]:
     if matrix.has_unit and matrix.unit.data is not None:
         out.append(matrix.unit.data)
     return out
+
+
+def has_inverse(matrix: Any) -> bool:
+    return matrix is not None and (matrix.kron.has_inv if matrix.has_kron else matrix.unit.has_inv)
+
+
+def stacked(*vectors: BlockVector) -> BlockVector:
+    """Stack unstacked block vectors along a new dim 0 (the k of :mod:`fop_asdl.blocks`)."""
+    weight = torch.stack([v[0] for v in vectors])
+    bias = None if vectors[0][1] is None else torch.stack([v[1] for v in vectors])
+    return weight, bias
+
+
+def scaled(vec: BlockVector, factor: float) -> BlockVector:
+    """``factor`` · vec (ASDL's grad_scale), the very same tensors when it is 1."""
+    if factor == 1:
+        return vec
+    return vec[0] * factor, None if vec[1] is None else vec[1] * factor
+
+
+def flat_block(vec: Optional[BlockVector], shape: Tuple[torch.Size, Optional[torch.Size]]
+               ) -> Optional[BlockVector]:
+    """A block's (weight, bias) sum reshaped as the FOP math sees it (Conv2d weight as a matrix)."""
+    return None if vec is None else (vec[0].reshape(shape[0]), vec[1])
+
+
+def divided(vec: BlockVector, n) -> BlockVector:
+    """vec / n."""
+    return vec[0] / n, None if vec[1] is None else vec[1] / n

@@ -18,7 +18,7 @@ import torch
 from asdl.symmatrix import Kron, SymMatrix, UnitWise
 from torch import nn
 
-__all__ = ["KfacGradientMaker", "robust_update_inv", "kron_damping", "batch_size_of",
+__all__ = ["KfacGradientMaker", "eager_module", "robust_update_inv", "kron_damping", "batch_size_of",
            "full_precision"]
 
 _INVALID = -1  # ASDL's marker for "not set" (data_size, ema_decay)
@@ -336,6 +336,20 @@ def reject_ddp(model: nn.Module) -> None:
         raise TypeError("The model is wrapped in DistributedDataParallel, which would all-reduce raw "
                         "gradients behind the gradient maker. Pass the bare model (model.module); this "
                         "version trains in one process (a sharded torchrun path is planned).")
+
+
+def eager_module(model: Any, warn: bool = True) -> Any:
+    """The eager module inside a ``torch.compile``d one (``model._orig_mod``, the same parameters), else
+    ``model``. The per-layer hooks of the step machinery (frozen weights during a block's forward, hooks on its
+    output) cannot run inside a compiled graph, so its steps run the model eagerly: the same gradients."""
+    if type(model).__name__ != "OptimizedModule" or not isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return model
+    if warn:
+        warnings.warn("fop_asdl: the gradient maker runs this torch.compile'd model's eager module "
+                      "(model._orig_mod, the same parameters): its per-layer hooks cannot run inside a compiled "
+                      "graph. The gradients are the eager model's; compilation speeds up nothing here.",
+                      UserWarning)
+    return model._orig_mod
 
 
 def reject_multi_process() -> None:

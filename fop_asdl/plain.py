@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward,
                      validate_micro_batch_size)
 from .compat import batch_size_of, reject_ddp
-from .sync import make_sync
+from .step import make_sync
 
 __all__ = ["PlainGradientMaker"]
 
@@ -49,7 +49,7 @@ class PlainGradientMaker(asdl.GradientMaker):
                 # A chunk's output must not keep its graph (and the block inputs the hooks hold) alive while
                 # the next chunks run: that would make memory grow with the batch, not the micro-batch.
                 outputs.append(detached(self._model_output) if self.micro_batch_size else self._model_output)
-            _, (n, _), loss_sum = self._sync.reduce_gradients({}, (batch_size, 0), loss_sum, params)
+            (n, _), loss_sum = self._sync.reduce_counts_and_others((batch_size, 0), loss_sum, params)
         except BaseException:
             for p, grad in zip(params, saved):
                 p.grad = grad

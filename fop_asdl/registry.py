@@ -1,4 +1,4 @@
-"""One name per gradient maker, so a training loop swaps FOP, K-FAC and SGD by changing a string."""
+"""One name per gradient maker, so a training loop swaps FOP, K-FAC, FNGD and SGD by changing a string."""
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .compat import reject_ddp
-from .maker import FOPGradientMaker, ScalableKfacGradientMaker
+from .fngd import FNGDGradientMaker
+from .fop import FOPGradientMaker
+from .kfac import ScalableKfacGradientMaker
 from .plain import PlainGradientMaker
 from .sync import several_ranks
 
@@ -30,7 +32,7 @@ def _fop(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwarg
 
 
 def _kfac(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
-    """K-FAC on the package's step machinery: ASDL's curvature and inverses, its gradients, with FOP's
+    """K-FAC on the shared step machinery: ASDL's curvature and inverses, its gradients, with FOP's
     guarantees (a clear ``FloatingPointError`` before ASDL samples from a NaN output, nothing changed by a
     failed step, micro-batches, GradScaler, several ranks, ``kl_clip``). ASDL's own path with only the
     compat fixes stays available as ``fop_asdl.KfacGradientMaker``."""
@@ -38,7 +40,12 @@ def _kfac(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwar
                                      **kwargs)
 
 
+def _fngd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
+    return FNGDGradientMaker(model, config, **kwargs)
+
+
 GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
+    "fngd": _fngd,
     "fop": _fop,
     "kfac": _kfac,
     "sgd": _sgd,
@@ -47,13 +54,14 @@ GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
 
 def make_gradient_maker(name: str, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None,
                         **kwargs: Any) -> asdl.GradientMaker:
-    """Build the gradient maker called ``name`` ("fop", "kfac" or "sgd") for ``model``.
+    """Build the gradient maker called ``name`` ("fop", "kfac", "fngd" or "sgd") for ``model``.
 
     ``config`` defaults to ``asdl.PreconditioningConfig()``; ``kwargs`` go to the maker's constructor
-    (FOP: see :class:`FOPGradientMaker`; K-FAC: ``asdl.KfacGradientMaker``'s, on FOP's step machinery as
-    :class:`ScalableKfacGradientMaker`). All take ``micro_batch_size`` (gradient accumulation inside one step)
-    and ``grad_scaler`` (fp16), and run sharded when ``torch.distributed`` is initialised with several ranks;
-    SGD then all-reduces its gradients once per step.
+    (FOP: see :class:`FOPGradientMaker`; FNGD: :class:`FNGDGradientMaker`, which needs ``iters_per_epoch``;
+    K-FAC: ``asdl.KfacGradientMaker``'s, on the shared step as :class:`ScalableKfacGradientMaker`). All of them
+    take ``micro_batch_size`` (gradient accumulation inside one step) and ``grad_scaler`` (fp16), and run sharded
+    when ``torch.distributed`` is initialised with several ranks; SGD then all-reduces its gradients once per
+    step.
     """
     try:
         build = GRADIENT_MAKERS[name]

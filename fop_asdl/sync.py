@@ -8,7 +8,7 @@ the owners' results. In one process every block is owned here and nothing moves.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from asdl.symmatrix import SymMatrix
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .halves import first_half_size
 
-__all__ = ["HalfSums", "LocalSync", "make_sync", "several_ranks"]
+__all__ = ["HalfSums", "LocalSync", "Vector", "several_ranks"]
 
 Vector = Tuple[Tensor, Optional[Tensor]]
 #: Per block: (sum over this process's B1 samples, sum over its B2 samples); None where it has none.
@@ -38,15 +38,27 @@ class LocalSync:
     def owns(self, name: str) -> bool:
         return True
 
-    def reduce_gradients(self, sums: Dict[str, HalfSums], counts: Tuple[int, int], loss_sum: Tensor,
-                         others: Sequence[nn.Parameter]) -> Tuple[Dict[str, HalfSums], Tuple, Tensor]:
-        """Global (S1, S2) of the owned blocks, the global counts (n1, n2) and the global loss sum; the
-        ``p.grad`` of ``others`` become global sums too."""
-        return sums, counts, loss_sum
+    def reduce_counts_and_others(self, counts: Tuple[int, int], loss_sum: Tensor, others: Sequence[nn.Parameter]
+                                 ) -> Tuple[Tuple, Tensor]:
+        """The global counts (n1, n2) and loss sum; the ``p.grad`` of ``others`` become global sums too."""
+        return counts, loss_sum
+
+    def reduce_block_sums(self, sums: Dict[str, HalfSums]) -> Dict[str, HalfSums]:
+        """Global (S1, S2) of the owned blocks (after :meth:`reduce_counts_and_others`)."""
+        return sums
 
     def reduce_curvature(self, curvature: Dict[str, SymMatrix]) -> Dict[str, SymMatrix]:
         """Global curvature sums of the owned blocks."""
         return curvature
+
+    def sum_over_ranks(self, buffer: Tensor) -> Tensor:
+        """``buffer`` summed over processes, in place."""
+        return buffer
+
+    def rows_at_owners(self, rows: Dict[str, Sequence[Tensor]]) -> Dict[str, List[Tensor]]:
+        """At each block's owner, every process's row tensors (same leading size on all of them) stacked in
+        rank order along dim 0: the global batch's per-sample data of the block (FNGD's "global" scope)."""
+        return {name: list(tensors) for name, tensors in rows.items()}
 
     def any_bad(self, flags: Tensor) -> Tensor:
         """Element-wise maximum of ``flags`` over processes, so that all of them fail together."""
@@ -65,17 +77,3 @@ class LocalSync:
 def several_ranks() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def make_sync(model: nn.Module, named_modules: Sequence[Tuple[str, nn.Module]], sub_batches: str,
-              two_gradients: bool) -> LocalSync:
-    """The sharded sync (:mod:`fop_asdl.distributed`) when ``torch.distributed`` runs several ranks, else
-    the local one."""
-    if sub_batches not in ("auto", "ranks", "halves"):
-        raise ValueError(f"sub_batches must be 'auto', 'ranks' or 'halves', got {sub_batches!r}.")
-    if not several_ranks():
-        return LocalSync()
-    from .distributed.sharded import ShardedSync  # the library's single-process path never imports it
-
-    dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.get_default_dtype())
-    return ShardedSync(named_modules, sub_batches, two_gradients, dtype)

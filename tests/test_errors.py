@@ -81,8 +81,9 @@ def test_failed_step_raises_and_rolls_back(trained, curvature_step, fault):
         x = x.clone()
         x[3] = float("nan")
     elif fault == "inf_gradient":
-        def call(inp):
+        def overflowing(inp):
             return InfGradient.apply(model(inp))
+        call = overflowing
     else:
         loss_fn, expected = failing_loss, pytest.raises(UserError)
     dummy = maker.setup_model_call(call, x)

@@ -5,7 +5,6 @@ import copy
 import asdl
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fop_asdl

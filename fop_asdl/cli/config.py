@@ -39,6 +39,7 @@ METHODS: Dict[str, str] = {
     "adamw": "AdamW",
     "kfac": "K-FAC + SGD momentum",
     "fop": "FOP + SGD momentum",
+    "fngd": "FNGD + SGD momentum",
 }
 SCHEDULES = ("plateau", "cosine", "constant")
 AUGMENTATIONS = ("auto", "none", "crop_flip")
@@ -86,7 +87,7 @@ class ExperimentConfig:
 
     # --- the sweep ---
     methods: List[str] = field(default_factory=lambda: ["sgd", "adamw", "kfac", "fop"])
-    """Methods to compare: sgd, adamw, kfac, fop (all through fop_asdl.make_gradient_maker)."""
+    """Methods to compare: sgd, adamw, kfac, fop, fngd (all through fop_asdl.make_gradient_maker)."""
     batch_sizes: List[int] = field(default_factory=lambda: [1000])
     """Global batch sizes (one table block and plot panel each); every batch must be >= 2."""
     lr_grid: Dict[str, List[float]] = field(
@@ -95,6 +96,7 @@ class ExperimentConfig:
             "adamw": [0.003, 0.006],
             "kfac": [0.03, 0.05],
             "fop": [0.02, 0.03],
+            "fngd": [0.05, 0.1],
         }
     )
     """Per method, the base learning rates tried (at base_batch; scaled linearly to each batch size)."""
@@ -133,6 +135,8 @@ class ExperimentConfig:
     max(5, round(interval_at_base_batch · base_batch / batch)): shorter as the batch grows, never below 5."""
     interval_at_base_batch: int = 10
     """k of update_interval "auto": the interval at base_batch."""
+    fngd_alpha: float = 0.1
+    """FNGD's α of the damping λ = α‖K‖_F (it forms coefficients in epoch 1 and reuses them after)."""
     micro_batch_size: Optional[int] = None
     """Gradient accumulation inside the maker (make_gradient_maker(..., micro_batch_size=N)), passed only
     when set and smaller than a rank's batch; null: off."""

@@ -128,8 +128,10 @@ def build_scheduler(
     return None
 
 
-def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int) -> asdl.GradientMaker:
-    """Through ``fop_asdl.make_gradient_maker``; ``micro_batch_size`` only when set and below the batch."""
+def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int,
+                         steps_per_epoch: Optional[int] = None) -> asdl.GradientMaker:
+    """Through ``fop_asdl.make_gradient_maker``; ``micro_batch_size`` only when set and below the batch;
+    FNGD also gets ``iters_per_epoch`` (where its coefficient epoch ends) and ``alpha``."""
     c = spec.config
     kwargs: Dict[str, Any] = {}
     if c.micro_batch_size is not None and c.micro_batch_size < local_batch:
@@ -142,6 +144,8 @@ def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int) -> a
         curvature_upd_interval=spec.interval,
         preconditioner_upd_interval=spec.interval,
     )
+    if spec.method == "fngd":
+        kwargs.update(iters_per_epoch=steps_per_epoch, alpha=c.fngd_alpha)
     return make_gradient_maker(spec.method, model, config, **kwargs)
 
 

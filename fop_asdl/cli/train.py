@@ -55,7 +55,7 @@ class Trainer:
         self.batches = EpochBatches(data, c, spec.batch_size, spec.seed, topo)
         self.optimizer = build_optimizer(spec, self.model)
         self.scheduler = build_scheduler(spec, self.optimizer, self.batches.steps_per_epoch)
-        self.maker = build_gradient_maker(spec, self.model, self.batches.local)
+        self.maker = build_gradient_maker(spec, self.model, self.batches.local, self.batches.steps_per_epoch)
         self.loss_fn = loss_function(c)
         self.stats = BlockStats() if spec.method == "fop" else None
         self.history: List[Dict[str, Any]] = []

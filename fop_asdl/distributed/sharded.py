@@ -23,7 +23,7 @@ from .comm import Communicator
 __all__ = ["ShardedSync", "resolve_sub_batches"]
 
 Shapes = Tuple[torch.Size, Optional[torch.Size]]
-N_STATS = 9  # s, β, η, A, D, E and the three KL terms (fop_asdl.maker.STAT_KEYS); K-FAC has 1
+N_STATS = 9  # s, β, η, A, D, E and the three KL terms (fop_asdl.fop.STAT_KEYS); K-FAC has 1
 
 
 def resolve_sub_batches(sub_batches: str, world_size: int) -> str:
@@ -70,8 +70,7 @@ class ShardedSync(LocalSync):
         return [name for name in self._blocks if self.assignment[name] == rank]
 
     # --- gradients ------------------------------------------------------------------------------
-    def reduce_gradients(self, sums: Dict[str, HalfSums], counts: Tuple[int, int], loss_sum: Tensor,
-                         others: Sequence[nn.Parameter]):
+    def reduce_counts_and_others(self, counts: Tuple[int, int], loss_sum: Tensor, others: Sequence[nn.Parameter]):
         device, dtype = self.comm.device, self._dtype
         grads = [p for p in others if p.grad is not None]
         head = torch.tensor([counts[0], counts[1]], dtype=dtype, device=device)
@@ -81,9 +80,12 @@ class ShardedSync(LocalSync):
         for p in grads:
             p.grad.copy_(small[offset:offset + p.numel()].view_as(p.grad))
             offset += p.numel()
-        n1, n2 = small[0], small[1]
+        return (small[0], small[1]), small[2]
+
+    def reduce_block_sums(self, sums: Dict[str, HalfSums]) -> Dict[str, HalfSums]:
         if not sums:
-            return {}, (n1, n2), small[2]
+            return {}
+        device, dtype = self.comm.device, self._dtype
         halves = 2 if self.two_gradients else 1
         shapes = {name: _shapes_of(s) for name, s in sums.items()}
         owned: Dict[str, HalfSums] = {}
@@ -111,7 +113,7 @@ class ShardedSync(LocalSync):
                         piece, offset = _unflatten(buffer, offset, shapes[name])
                         pieces.append(piece)
                     owned[name] = (pieces[0], pieces[1] if halves == 2 else None)
-        return owned, (n1, n2), small[2]
+        return owned
 
     def _reduce_by_parity(self, sums: Dict[str, HalfSums], names: List[str], shapes: Dict[str, Shapes],
                           owner: int) -> Optional[Dict[str, HalfSums]]:
@@ -153,6 +155,44 @@ class ShardedSync(LocalSync):
                     offset += t.numel()
                 owned.update({name: curvature[name] for name in names})
         return owned
+
+    def sum_over_ranks(self, buffer: Tensor) -> Tensor:
+        self.comm.all_reduce(buffer)
+        return buffer
+
+    def rows_at_owners(self, rows: Dict[str, Sequence[Tensor]]) -> Dict[str, List[Tensor]]:
+        """A reduce per owner of zero-padded buffers (each rank fills its own rows; adding zeros is exact).
+        It moves W times the data a gather would, and needs the same leading size on every rank, which one
+        small all-reduce of (m, m²) checks (Σm² = W·m̄² only if all m are equal)."""
+        m = next(t.shape[0] for tensors in rows.values() for t in tensors)
+        sizes = torch.tensor([m, m * m], dtype=torch.float64, device=self.comm.device)
+        self.comm.all_reduce(sizes)
+        if sizes.tolist() != [m * self.world_size, m * m * self.world_size]:
+            raise ValueError(f"coefficient_scope='global' needs the same batch size on every rank; rank {self.rank} "
+                             f"has {m} samples. Give every rank the same number (drop_last=True).")
+        gathered: Dict[str, List[Tensor]] = {}
+        for owner in range(self.world_size):
+            names = [name for name in self._owned_by(owner) if name in rows]
+            if not names:
+                continue
+            tensors = [t for name in names for t in rows[name]]
+            buffer = torch.zeros(self.world_size * sum(t.numel() for t in tensors), dtype=tensors[0].dtype,
+                                 device=self.comm.device)
+            offset = 0
+            for t in tensors:
+                buffer[offset + self.rank * t.numel():offset + (self.rank + 1) * t.numel()] = t.reshape(-1)
+                offset += self.world_size * t.numel()
+            self.comm.reduce(buffer, dst=owner)
+            if owner != self.rank:
+                continue
+            offset = 0
+            for name in names:
+                gathered[name] = []
+                for t in rows[name]:
+                    size = self.world_size * t.numel()
+                    gathered[name].append(buffer[offset:offset + size].view(self.world_size * m, *t.shape[1:]))
+                    offset += size
+        return gathered
 
     def any_bad(self, flags: Tensor) -> Tensor:
         flags = flags.clone()

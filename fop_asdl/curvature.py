@@ -1,0 +1,380 @@
+"""ASDL's Kronecker-factored curvature on the shared step (:mod:`fop_asdl.step`): the base of FOP and K-FAC.
+
+ASDL's Fisher pass runs inside the step's forward/backward passes (one per micro-batch), writing into fresh
+matrices that are summed over chunks and ranks and committed (EMA, inverses) only once the step is known to
+be finite. The per-block gradient sums come from :mod:`fop_asdl.halves`. Subclasses say what a block's
+preconditioned gradient is (:meth:`CurvatureStepMaker._precondition`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import asdl
+import torch
+from asdl.matrices import FISHER_MC
+from torch import Tensor, nn
+
+from .blocks import BlockVector, divided, flat_block, has_inverse, matrix_tensors
+from .capture import BlockCapture, Chunk
+from .chunks import summed_loss_backward, validate_micro_batch_size
+from .compat import _INVALID, KfacGradientMaker, eager_module, kept_requires_grad, reject_ddp, robust_update_inv
+from .halves import BlockSum, add_sums, half_sums
+from .projection import average_and_difference
+from .step import SteppedGradientMaker, ignoring_unsupported, make_sync, write_block
+from .sync import HalfSums
+from .trust_region import LearningRate, kl_clip_factor, validate_kl_clip
+
+__all__ = ["BlockGradients", "CurvatureStepMaker", "CurvaturePlan"]
+
+#: Per block: (g_avg, g_diff or None), unstacked (weight, bias) pairs as ASDL's matrices act on them.
+BlockGradients = Dict[str, Tuple[BlockVector, Optional[BlockVector]]]
+
+
+@dataclasses.dataclass
+class CurvaturePlan:
+    """What one step of a curvature method does, and what it has produced so far."""
+
+    update_curvature: bool
+    update_inverse: bool
+    dropped: List[str] = dataclasses.field(default_factory=list)  # blocks whose inverses were freed
+    curvature: Dict[str, Any] = dataclasses.field(default_factory=dict)  # this step's sums, by block
+    gradients: BlockGradients = dataclasses.field(default_factory=dict)
+
+
+class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
+    """``asdl.KfacGradientMaker`` (with the compat fixes) whose step is :class:`SteppedGradientMaker`'s.
+
+    Curvature, EMA, damping and update intervals come from ``config`` exactly as for K-FAC. Subclasses set
+    ``two_gradients`` (whether B1 and B2 are kept apart) and implement :meth:`_precondition`.
+
+    Args beyond ``asdl.KfacGradientMaker``'s:
+        micro_batch_size: run each step as ⌈n / micro_batch_size⌉ forward/backward passes whose gradients
+            (per sub-batch) and curvature add up to those of the whole batch; memory is bounded by the
+            micro-batch. None: one pass.
+        sub_batches: with ``torch.distributed`` initialised, how B1 and B2 are formed: ``"ranks"`` (even
+            ranks' batches vs odd ranks'), ``"halves"`` (every rank's first ⌈n/2⌉ samples vs the rest) or
+            ``"auto"`` ("ranks" for an even world size, else "halves"). Ignored in one process.
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 autocast: every backward pass starts from the
+            scaled loss, so ``p.grad`` holds scaled results for ``scaler.step(optimizer)`` to unscale. A step
+            with NaN/Inf then does not raise: it commits nothing, fills the blocks' ``p.grad`` with NaN so that
+            ``scaler.step`` skips it, and sets ``last_step_skipped``.
+        kl_clip: trust-region bound κ (:mod:`fop_asdl.trust_region`): the preconditioned block gradients are
+            scaled together by ν = min(1, sqrt(κ / (lr² Σ_l ‖Δ_l‖²_F̃))). None: off (the paper's method).
+        lr: the optimizer's learning rate for kl_clip, a float or a zero-argument callable returning the
+            current one (e.g. ``lambda: optimizer.param_groups[0]["lr"]``, so a scheduler is followed).
+        ema_bias_correction: ASDL's EMA starts from zero, so after k updates it holds (1 − (1 − d)^k) of the
+            curvature's scale (0.05 F after the first at ``ema_decay`` d = 0.05). True divides every factor by
+            that, as Adam does, so the first steps are preconditioned by the curvature itself. The count k of
+            each block is kept in ``state_dict()``.
+
+    Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its
+    inverses and the per-sub-batch gradients are computed in the parameters' precision.
+
+    After each step ``last_stats[block name]`` holds the method's per-block stats (``stat_keys``) as 0-d
+    device tensors, and with kl_clip ``last_nu`` holds ν (the same on every rank).
+    """
+
+    two_gradients = True
+    #: Names of the per-block stats :meth:`_precondition` returns; those starting with "kl_" add up to ‖Δ‖²_F̃.
+    stat_keys: Tuple[str, ...] = ()
+    #: Several ranks run the sharded path (fop_asdl.distributed), not ASDL's.
+    single_process_only = False
+
+    def __init__(self, model: nn.Module, config: asdl.PreconditioningConfig,
+                 fisher_type: str = FISHER_MC, loss_type: str = "cross_entropy",
+                 scale: float = 1.0, grad_scale: float = 1.0, n_mc_samples: int = 1, var: float = 1.0,
+                 seed: Optional[int] = None, swift: bool = False, micro_batch_size: Optional[int] = None,
+                 sub_batches: str = "auto", grad_scaler: Optional[torch.amp.GradScaler] = None,
+                 kl_clip: Optional[float] = None, lr: Optional[LearningRate] = None,
+                 ema_bias_correction: bool = False):
+        self.kl_clip, self._lr = validate_kl_clip(kl_clip, lr)
+        self.ema_bias_correction = bool(ema_bias_correction)
+        self._ema_updates: Dict[str, int] = {}  # per block: EMA updates committed so far
+        self.last_nu: Optional[Tensor] = None
+        self.last_stats: Dict[str, Dict[str, Tensor]] = {}
+        self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
+        self.grad_scaler = grad_scaler
+        self.last_step_skipped = False
+        reject_ddp(model)
+        model = eager_module(model)
+        config = ignoring_unsupported(model, config, self.method_label)
+        super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
+                         grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift)
+        self._sync = make_sync(model, self.named_modules_for_curvature, sub_batches, self.two_gradients)
+        if swift and (self.micro_batch_size is not None or self._sync.world_size > 1):
+            raise ValueError("swift=True (SKFAC) keeps per-sample factor matrices that cannot be summed over "
+                             "micro-batches or ranks; use swift=False with micro_batch_size or torch.distributed.")
+        self._shapes: Optional[Dict[str, Tuple[torch.Size, Optional[torch.Size]]]] = None
+
+    def _precondition(self, gradients: BlockGradients) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
+        """(preconditioned gradient, per-block stats or None) of every owned block, from the committed
+        curvature and inverses; ``gradients`` may be consumed."""
+        raise NotImplementedError
+
+    # --- the step's hooks -----------------------------------------------------------------------------
+    @property
+    def _step_blocks(self) -> Sequence[Tuple[str, nn.Module]]:
+        return self.named_modules_for_curvature
+
+    def _min_local_batch(self) -> Tuple[int, str]:
+        if self.two_gradients and self._sync.splits_locally:
+            return 2, f"{self.method_label} splits every batch into two halves"
+        return 1, f"{self.method_label} needs samples"
+
+    def _local_split(self, batch_size: int) -> int:
+        return self._sync.local_split(batch_size, self.two_gradients)
+
+    def _begin_step(self, batch_size: int) -> CurvaturePlan:
+        step = self.state["step"]
+        update_curvature = self.do_update_curvature(step)
+        # Without an EMA the new curvature replaces the old, so its inverse must follow at once.
+        update_inverse = self.do_update_preconditioner(step) or (update_curvature and not self.do_accumulate)
+        plan = CurvaturePlan(update_curvature, update_inverse)
+        # The old inverses are about to be replaced: free them to make room for the new curvature. Should
+        # the step fail, they are rebuilt bit for bit from the untouched old factors.
+        if update_curvature and update_inverse:
+            plan.dropped = self._drop_inverses()
+        return plan
+
+    def _pass_context(self, plan: CurvaturePlan) -> ContextManager:
+        return self._fresh_curvature(plan)
+
+    def _chunk_backward(self, capture: BlockCapture, plan: CurvaturePlan, first: bool) -> None:
+        if plan.update_curvature:
+            self._curvature_chunk(capture, first)
+        else:
+            summed_loss_backward(self, self.grad_scaler)
+
+    def _accumulate(self, module: nn.Module, x: Tensor, grad_out: Tensor, chunk: Chunk,
+                    previous: Optional[List[Optional[BlockSum]]]) -> List[Optional[BlockSum]]:
+        new = half_sums(module, x, grad_out, chunk.split)
+        # Chunks of a micro-batched step, and modules called more than once (shared weights), add up.
+        return new if previous is None else [add_sums(a, b) for a, b in zip(previous, new)]
+
+    def _finish(self, plan: CurvaturePlan, records: Dict[str, List[Optional[BlockSum]]],
+                counts: Tuple[Any, Any]) -> Dict[str, List[Tensor]]:
+        if plan.curvature and self.grad_scaler is not None and self.fisher_maker.is_fisher_emp:
+            # The empirical Fisher comes from the scaled loss's own gradients: its output-side factors carry
+            # the scale squared.
+            scale_squared = self.grad_scaler.scale(torch.ones((), device=self.device)) ** 2
+            for matrix in plan.curvature.values():
+                output_side = [matrix.kron.B] if matrix.has_kron else []
+                output_side += [matrix.unit.data] if matrix.has_unit else []
+                for tensor in output_side:
+                    tensor.div_(scale_squared)
+        sums = self._sync.reduce_block_sums({name: tuple(halves) for name, halves in records.items()})
+        n1, n2 = counts
+        plan.gradients = self._block_gradients(sums, n1, n2)
+        plan.curvature = self._sync.reduce_curvature(plan.curvature) if plan.update_curvature else {}
+        self._scale_curvature(plan.curvature, n1 + n2)
+        # g_avg = (S1 + S2)/n is non-finite whenever S1 or S2 is (inf - inf is NaN), so g_diff needs no check.
+        return {"gradient": [t for g_avg, _ in plan.gradients.values() for t in g_avg if t is not None],
+                "curvature": [t for matrix in plan.curvature.values() for t in matrix_tensors(matrix)]}
+
+    def _commit(self, plan: CurvaturePlan) -> None:
+        self._commit_curvature(plan.curvature)
+        if plan.update_inverse:
+            self._invert_all()
+        results = self._sync.share(self._precondition(plan.gradients), self._block_shapes())
+        self._write_results(results)
+
+    def _roll_back(self, plan: CurvaturePlan) -> None:
+        self._rebuild_inverses(plan.dropped)
+        plan.dropped = []
+
+    def _write_results(self, results: Dict[str, Tuple[BlockVector, Optional[Tensor]]]) -> None:
+        """Every block's shared result into ``p.grad`` (scaled by ν with kl_clip) and its stats into
+        ``last_stats``."""
+        self.last_stats = {name: dict(zip(self.stat_keys, results[name][1].unbind()))
+                           for name, _ in self.named_modules_for_curvature
+                           if name in results and results[name][1] is not None}
+        nu = None
+        if self.kl_clip is not None:
+            kl = [v for stats in self.last_stats.values() for k, v in stats.items() if k.startswith("kl_")]
+            scale = None if self.grad_scaler is None else self.grad_scaler._get_scale_async()
+            nu = kl_clip_factor(kl, self.kl_clip, self._lr, scale) if kl else None
+            self.last_nu = nu
+        for name, module in self.named_modules_for_curvature:
+            if name not in results:
+                continue
+            vector, stats = results[name]
+            if nu is not None and stats is not None:
+                # NaN stats: the owner had no curvature and wrote the plain gradient, which ν does not scale
+                factor = torch.where(torch.isnan(stats[-1]), torch.ones_like(nu), nu)
+                vector = (vector[0] * factor, None if vector[1] is None else vector[1] * factor)
+            write_block(module, vector)
+
+    # --- ASDL's curvature inside the step -------------------------------------------------------------
+    @contextlib.contextmanager
+    def _fresh_curvature(self, plan: CurvaturePlan) -> Iterator[None]:
+        """During the block, ASDL's Fisher passes write into fresh matrices, which fill ``plan.curvature`` on
+        exit; the stored curvature stays untouched until the step is known to be finite."""
+        new = plan.curvature
+        if not plan.update_curvature:
+            yield
+            return
+        attr = self._fisher_attr
+        named = self.named_modules_for_curvature
+        stored = {m: getattr(m, attr) for _, m in named if hasattr(m, attr)}
+        for module in stored:
+            delattr(module, attr)
+        try:
+            yield
+            new.update({name: getattr(m, attr) for name, m in named if getattr(m, attr, None) is not None})
+        finally:
+            for _, module in named:
+                if module in stored:
+                    setattr(module, attr, stored[module])
+                elif hasattr(module, attr):
+                    delattr(module, attr)
+
+    def _curvature_chunk(self, capture: BlockCapture, first: bool) -> None:
+        """ASDL's Fisher pass on one chunk (its forward, Fisher backward(s) and the loss backward), with
+        the curvature summed over the chunk's samples (data_size=1) and added to that of earlier chunks."""
+        fisher_maker = self.fisher_maker
+        fisher_loop = fisher_maker._fisher_loop
+
+        def loop_without_capture(closure):  # Monte-Carlo / exact Fisher backward passes: not the loss
+            if not bool(torch.isfinite(fisher_maker._logits).all()):  # sampling from NaN logits fails obscurely
+                raise FloatingPointError(f"{self.method_label} step aborted: NaN or Inf in the model output. "
+                                         "Nothing was updated; lower the learning rate or raise the damping.")
+            capture.active = False
+            try:
+                fisher_loop(closure)
+            finally:
+                capture.active = True
+
+        fisher_maker._fisher_loop = loop_without_capture
+        if self.grad_scaler is not None:  # ASDL backpropagates fisher_maker._loss: make that the scaled loss
+            call_loss = fisher_maker.call_loss
+
+            def scaled_call_loss():
+                self._unscaled_loss = call_loss()
+                fisher_maker._loss = self.grad_scaler.scale(self._unscaled_loss)
+                return fisher_maker._loss
+
+            fisher_maker.call_loss = scaled_call_loss
+        seed = fisher_maker.config.seed
+        if not first:
+            fisher_maker.config.seed = None  # re-seeding each chunk would repeat the first chunk's draws
+        scale = self.scale * (self.config.ema_decay if self.do_accumulate else 1.0)
+        try:
+            with kept_requires_grad(self.model):
+                self.delegate_forward_and_backward(fisher_maker, data_size=1, scale=scale, accumulate=not first,
+                                                   calc_loss_grad=True, calc_inv=False)
+        finally:
+            del fisher_maker._fisher_loop
+            fisher_maker.__dict__.pop("call_loss", None)
+            fisher_maker.config.seed = seed
+        if self.grad_scaler is not None:
+            self._loss = self._unscaled_loss
+
+    def _block_gradients(self, sums: Dict[str, HalfSums], n1, n2) -> BlockGradients:
+        """(g_avg, g_diff) per owned block (g_diff None for K-FAC), as (weight, bias) pairs without the
+        stacking dimension, Conv2d weights flattened to the (out, in·kh·kw) matrix ASDL's Kron acts on."""
+        shapes = self._block_shapes()
+        out = {}
+        while sums:  # consume the sums: each block holds two copies of its gradient, not four
+            name, (sum1, sum2) = sums.popitem()
+            sum1, sum2 = (flat_block(s, shapes[name]) for s in (sum1, sum2))
+            if not self.two_gradients:
+                total = add_sums(sum1, sum2)
+                out[name] = (divided(total, n1 + n2), None)
+                continue
+            w_avg, w_diff = average_and_difference(sum1[0], sum2[0], n1, n2)
+            b_avg, b_diff = (None, None) if sum1[1] is None else average_and_difference(sum1[1], sum2[1], n1, n2)
+            out[name] = ((w_avg, b_avg), (w_diff, b_diff))
+        return out
+
+    def _scale_curvature(self, curvature: Dict[str, Any], n) -> None:
+        """Sums over samples → ASDL's scaling: every stored factor divided by data_size (config.data_size, or
+        the global batch size when unset), as ASDL's ``scale / data_size`` does for each factor."""
+        if not curvature:
+            return
+        data_size = n if self.config.data_size == _INVALID else self.config.data_size
+        for matrix in curvature.values():
+            for tensor in matrix_tensors(matrix):
+                tensor.div_(data_size)
+
+    def _commit_curvature(self, new_curvature: Dict[str, Any]) -> None:
+        attr = self._fisher_attr
+        decay = self.config.ema_decay
+        modules = dict(self.named_modules_for_curvature)
+        for name, matrix in new_curvature.items():
+            module = modules[name]
+            stored = getattr(module, attr, None)
+            if self.do_accumulate and self.ema_bias_correction:
+                # m_k = ((1 − d) b_{k−1} m_{k−1} + d F_k) / b_k with b_k = 1 − (1 − d)^k: the EMA over b_k
+                k = self._ema_updates.get(name, 0) + 1 if stored is not None else 1
+                self._ema_updates[name] = k
+                corrected, previous = 1.0 - (1.0 - decay) ** k, 1.0 - (1.0 - decay) ** (k - 1)
+                matrix.mul_(1.0 / corrected)
+                if stored is not None:
+                    stored.mul_((1.0 - decay) * previous / corrected)
+                    stored += matrix
+                    continue
+            elif self.do_accumulate and stored is not None:
+                stored.mul_(1.0 - decay)  # the same EMA as ASDL's update_curvature, per factor
+                stored += matrix
+                continue
+            setattr(module, attr, matrix)
+
+    # --- inverses and state --------------------------------------------------------------------------
+    def _block_shapes(self) -> Dict[str, Tuple[torch.Size, Optional[torch.Size]]]:
+        """(weight, bias) shapes of each block's vectors as the FOP math sees them (Conv2d flattened)."""
+        if self._shapes is None:
+            self._shapes = {}
+            for name, module in self.named_modules_for_curvature:
+                weight = module.weight.shape
+                if isinstance(module, nn.Conv2d):
+                    weight = torch.Size((weight[0], weight[1:].numel()))
+                bias = None if module.bias is None else module.bias.shape
+                self._shapes[name] = (weight, bias)
+        return self._shapes
+
+    def _drop_inverses(self) -> List[str]:
+        """Free the inverses of every block that has them; returns those blocks' names."""
+        dropped = []
+        for name, module in self.named_modules_for_curvature:
+            matrix = getattr(module, self._fisher_attr, None)
+            if not has_inverse(matrix):
+                continue
+            if matrix.has_kron:
+                matrix.kron.A_inv = matrix.kron.B_inv = None
+            else:
+                matrix.unit.inv = None
+            dropped.append(name)
+        return dropped
+
+    def _rebuild_inverses(self, names: List[str]) -> None:
+        modules = dict(self.named_modules_for_curvature)
+        for name in names:  # bit-identical to the dropped ones: so are the factors (compat._diagonals_kept)
+            robust_update_inv(getattr(modules[name], self._fisher_attr), self.config.damping, name,
+                              self._fallback_warned)
+
+    @property
+    def assignment(self) -> Dict[str, int]:
+        """{block name: owner rank}: the rank that keeps, inverts and applies each block's curvature."""
+        return {name: getattr(self._sync, "assignment", {}).get(name, 0)
+                for name, _ in self.named_modules_for_curvature}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Step, curvature and inverses of every block; on several ranks gathered from the owners (a
+        collective: call it on every rank), so it resumes a run of any world size."""
+        state = super().state_dict()
+        for name, count in self._ema_updates.items():  # travels with its block's tensors to every rank
+            if name in state["curvature"]:
+                state["curvature"][name]["ema_updates"] = torch.tensor(count)
+        state["curvature"] = self._sync.gathered_curvature(state["curvature"])
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state of any world size; each rank keeps the curvature of the blocks it owns."""
+        super().load_state_dict(state_dict)
+        self._ema_updates = {name: int(tensors["ema_updates"]) for name, tensors in state_dict["curvature"].items()
+                             if "ema_updates" in tensors and self._sync.owns(name)}
+        for name, module in self.named_modules_for_curvature:
+            if not self._sync.owns(name) and hasattr(module, self._fisher_attr):
+                delattr(module, self._fisher_attr)

@@ -1,0 +1,139 @@
+"""FOPGradientMaker: FOP (FOP_SPEC steps 1-8) behind ASDL's gradient-maker interface."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple, Union
+
+import asdl
+import torch
+from asdl.matrices import FISHER_MC
+from torch import Tensor, nn
+
+from .blocks import BlockVector, apply_inverse, apply_metric, gram, has_inverse, scaled, stacked
+from .compat import kron_damping
+from .curvature import BlockGradients, CurvatureStepMaker
+from .projection import FOPOptions, fop_coefficients
+from .trust_region import LearningRate
+
+__all__ = ["FOPGradientMaker", "STAT_KEYS"]
+
+STAT_KEYS = ("s", "beta", "eta", "A", "D", "E", "kl_base", "kl_cross", "kl_orth")
+
+
+class FOPGradientMaker(CurvatureStepMaker):
+    """FOP as a drop-in replacement of ``asdl.KfacGradientMaker``.
+
+    Each step splits the batch into B1 (first ⌈n/2⌉ samples) and B2 (the rest), forms their gradients
+    g1, g2 from one forward and one backward pass, and writes η (F̃⁻¹ g_avg + β F̃⁻¹ g_perp) into
+    ``p.grad`` of every preconditioned block, where g_perp is the part of g1 − g2 that is Fisher-orthogonal
+    to g_avg. Every other trainable parameter receives the full-batch gradient g_avg. Curvature, EMA,
+    damping and update intervals come from ``config`` exactly as for K-FAC; with ``beta=0.0, eta=None``
+    the result is K-FAC's.
+
+    Args beyond ``asdl.KfacGradientMaker``'s (see :class:`fop_asdl.projection.FOPOptions`):
+        beta: float for a fixed β, or ``"adaptive"`` for β* = D/E per block (eq. 16).
+        beta_range: clamp of the adaptive β*.
+        eta: ``"adaptive"`` for η* per block (eq. 17), or None for η = 1.
+        eta_range: clamp of η*.
+        projection_metric: ``"undamped"`` (F) or ``"damped"`` (F̃) for the projection of step 2.
+        eps: guard for the denominators.
+    and, as for every :class:`~fop_asdl.curvature.CurvatureStepMaker` (see there for ``kl_clip``, ``lr`` and
+    ``ema_bias_correction``):
+        micro_batch_size: run each step as ⌈n / micro_batch_size⌉ forward/backward passes whose gradients
+            (per sub-batch) and curvature add up to those of the whole batch; memory is bounded by the
+            micro-batch. None: one pass.
+        sub_batches: with ``torch.distributed`` initialised, how B1 and B2 are formed: ``"ranks"`` (even
+            ranks' batches vs odd ranks'), ``"halves"`` (every rank's first ⌈n/2⌉ samples vs the rest) or
+            ``"auto"`` ("ranks" for an even world size, else "halves"). Ignored in one process.
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 autocast: every backward pass starts from the
+            scaled loss, so ``p.grad`` holds scaled results for ``scaler.step(optimizer)`` to unscale. A step
+            with NaN/Inf then does not raise: it commits nothing, fills the blocks' ``p.grad`` with NaN so that
+            ``scaler.step`` skips it, and sets ``last_step_skipped``.
+
+    Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its
+    inverses, the per-sub-batch gradients and the FOP scalars are computed in the parameters' precision.
+
+    After each step ``last_stats[block name]`` holds the block's s, β, η, A, D, E and the KL terms as
+    0-d tensors (kept on the device, so reading them is the only sync).
+    """
+
+    method_label = "FOP"
+    stat_keys = STAT_KEYS
+
+    def __init__(self, model: nn.Module, config: asdl.PreconditioningConfig,
+                 fisher_type: str = FISHER_MC, loss_type: str = "cross_entropy",
+                 scale: float = 1.0, grad_scale: float = 1.0, n_mc_samples: int = 1, var: float = 1.0,
+                 seed: Optional[int] = None, swift: bool = False,
+                 beta: Union[float, str] = "adaptive", beta_range: Tuple[float, float] = (-0.5, 0.5),
+                 eta: Optional[str] = "adaptive", eta_range: Tuple[float, float] = (0.0, 2.0),
+                 projection_metric: str = "undamped", eps: float = 1e-12,
+                 micro_batch_size: Optional[int] = None, sub_batches: str = "auto",
+                 grad_scaler: Optional[torch.amp.GradScaler] = None, kl_clip: Optional[float] = None,
+                 lr: Optional[LearningRate] = None, ema_bias_correction: bool = False):
+        self.options = FOPOptions(beta=beta, beta_range=tuple(beta_range), eta=eta,
+                                  eta_range=tuple(eta_range), projection_metric=projection_metric, eps=eps)
+        super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
+                         grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift,
+                         micro_batch_size=micro_batch_size, sub_batches=sub_batches, grad_scaler=grad_scaler,
+                         kl_clip=kl_clip, lr=lr, ema_bias_correction=ema_bias_correction)
+        self._damping_cache: Dict[nn.Module, Tuple[float, float]] = {}
+
+    def _precondition(self, gradients: BlockGradients) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
+        """Steps 2-8 for every owned block, all solved together; ``gradients`` is consumed block by block to
+        keep memory flat."""
+        attr = self._fisher_attr
+        damped = self.options.projection_metric == "damped"
+        results: Dict[str, Tuple[BlockVector, Optional[Tensor]]] = {}
+        names, inverse_products, scalars = [], [], []
+        for name, module in self.named_modules_for_curvature:
+            if name not in gradients:
+                continue  # not owned here, or the block took no part in the loss (autograd leaves None too)
+            g_avg, g_diff = gradients.pop(name)
+            matrix = getattr(module, attr, None)
+            if not has_inverse(matrix):  # no curvature yet for this block: plain gradient, as K-FAC does
+                results[name] = (g_avg, None)
+                continue
+            both = scaled(stacked(g_avg, g_diff), self.grad_scale)  # [g_avg, g_diff]
+            del g_avg, g_diff
+            inv_both = apply_inverse(matrix, both)  # [F̃⁻¹g_avg, F̃⁻¹g_diff] in one product
+            metric_avg = apply_metric(matrix, _slice(both, 0),
+                                      self._metric_damping(module, matrix) if damped else None)
+            with_metric = gram(both, metric_avg)  # ⟨g_a, M g_a⟩, ⟨g_d, M g_a⟩
+            with_inverse = gram(both, inv_both)   # rows g_a, g_d; columns F̃⁻¹g_a, F̃⁻¹g_d
+            scalars.append(torch.stack([with_metric[0, 0], with_metric[1, 0], with_inverse[0, 0],
+                                        with_inverse[0, 1], with_inverse[1, 1]]))
+            names.append(name)
+            inverse_products.append(inv_both)
+        if names:
+            table = torch.stack(scalars)  # (blocks, 5)
+            coef = fop_coefficients(table[:, 0], table[:, 1], table[:, 2], table[:, 3], table[:, 4], self.options)
+            w_avg, w_diff = coef.weight_avg, coef.weight_diff
+            kl_base, kl_cross, kl_orth = coef.kl_terms()
+            stats = torch.stack((coef.s, coef.beta, coef.eta, coef.A, coef.D, coef.E, kl_base, kl_cross, kl_orth), 1)
+            for i, name in enumerate(names):
+                inv_w, inv_b = inverse_products[i]
+                inverse_products[i] = None
+                # η((1 − βs) F̃⁻¹g_avg + β F̃⁻¹g_diff), as fresh tensors so the stacked products can be freed
+                weight = torch.addcmul(inv_w[0] * w_avg[i], inv_w[1], w_diff[i])
+                bias = None if inv_b is None else torch.addcmul(inv_b[0] * w_avg[i], inv_b[1], w_diff[i])
+                results[name] = ((weight, bias), stats[i])
+        return results
+
+    def _metric_damping(self, module: nn.Module, matrix) -> Tuple[float, float]:
+        """(d_A, d_B) of the damped metric, cached until the next inverse update (it costs a sync)."""
+        if module not in self._damping_cache:
+            damping = self.config.damping
+            self._damping_cache[module] = kron_damping(matrix.kron, damping) if matrix.has_kron else (damping,) * 2
+        return self._damping_cache[module]
+
+    def _invert_all(self) -> None:
+        super()._invert_all()
+        self._damping_cache.clear()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._damping_cache.clear()
+
+
+def _slice(vec: BlockVector, j: int) -> BlockVector:
+    """Entry j of a stack, keeping the stacking dimension."""
+    return vec[0][j:j + 1], None if vec[1] is None else vec[1][j:j + 1]

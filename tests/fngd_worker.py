@@ -1,0 +1,80 @@
+"""FNGD training pieces shared by test_fngd.py, the fresh process it resumes in (run as a script), and the
+gloo ranks of its distributed test."""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+import fop_asdl
+
+from conftest import config, step
+
+T = 3          # iterations per epoch
+BATCH = 8      # samples per step (per rank in the distributed test)
+
+
+def net() -> nn.Module:
+    """Conv2d (stride, padding, bias), BatchNorm, Linear with and without bias."""
+    return nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(3 * 3 * 3, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
+
+
+def independent_net() -> nn.Module:
+    """No BatchNorm: samples are independent, so a batch may be cut into micro-batches or ranks."""
+    return nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(3 * 3 * 3, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
+
+
+def build(model_fn=net, **options):
+    torch.manual_seed(0)
+    model = model_fn().double()
+    options.setdefault("iters_per_epoch", T)
+    maker = fop_asdl.make_gradient_maker("fngd", model, config(), **options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return model, maker, opt
+
+
+def batch(i: int, n: int = BATCH):
+    gen = torch.Generator().manual_seed(100 + i)
+    return torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+
+def train(model, maker, opt, steps, batches=batch):
+    grads = []
+    for i in steps:
+        x, t = batches(i)
+        opt.zero_grad(set_to_none=True)
+        step(maker, model, x, t)
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+        opt.step()
+    return grads
+
+
+def distributed(rank: int, world_size: int, store: str, out: str) -> None:
+    """The ranks' share of each global batch of ``world_size`` · BATCH samples, "global" scope, 2 epochs."""
+    import dist_worker
+
+    dist_worker.init(rank, world_size, store)
+    model, maker, opt = build(independent_net, coefficient_scope="global")
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+
+    def batches(i):
+        x, t = batch(i % T, world_size * BATCH)
+        return x[rows], t[rows]
+
+    grads = train(model, maker, opt, range(2 * T), batches)
+    torch.save({"grads": grads, "bank": maker.state_dict()["bank"]}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":  # resume from argv[1], train steps 4..8, save the parameters to argv[2]
+    ckpt_path, out_path = sys.argv[1:3]
+    state = torch.load(ckpt_path, weights_only=False)
+    model, maker, opt = build()
+    model.load_state_dict(state["model"])
+    maker.load_state_dict(state["maker"])
+    opt.load_state_dict(state["opt"])
+    train(model, maker, opt, range(4, 9), lambda i: batch(i % T))
+    torch.save([p.detach() for p in model.parameters()], out_path)
