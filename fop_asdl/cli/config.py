@@ -63,14 +63,15 @@ class ExperimentConfig:
 
     # --- data ---
     dataset: str = "fashion_mnist_subset"
-    """mnist, fashion_mnist, cifar10, cifar100, their long-tailed cifar10_lt / cifar100_lt, or
-    fashion_mnist_subset (the 5000/1000-image subset shipped in the package; needs no file)."""
+    """mnist, fashion_mnist, cifar10, cifar100, their long-tailed mnist_lt / fashion_mnist_lt / cifar10_lt /
+    cifar100_lt, or fashion_mnist_subset (the 5000/1000-image subset shipped in the package; needs no file)."""
     data_dir: Optional[str] = None
     """Folder of <dataset>.npz (mnist.npz, fashion_mnist.npz, cifar10.npz, cifar100.npz); null: $FOP_DATA."""
     download: bool = False
     """Fetch a missing .npz from the official source (md5-checked) into data_dir."""
     imbalance: float = 100.0
-    """ρ of the *_lt datasets: class c keeps its first floor(n_max·ρ^(−c/(C−1))) images."""
+    """ρ of the *_lt datasets: class c keeps its first floor(n_max·ρ^(−c/(C−1))) images (n_max: the smallest
+    class's count); the test set stays balanced."""
     test_split: str = "test"
     """Test arrays x_<split>/y_<split> of the .npz: "test", or "test_exact" (CIFAR-10's bit-exact 1000)."""
     subset_size: Optional[int] = None

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import yaml
 
+from ..data import DatasetFileError
 from . import distributed
 from .batches import load_data
 from .compare import run_compare
@@ -93,7 +94,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", message="Using a non-full backward hook")
     try:
         return _run(args)
-    except (ConfigError, RunDirError, FileNotFoundError) as error:
+    except (ConfigError, RunDirError, FileNotFoundError, DatasetFileError) as error:
         print(f"fop-asdl: error: {error}", file=sys.stderr)
         return 2
     finally:
