@@ -70,7 +70,8 @@ def test_npz_grayscale_gets_channel_dim_and_name_picks_stats(tmp_path: Path) -> 
 
 def test_npz_other_test_split(tmp_path: Path) -> None:
     x = np.zeros((3, 32, 32, 3), dtype=np.uint8)
-    path = _write(tmp_path / "cifar10.npz", x, x, x_test_exact=x[:1], y_test_exact=np.zeros(1, dtype=np.int64))
+    path = _write(tmp_path / "cifar10.npz", x, x, x_test_exact=x[:1],
+                  y_test_exact=np.zeros(1, dtype=np.int64))
     assert load_npz_dataset(path, test_split="test_exact").x_test.shape == (1, 3, 32, 32)
 
 

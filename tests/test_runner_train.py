@@ -69,7 +69,7 @@ def test_compare_picks_lr_per_method_and_reports(tmp_path: Path, capsys) -> None
             "epochs=2",
             "batch_sizes=[100, 200]",
             "methods=[sgd, fop]",
-            "lr_grid={sgd: [0.001, 0.1], fop: [0.05]}",
+            "lr_grid={sgd: [0.001, 0.1], fop: [0.0005, 0.05]}",  # the older form of a grid of lrs
             "seeds=[0, 1]",
             "target_accuracy=0.5",
         ]
@@ -77,19 +77,55 @@ def test_compare_picks_lr_per_method_and_reports(tmp_path: Path, capsys) -> None
     assert code == 0
     table = capsys.readouterr().out
     assert table == (tmp_path / "results.md").read_text()
-    assert "| 100 | sgd @ 0.1 (0.1) | 2 |" in table and "| 200 | fop @ 0.05 (0.1) | 2 |" in table
+    assert "| 100 | sgd @ lr 0.1 (0.1) [edge: lr high] | 2 |" in table
+    assert "| 200 | fop @ lr 0.05 (0.1) [edge: lr high] | 2 |" in table
     assert "| 100 | sgd | 0.001 | 0.001 | – |" in table  # lr 0.001 never reaches 50 % in 2 epochs
     assert (tmp_path / "b100" / "sgd" / "lr0.1_seed1" / "summary.json").exists()
     assert not (tmp_path / "b100" / "sgd" / "lr0.001_seed1").exists()  # only the chosen lr runs other seeds
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [(r["batch_size"], r["method"], r["best_lr"], len(r["runs"])) for r in results] == [
-        (100, "sgd", 0.1, 2),
-        (100, "fop", 0.05, 2),
-        (200, "sgd", 0.1, 2),
-        (200, "fop", 0.05, 2),
+    assert [(r["batch_size"], r["method"], r["best_point"], len(r["runs"])) for r in results] == [
+        (100, "sgd", {"lr": 0.1}, 2),
+        (100, "fop", {"lr": 0.05}, 2),
+        (200, "sgd", {"lr": 0.1}, 2),
+        (200, "fop", {"lr": 0.05}, 2),
     ]
     for png in ("accuracy_vs_epoch.png", "accuracy_vs_time.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_halton_search_over_lr_and_damping(tmp_path: Path, capsys) -> None:
+    """Two Halton trials per method: SGD over lr, K-FAC over lr and damping; the table lists them all."""
+    code = main(["compare", "--no-progress", "--out", str(tmp_path), "--set", *SLICE, "epochs=1",
+                 "batch_sizes=[100]", "methods=[sgd, kfac]", "seeds=[0]", "search=halton", "search_points=2",
+                 "search_space={sgd: {lr: [0.01, 0.1]}, kfac: {lr: [0.01, 0.1], damping: [0.01, 1.0]}}"])
+    assert code == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "Trials per method: 2, Halton points, log-uniform in: sgd lr [0.01, 0.1]; kfac lr [0.01, 0.1], " \
+           "damping [0.01, 1]." in table
+    assert "| batch | method | base lr | damping | lr |" in table
+    assert "| 100 | sgd | 0.0316 |  | 0.0316 |" in table and "| 100 | sgd | 0.0178 |  | 0.0178 |" in table
+    assert "| 100 | kfac | 0.0316 | 0.0464 | 0.0316 |" in table  # lr u = 1/2, damping u = 1/3
+    assert "| 100 | kfac | 0.0178 | 0.215 | 0.0178 |" in table   # lr u = 1/4, damping u = 2/3
+    run = tmp_path / "b100" / "kfac" / "lr0.0316_damping0.0464_seed0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["damping"] == 0.0464
+    assert summary["run"]["point"] == {"lr": 0.0316, "damping": 0.0464}
+    results = json.loads((tmp_path / "results.json").read_text())
+    for r in results:  # with two trials the chosen one is the lowest or highest in every dimension
+        assert [flag.split()[0] for flag in r["edges"]] == list(r["best_point"])
+        assert f"✓ [edge: {', '.join(r['edges'])}]" in table
+
+
+def test_searched_damping_reaches_the_preconditioning_config(monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(
+        protocol, "make_gradient_maker", lambda name, model, config, **kw: seen.append(config)
+    )
+    config = load_config(overrides=["search_space.fop={lr: [0.05, 0.1], damping: [0.01]}"])
+    for method in ("fop", "kfac"):
+        spec = RunSpec.at(config, method, 500, {"lr": 0.05, "damping": 0.01, "ema_decay": 0.2}, 0)
+        build_gradient_maker(spec, SmallCNN(), local_batch=500)
+    assert [(c.damping, c.ema_decay) for c in seen] == [(0.01, 0.2), (0.01, 0.2)]
 
 
 @pytest.mark.parametrize("method, schedule", [("fop", "cosine"), ("adamw", "plateau")])

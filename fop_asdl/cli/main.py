@@ -19,6 +19,7 @@ from .batches import load_data
 from .compare import run_compare
 from .config import ConfigError, ExperimentConfig, build_config, field_docs, load_config
 from .protocol import RunSpec
+from .search import method_points
 from .report import plot_curves, results_markdown
 from .train import RunDirError, train_run
 
@@ -26,8 +27,8 @@ __all__ = ["main", "build_parser"]
 
 CONFIG_FILE = "config.yaml"
 DESCRIPTION = (
-    "Train one run (train) or compare SGD, AdamW, K-FAC and FOP over batch sizes, learning-rate "
-    "grids and seeds (compare), from a YAML config (--config) and overrides (--set)."
+    "Train one run (train) or compare SGD, AdamW, K-FAC and FOP over batch sizes, an equal-budget "
+    "hyperparameter search and seeds (compare), from a YAML config (--config) and overrides (--set)."
 )
 
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override config fields; VALUE is YAML, e.g. --set batch_sizes=[1024,8192] "
-        "epochs=5 lr_grid.fop=[0.01,0.02]",
+        "epochs=5 search_space.fop.damping=[0.01,0.1]",
     )
     common.add_argument(
         "--data-dir", help="folder of the .npz files (same as --set data_dir=...; " "default: $FOP_DATA)"
@@ -76,13 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", help="sgd, adamw, kfac or fop (default: the first of methods)")
     train.add_argument("--batch-size", type=int, help="global batch size (default: the first of batch_sizes)")
     train.add_argument(
-        "--lr", type=float, help="base lr at base_batch (default: the first of lr_grid[method])"
+        "--point",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=VALUE",
+        help="values of the method's hyperparameters, e.g. lr=0.05 damping=0.01 (default: the first "
+        "trial of its search; a name given here replaces that trial's value)",
     )
+    train.add_argument("--lr", type=float, help="base lr at base_batch: the same as --point lr=LR")
     train.add_argument("--seed", type=int, help="seed (default: the first of seeds)")
     sub.add_parser(
         "compare",
         parents=[common],
-        help="the sweep: methods × batch sizes × lr grid × seeds; " "writes results.md and plots",
+        help="the sweep: methods × batch sizes × search trials × seeds; writes results.md and plots",
         **layout,
     )
     return parser
@@ -159,14 +167,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train_point(config: ExperimentConfig, args: argparse.Namespace) -> RunSpec:
+    """The first trial of the method's search, with the values of ``--point`` / ``--lr`` replacing its own."""
     method = args.method or config.methods[0]
-    lr = args.lr
-    if lr is None:
-        if method not in config.lr_grid:
-            raise ConfigError("lr", f"no --lr given and lr_grid has no entry for method {method!r}.")
-        lr = config.lr_grid[method][0]
+    point = method_points(config, method)[0] if method in config.search_space else {}
+    for item in args.point + ([f"lr={args.lr}"] if args.lr is not None else []):
+        name, _, value = item.partition("=")
+        try:
+            point[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError("point", f"expected NAME=NUMBER, got {item!r}.") from None
+    if "lr" not in point:
+        raise ConfigError("lr", f"no --lr given and search_space has no entry for method {method!r}.")
     batch = config.batch_sizes[0] if args.batch_size is None else args.batch_size
-    return RunSpec(config, method, batch, lr, config.seeds[0] if args.seed is None else args.seed)
+    return RunSpec.at(config, method, batch, point, config.seeds[0] if args.seed is None else args.seed)
 
 
 def _save_config(config: ExperimentConfig, out: Path, resume: bool) -> None:

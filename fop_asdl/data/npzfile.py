@@ -86,5 +86,5 @@ def _check_labels(y: np.ndarray, key: str, n_images: int, num_classes: int, path
                                      f"image, ({n_images},).")
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= num_classes:
-        raise DatasetFileError(path, f"array '{key}' holds labels {low}..{high}; expected 0..{num_classes - 1} "
-                                     f"({num_classes} classes).")
+        raise DatasetFileError(path, f"array '{key}' holds labels {low}..{high}; expected "
+                                     f"0..{num_classes - 1} ({num_classes} classes).")
