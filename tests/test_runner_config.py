@@ -103,6 +103,9 @@ def test_legacy_lr_grid_files_load_as_lr_only_search_spaces(tmp_path: Path) -> N
         ("search=random", "search", "unknown value 'random'"),
         ("search_points=4", "search_points", "only for search: halton"),
         ("search=halton", "search_points", "needs the number of trials per method"),
+        ("warmup=-1", "warmup", ">= 0"),
+        ("warmup=2.5", "warmup", "needs a whole number of steps"),
+        ("warmup_unit=iterations", "warmup_unit", "unknown value 'iterations'"),
         ("batch_sizes=[1]", "batch_sizes", "must be >= 2"),
         ("methods=[sgd, lbfgs]", "methods", "unknown value 'lbfgs'"),
         ("model=vgg", "model", "unknown value 'vgg'"),
@@ -198,3 +201,20 @@ def test_searched_values_reach_the_run_config_and_its_name() -> None:
         RunSpec.at(config, "sgd", 500, {"lr": 0.05, "damping": 0.01}, 0)
     with pytest.raises(ConfigError, match="'damping': must be > 0"):
         RunSpec.at(config, "kfac", 500, {"lr": 0.05, "damping": -1.0}, 0)
+
+
+def test_train_runs_the_first_trial_unless_point_or_lr_replace_its_values() -> None:
+    from fop_asdl.cli.main import _train_point, build_parser
+
+    config = load_config(overrides=["search_space.kfac={lr: [0.05, 0.1], damping: [0.1]}"])
+    def point(*args: str, method: str = "kfac") -> RunSpec:
+        return _train_point(config, build_parser().parse_args(["train", "--method", method, *args]))
+
+    assert point().point == {"lr": 0.05, "damping": 0.1}
+    assert point("--point", "damping=0.01", "ema_decay=0.2").point == {"lr": 0.05, "damping": 0.01,
+                                                                        "ema_decay": 0.2}
+    assert point("--lr", "0.3").name == "b1000/kfac/lr0.3_damping0.1_seed0"
+    with pytest.raises(ConfigError, match="'point': expected NAME=NUMBER"):
+        point("--point", "damping")
+    with pytest.raises(ConfigError, match="'momentum'"):
+        point("--point", "momentum=0.9", method="adamw")

@@ -1,6 +1,7 @@
 """The runner end to end on small slices: `train`, `compare`, outputs, bit-identical resume, run options."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 import fop_asdl.cli.protocol as protocol
 import fop_asdl.cli.train as train_module
 from fop_asdl.cli import main
-from fop_asdl.cli.config import load_config
+from fop_asdl.cli.config import ConfigError, load_config
 from fop_asdl.cli.distributed import Topology
 from fop_asdl.cli.protocol import RunSpec, build_gradient_maker
 from fop_asdl.models import SmallCNN
@@ -18,6 +19,8 @@ from fop_asdl.models import SmallCNN
 # A slice of the packaged real Fashion-MNIST subset: 600 train / 200 test images.
 SLICE = ["subset_size=600", "test_size=200", "base_batch=100", "eval_batch_size=100"]
 TIMING = {"train_seconds", "train_seconds_total", "eval_seconds"}
+CPU = torch.device("cpu")
+TOPO = Topology(0, 1, CPU)
 
 
 def _records(run_dir: Path) -> list:
@@ -158,6 +161,7 @@ def test_resume_is_bit_identical(tmp_path: Path, monkeypatch, method: str, sched
         "plateau_patience=0",
         "base_batch=32",
         "update_interval=2",
+        "warmup=4",  # 3 steps per epoch: the resumed epoch 2 continues the warm-up
     ]
     assert main(args + ["--out", str(tmp_path / "whole")]) == 0
 
@@ -243,6 +247,58 @@ def test_micro_batch_size_is_passed_only_when_set_and_useful(monkeypatch) -> Non
         ("sgd", {}),
         ("fop", {}),
     ]
+
+
+def _lrs_of_steps(overrides: list, method: str = "sgd", epochs: int = 2) -> tuple:
+    """The lr each optimizer step used over ``epochs`` epochs of 6 steps (batch 100 of 600 images), and the
+    epochs' records."""
+    from fop_asdl.cli.batches import load_data
+
+    config = load_config(overrides=SLICE + [f"epochs={epochs}"] + overrides)
+    trainer = train_module.Trainer(RunSpec(config, method, 100, 0.1, 0), load_data(config, CPU), TOPO)
+    lrs = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
+    records = [trainer.run_epoch(lambda: None) for _ in range(epochs)]
+    return lrs, records
+
+
+def test_linear_warmup_multiplies_the_cosine_schedule() -> None:
+    lrs, records = _lrs_of_steps(["warmup=4", "schedule=cosine"], method="adamw")
+    cosine = [0.05 * (1 + math.cos(math.pi * t / 12)) for t in range(12)]
+    assert lrs == pytest.approx([c * min(1.0, (t + 1) / 4) for t, c in enumerate(cosine)])
+    assert [r["lr"] for r in records] == pytest.approx([cosine[0], cosine[6]])  # the schedule's own lr
+    assert _lrs_of_steps(["schedule=cosine"])[0] == pytest.approx(cosine)  # the schedule alone is unchanged
+
+
+def test_warmup_in_epochs_then_the_plateau_schedule() -> None:
+    lrs, records = _lrs_of_steps(["warmup=1.5", "warmup_unit=epochs", "schedule=plateau",
+                                  "plateau_patience=0", "plateau_factor=0.5"], method="fop", epochs=3)
+    assert lrs[:9] == pytest.approx([0.1 * (t + 1) / 9 for t in range(9)])  # W = round(1.5 · 6) = 9 steps
+    assert lrs[9:12] == [0.1] * 3 and lrs[12:] == [records[2]["lr"]] * 6  # then the plateau's own values
+
+
+def test_ema_bias_correction_is_passed_only_when_true_and_only_to_curvature_makers(monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(
+        protocol, "make_gradient_maker", lambda name, model, config, **kw: seen.append((name, kw))
+    )
+    for flag in ("false", "true"):
+        config = load_config(overrides=[f"ema_bias_correction={flag}"])
+        for method in ("sgd", "adamw", "kfac", "fop"):
+            build_gradient_maker(RunSpec(config, method, 500, 0.1, 0), SmallCNN(), local_batch=500)
+    on = {"ema_bias_correction": True}
+    assert seen == [("sgd", {}), ("sgd", {}), ("kfac", {}), ("fop", {}),
+                    ("sgd", {}), ("sgd", {}), ("kfac", on), ("fop", on)]
+
+
+def test_a_maker_without_ema_bias_correction_gives_a_config_error(monkeypatch) -> None:
+    def old_maker(name, model, config, **kw):
+        raise TypeError("__init__() got an unexpected keyword argument 'ema_bias_correction'")
+
+    monkeypatch.setattr(protocol, "make_gradient_maker", old_maker)
+    config = load_config(overrides=["ema_bias_correction=true"])
+    with pytest.raises(ConfigError, match="'ema_bias_correction': the installed kfac gradient maker"):
+        build_gradient_maker(RunSpec(config, "kfac", 500, 0.1, 0), SmallCNN(), local_batch=500)
 
 
 def test_each_rank_takes_a_contiguous_slice_of_every_global_batch() -> None:

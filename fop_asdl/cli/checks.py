@@ -14,6 +14,7 @@ from ..models import MODELS
 from .errors import ConfigError
 from .methods import HYPERPARAMETERS, METHODS, RANGES, in_range
 from .search import SEARCH_MODES, method_points, point_text
+from .warmup import WARMUP_UNITS
 
 if TYPE_CHECKING:
     from .config import ExperimentConfig
@@ -121,6 +122,10 @@ def _check_values(c: "ExperimentConfig") -> None:
     _one_of(c.schedule, SCHEDULES, "schedule")
     _require(0 < c.plateau_factor < 1, "plateau_factor", f"must be in (0, 1), got {c.plateau_factor}.")
     _require(c.plateau_patience >= 0, "plateau_patience", f"must be >= 0, got {c.plateau_patience}.")
+    _one_of(c.warmup_unit, WARMUP_UNITS, "warmup_unit")
+    _require(c.warmup >= 0, "warmup", f"must be >= 0, got {c.warmup}.")
+    _require(c.warmup_unit == "epochs" or float(c.warmup).is_integer(), "warmup",
+             f"warmup_unit steps needs a whole number of steps, got {c.warmup}.")
     _require(0 <= c.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {c.label_smoothing}.")
     for name in ("weight_decay", "momentum", "damping", "ema_decay"):
         value = getattr(c, name)

@@ -114,6 +114,12 @@ class ExperimentConfig:
     """plateau: multiply the lr by this when the accuracy stalls."""
     plateau_patience: int = 2
     """plateau: epochs without improvement before the lr drops."""
+    warmup: float = 0
+    """Linear lr warm-up (0: none): step t < W trains at (t+1)/W times the schedule's lr, which the warm-up
+    leaves unchanged (the two multiply). W = warmup steps, or round(warmup · steps per epoch) for
+    warmup_unit epochs."""
+    warmup_unit: str = "steps"
+    """"steps" (warmup a whole number) or "epochs" (at the run's batch size; fractions allowed)."""
     label_smoothing: float = 0.1
     """Label smoothing of the cross-entropy loss."""
     weight_decay: float = 5e-4
@@ -126,6 +132,11 @@ class ExperimentConfig:
     """Damping of the curvature (asdl.PreconditioningConfig.damping)."""
     ema_decay: float = 0.05
     """EMA decay of the curvature factors (asdl.PreconditioningConfig.ema_decay)."""
+    ema_bias_correction: bool = False
+    """kfac/fop: divide the curvature EMA by 1 − (1 − ema_decay)^k after k updates (as Adam does), so the
+    first steps are not preconditioned by a fraction of the curvature. Passed to the makers as
+    ema_bias_correction=True only when true: it works once the makers accept that keyword (until then a
+    clear error names this field); false leaves the makers' calls unchanged."""
     update_interval: Union[int, str] = "auto"
     """Curvature = preconditioner update interval in steps: an int, or "auto" =
     max(5, round(interval_at_base_batch · base_batch / batch)): shorter as the batch grows, never below 5."""

@@ -158,7 +158,8 @@ def build_scheduler(
 
 
 def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int) -> asdl.GradientMaker:
-    """Through ``fop_asdl.make_gradient_maker``; ``micro_batch_size`` only when set and below the batch."""
+    """Through ``fop_asdl.make_gradient_maker``; ``micro_batch_size`` only when set and below the batch,
+    ``ema_bias_correction`` only when true."""
     c = spec.config
     kwargs: Dict[str, Any] = {}
     if c.micro_batch_size is not None and c.micro_batch_size < local_batch:
@@ -171,7 +172,17 @@ def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int) -> a
         curvature_upd_interval=spec.interval,
         preconditioner_upd_interval=spec.interval,
     )
-    return make_gradient_maker(spec.method, model, config, **kwargs)
+    if c.ema_bias_correction:  # only when asked: makers without the option keep working
+        kwargs["ema_bias_correction"] = True
+    try:
+        return make_gradient_maker(spec.method, model, config, **kwargs)
+    except TypeError as error:
+        if "ema_bias_correction" not in str(error):
+            raise
+        raise ConfigError(
+            "ema_bias_correction",
+            f"the installed {spec.method} gradient maker does not take it yet ({error}).",
+        ) from None
 
 
 def loss_function(config: ExperimentConfig) -> nn.Module:

@@ -34,6 +34,7 @@ from .protocol import (
     loss_function,
 )
 from .stats import BlockStats
+from .warmup import warmed_up, warmup_factor, warmup_steps
 
 __all__ = ["train_run", "RunDirError", "CHECKPOINT", "EPOCHS", "SUMMARY"]
 
@@ -55,6 +56,7 @@ class Trainer:
         self.batches = EpochBatches(data, c, spec.batch_size, spec.seed, topo)
         self.optimizer = build_optimizer(spec, self.model)
         self.scheduler = build_scheduler(spec, self.optimizer, self.batches.steps_per_epoch)
+        self.warmup = warmup_steps(c, self.batches.steps_per_epoch)
         self.maker = build_gradient_maker(spec, self.model, self.batches.local)
         self.loss_fn = loss_function(c)
         self.stats = BlockStats() if spec.method == "fop" else None
@@ -105,6 +107,7 @@ class Trainer:
         per_step_schedule = self.scheduler is not None and not isinstance(
             self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
         )
+        done = sum(r["steps"] for r in self.history)  # steps before this epoch: where the warm-up stands
         start = time.perf_counter()
         for x, y in self.batches.epoch():
             self.optimizer.zero_grad(set_to_none=True)
@@ -115,7 +118,8 @@ class Trainer:
             except FloatingPointError:  # FOP refuses a NaN/Inf step rather than taking it
                 self.diverged = True
                 break
-            self.optimizer.step()
+            with warmed_up(self.optimizer, warmup_factor(done + steps, self.warmup)):
+                self.optimizer.step()
             if per_step_schedule:
                 self.scheduler.step()
             loss_sum += loss.detach()
@@ -149,6 +153,7 @@ class Trainer:
             "best_accuracy": max(accuracies, default=None),
             "final_accuracy": accuracies[-1] if accuracies else None,
             "epochs_run": self.epoch,
+            "warmup_steps": self.warmup,
             "diverged": self.diverged,
             "train_seconds": self.history[-1]["train_seconds_total"] if self.history else 0.0,
             "eval_seconds": sum(r["eval_seconds"] for r in self.history),
