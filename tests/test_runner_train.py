@@ -1,13 +1,17 @@
 """The runner end to end on small slices: `train`, `compare`, outputs, bit-identical resume, run options."""
 
+import importlib.metadata
 import json
 import math
+import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import fop_asdl
 import fop_asdl.cli.protocol as protocol
 import fop_asdl.cli.train as train_module
 from fop_asdl.cli import main
@@ -18,9 +22,21 @@ from fop_asdl.models import SmallCNN
 
 # A slice of the packaged real Fashion-MNIST subset: 600 train / 200 test images.
 SLICE = ["subset_size=600", "test_size=200", "base_batch=100", "eval_batch_size=100"]
-TIMING = {"train_seconds", "train_seconds_total", "eval_seconds"}
+TIMING = {"train_seconds", "train_seconds_total", "eval_seconds", "load_average"}
 CPU = torch.device("cpu")
 TOPO = Topology(0, 1, CPU)
+
+
+def _git_head():
+    """What the environment record must say: this checkout's commit, or None outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode != 0 or Path(head.stdout.split()[0]).resolve() != repo:
+        return None
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return {"commit": head.stdout.split()[1], "dirty": bool(dirty)}
 
 
 def _records(run_dir: Path) -> list:
@@ -36,7 +52,7 @@ def test_train_one_epoch_writes_records_summary_and_checkpoint(tmp_path: Path, c
     (record,) = _records(run_dir)
     assert record["epoch"] == 1 and record["steps"] == 6 and record["lr"] == pytest.approx(0.05)
     assert 0.0 < record["train_loss"] < 3.0 and 0.3 <= record["test_accuracy"] <= 1.0
-    assert record["train_seconds"] > 0 and record["eval_seconds"] > 0
+    assert record["train_seconds"] > 0 and record["eval_seconds"] > 0 and record["load_average"] >= 0
     for block in ("conv1", "conv2", "fc1", "fc2"):
         beta, eta = record["fop_stats"][block]["beta"], record["fop_stats"][block]["eta"]
         assert -0.5 <= beta["min"] <= beta["mean"] <= beta["max"] <= 0.5 and beta["steps"] == 6
@@ -55,6 +71,15 @@ def test_train_one_epoch_writes_records_summary_and_checkpoint(tmp_path: Path, c
         "history",
     }
     assert json.loads(capsys.readouterr().out)["best_accuracy"] == record["test_accuracy"]
+    (environment,) = [json.loads(line) for line in (tmp_path / "environment.jsonl").read_text().splitlines()]
+    assert summary["environment"] == environment
+    assert environment["command"] == "fop-asdl " + shlex.join(one_epoch)
+    assert environment["versions"]["torch"] == torch.__version__
+    assert environment["versions"]["asdl"] == importlib.metadata.version("asdfghjkl")
+    assert environment["versions"]["fop_asdl"] == fop_asdl.__version__
+    assert environment["git"] == _git_head()
+    assert environment["threads"]["torch"] == torch.get_num_threads() and environment["cpu"]
+    assert environment["device"] == "cpu" and environment["gpu"] is None and environment["world_size"] == 1
     # The same folder again without --resume is refused rather than overwritten.
     assert main(one_epoch) == 2
     assert "--resume" in capsys.readouterr().err
@@ -85,6 +110,10 @@ def test_compare_picks_lr_per_method_and_reports(tmp_path: Path, capsys) -> None
     assert "| 100 | sgd | 0.001 | 0.001 | – |" in table  # lr 0.001 never reaches 50 % in 2 epochs
     assert (tmp_path / "b100" / "sgd" / "lr0.1_seed1" / "summary.json").exists()
     assert not (tmp_path / "b100" / "sgd" / "lr0.001_seed1").exists()  # only the chosen lr runs other seeds
+    (environment,) = [json.loads(line) for line in (tmp_path / "environment.jsonl").read_text().splitlines()]
+    assert f"`{environment['command']}`; fop_asdl " in table.split("## Environment")[1]
+    for summary in (tmp_path / "b200").glob("*/*/summary.json"):  # every run carries the same record
+        assert json.loads(summary.read_text())["environment"] == environment
     results = json.loads((tmp_path / "results.json").read_text())
     assert [(r["batch_size"], r["method"], r["best_point"], len(r["runs"])) for r in results] == [
         (100, "sgd", {"lr": 0.1}, 2),
@@ -227,6 +256,8 @@ def test_resume_refuses_a_changed_config(tmp_path: Path, capsys) -> None:
     assert main(args + ["--resume", "--set", "damping=0.5"]) == 2
     assert "damping" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0  # unchanged: the finished run is reused
+    lines = (tmp_path / "environment.jsonl").read_text().splitlines()  # one per process that ran
+    assert [json.loads(line)["command"].endswith("--resume") for line in lines] == [False, True]
 
 
 def test_micro_batch_size_is_passed_only_when_set_and_useful(monkeypatch) -> None:
@@ -320,7 +351,6 @@ def test_each_rank_takes_a_contiguous_slice_of_every_global_batch() -> None:
 def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path: Path) -> None:
     """Two CPU ranks (gloo): the sharded maker's state is gathered on every rank, rank 0 alone writes."""
     import os
-    import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -52,6 +52,7 @@ def run_compare(
     data: ArrayDataset,
     topo: Topology,
     out: Path,
+    environment: Dict[str, Any],
     resume: bool = False,
     progress: bool = False,
 ) -> List[MethodResult]:
@@ -60,7 +61,7 @@ def run_compare(
 
     def run(method: str, batch: int, point: Point, seed: int) -> Dict[str, Any]:
         spec = RunSpec.at(config, method, batch, point, seed)
-        summary = train_run(spec, data, topo, out / spec.name, resume=resume, progress=progress)
+        summary = train_run(spec, data, topo, out / spec.name, environment, resume=resume, progress=progress)
         if topo.is_main:
             print(_one_line(spec, summary), file=sys.stderr, flush=True)
         return summary

@@ -17,6 +17,7 @@ from ..data import DatasetFileError
 from . import distributed
 from .batches import load_data
 from .compare import run_compare
+from .environment import ENVIRONMENT, append_environment, describe_environment
 from .config import ConfigError, ExperimentConfig, build_config, field_docs, load_config
 from .protocol import RunSpec
 from .search import method_points
@@ -97,11 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     # ASDL 0.1a5 registers non-full backward hooks; PyTorch warns about them on every curvature pass.
     warnings.filterwarnings("ignore", message="Using a non-full backward hook")
     try:
-        return _run(args)
+        return _run(args, argv)
     except (ConfigError, RunDirError, FileNotFoundError, DatasetFileError) as error:
         print(f"fop-asdl: error: {error}", file=sys.stderr)
         return 2
@@ -109,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         distributed.stop()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, argv: List[str]) -> int:
     if args.resume and args.out is None:
         raise RunDirError("--resume needs --out, the folder of the runs to continue.")
     overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
@@ -123,13 +125,16 @@ def _run(args: argparse.Namespace) -> int:
         f"{time.strftime('%Y%m%d-%H%M%S')}"
     )
     out = distributed.agree(topo, out)
+    environment = describe_environment(argv, topo.device, topo.world_size)
     if topo.is_main:
         _save_config(config, out, args.resume)
+        append_environment(out, environment)
     progress = not args.no_progress and sys.stderr.isatty() and topo.is_main
     spec = _train_point(config, args) if args.command == "train" else None  # validate before loading data
     data = load_data(config, topo.device)
     if spec is not None:
-        summary = train_run(spec, data, topo, out / spec.name, resume=args.resume, progress=progress)
+        summary = train_run(spec, data, topo, out / spec.name, environment, resume=args.resume,
+                            progress=progress)
         if topo.is_main:
             print(
                 json.dumps(
@@ -149,9 +154,10 @@ def _run(args: argparse.Namespace) -> int:
             )
             print(f"outputs: {out / spec.name}", file=sys.stderr)
         return 0
-    results = run_compare(config, data, topo, out, resume=args.resume, progress=progress)
+    results = run_compare(config, data, topo, out, environment, resume=args.resume, progress=progress)
     if topo.is_main:
-        table = results_markdown(config, results)
+        records = [json.loads(line) for line in (out / ENVIRONMENT).read_text().splitlines()]
+        table = results_markdown(config, results, records)
         (out / "results.md").write_text(table)
         (out / "results.json").write_text(
             json.dumps([dataclasses.asdict(r) for r in results], indent=2) + "\n"
@@ -160,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
         print(table, end="")
         print(
             f"outputs: {out} (results.md, results.json, accuracy_vs_epoch.png, accuracy_vs_time.png, "
-            f"one folder per run)",
+            f"{ENVIRONMENT}, one folder per run)",
             file=sys.stderr,
         )
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .compare import MethodResult
 from .config import ExperimentConfig
@@ -45,8 +45,10 @@ def _epochs(x: float) -> str:
     return f"{x:g}" if float(x).is_integer() else f"{x:.1f}"
 
 
-def results_markdown(config: ExperimentConfig, results: List[MethodResult]) -> str:
-    """The comparison table, then the whole search it was built from."""
+def results_markdown(
+    config: ExperimentConfig, results: List[MethodResult], environments: Sequence[Dict[str, Any]]
+) -> str:
+    """The comparison table, the whole search it was built from, and the processes that ran it."""
     n, first = len(config.seeds), config.seeds[0]
     target = _pct(config.target_accuracy)
     trials = len(results[0].search) if results else 0
@@ -80,7 +82,7 @@ def results_markdown(config: ExperimentConfig, results: List[MethodResult]) -> s
             f"| {_spread(best, _pct) if best else DASH}{f' ({diverged} diverged)' if diverged else ''} "
             f"| {speedup} |"
         )
-    return "\n".join(lines + [""] + _search_table(config, results)) + "\n"
+    return "\n".join(lines + [""] + _search_table(config, results) + [""] + _environment(environments)) + "\n"
 
 
 def _edge_note(flags: List[str]) -> str:
@@ -122,6 +124,28 @@ def _search_table(config: ExperimentConfig, results: List[MethodResult]) -> List
                 f"| {DASH if epochs is None else epochs} | {DASH if seconds is None else f'{seconds:.1f}'} "
                 f"| {_pct(s['best_accuracy'])}{' (diverged)' if s['diverged'] else ''} | {chosen} |"
             )
+    return lines
+
+
+def _environment(records: Sequence[Dict[str, Any]]) -> List[str]:
+    """One line per process that worked on the folder (the first run and every resume)."""
+    lines = [
+        "## Environment",
+        "",
+        f"{len(records)} process{'es' if len(records) > 1 else ''} (full records: environment.jsonl, and "
+        f"each run's summary.json):",
+        "",
+    ]
+    for e in records:
+        v, git, t = e["versions"], e["git"], e["threads"]
+        dirty = " (uncommitted changes)" if git and git["dirty"] else ""
+        commit = f" at commit {git['commit'][:12]}{dirty}" if git else ""
+        omp = f", OMP_NUM_THREADS={t['OMP_NUM_THREADS']}" if t["OMP_NUM_THREADS"] else ""
+        lines.append(
+            f"- {e['started']}: `{e['command']}`; fop_asdl {v['fop_asdl']}{commit}, torch {v['torch']}, "
+            f"asdl {v['asdl']}; {e['gpu'] or e['cpu']}, {e['cpus_usable']} of {e['cpu_count']} cores usable, "
+            f"torch threads {t['torch']}{omp}; device {e['device']}, world size {e['world_size']}."
+        )
     return lines
 
 

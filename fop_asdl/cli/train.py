@@ -11,16 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .. import __version__
 from ..data import ArrayDataset
 from .batches import AUGMENT_SEED_OFFSET, EpochBatches, augmentation
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -94,6 +94,7 @@ class Trainer:
             "train_seconds_total": previous + seconds,
             "eval_seconds": eval_seconds,
             "steps": steps,
+            "load_average": _load_average(),
         }
         if self.stats is not None:
             record["fop_stats"] = self.stats.read()
@@ -132,7 +133,7 @@ class Trainer:
         return loss_sum, steps, time.perf_counter() - start
 
     # --- results ----------------------------------------------------------------------------------
-    def summary(self) -> Dict[str, Any]:
+    def summary(self, environment: Dict[str, Any]) -> Dict[str, Any]:
         c, spec = self.spec.config, self.spec
         accuracies = [r["test_accuracy"] for r in self.history]
         reached = next((r for r in self.history if r["test_accuracy"] >= c.target_accuracy), None)
@@ -161,9 +162,7 @@ class Trainer:
                 "test_accuracy": accuracies,
                 "train_seconds_total": [r["train_seconds_total"] for r in self.history],
             },
-            "device": str(self.topo.device),
-            "world_size": self.topo.world_size,
-            "versions": {"torch": torch.__version__, "fop_asdl": __version__},
+            "environment": environment,
         }
         if self.stats is not None:
             summary["fop_stats_per_epoch"] = [r["fop_stats"] for r in self.history]
@@ -219,13 +218,15 @@ def train_run(
     data: ArrayDataset,
     topo: Topology,
     run_dir: Path,
+    environment: Dict[str, Any],
     resume: bool = False,
     progress: bool = False,
 ) -> Dict[str, Any]:
     """Train (or, with ``resume``, continue) the run ``spec`` in ``run_dir``; returns its summary.
 
     Rank 0 writes ``epochs.jsonl`` (one record per epoch), ``checkpoint.pt`` (after every epoch) and
-    ``summary.json`` (at the end). A finished run is not trained again on resume.
+    ``summary.json`` (at the end, with ``environment``: this process's record). A finished run is not
+    trained again on resume.
     """
     trainer = Trainer(spec, data, topo)
     checkpoint = run_dir / CHECKPOINT
@@ -255,10 +256,16 @@ def train_run(
             if topo.is_main:
                 _write_lines(run_dir / EPOCHS, [record], append=True)
                 save_checkpoint(checkpoint, state)
-    summary = trainer.summary()
+    summary = trainer.summary(environment)
     if topo.is_main:
         (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _load_average() -> Optional[float]:
+    """The machine's 1-minute load average after the epoch: above the threads this run uses, other work
+    shared the cores and the epoch's seconds are inflated (its accuracies are not)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def _write_lines(path: Path, records: List[Dict[str, Any]], append: bool = False) -> None:
