@@ -3,6 +3,7 @@
 import dataclasses
 import re
 from pathlib import Path
+from typing import Tuple, Union
 
 import pytest
 
@@ -103,6 +104,10 @@ def test_legacy_lr_grid_files_load_as_lr_only_search_spaces(tmp_path: Path) -> N
         ("search=random", "search", "unknown value 'random'"),
         ("search_points=4", "search_points", "only for search: halton"),
         ("search=halton", "search_points", "needs the number of trials per method"),
+        (("search=halton", "search_points=8", "search_space.sgd.lr=[0.1, 0.1001]"), "search_space.sgd",
+         "trials repeat"),
+        (("search=halton", "search_points=1", "search_space.sgd.momentum=[0.9995, 0.99999]"),
+         "search_space.sgd.momentum", "rounded to 3 digits, leaves momentum in [0, 1)"),
         ("warmup=-1", "warmup", ">= 0"),
         ("warmup=2.5", "warmup", "needs a whole number of steps"),
         ("warmup_unit=iterations", "warmup_unit", "unknown value 'iterations'"),
@@ -122,9 +127,11 @@ def test_legacy_lr_grid_files_load_as_lr_only_search_spaces(tmp_path: Path) -> N
         ("imbalance=0.5", "imbalance", ">= 1"),
     ],
 )
-def test_bad_values_fail_naming_the_field(override: str, field: str, message: str) -> None:
+def test_bad_values_fail_naming_the_field(
+    override: Union[str, Tuple[str, ...]], field: str, message: str
+) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
-        load_config(overrides=[override])
+        load_config(overrides=[override] if isinstance(override, str) else list(override))
     assert info.value.field == field and f"'{field}'" in str(info.value)
 
 

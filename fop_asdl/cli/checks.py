@@ -188,7 +188,8 @@ def _check_search(c: "ExperimentConfig") -> None:
         for p in points:  # a value rounded to 3 digits may leave its range (momentum 0.99996 -> 1.0)
             for name, v in p.items():
                 _require(in_range(name, v), f"search_space.{m}.{name}",
-                         f"the trial {point_text(p)} has {name} {RANGES[name][1]} only before rounding.")
+                         f"the trial {point_text(p)}, rounded to 3 digits, leaves {name} {RANGES[name][1]}: "
+                         f"narrow the range.")
         texts = [point_text(p) for p in points]
         repeated = sorted({t for t in texts if texts.count(t) > 1})
         _require(not repeated, f"search_space.{m}", f"trials repeat ({'; '.join(repeated)}): widen the range "
