@@ -204,6 +204,8 @@ def test_searched_values_reach_the_run_config_and_its_name() -> None:
     assert spec.config.damping == 0.01 and config.damping == 1.0
     assert spec.name == "b500/kfac/lr0.05_damping0.01_seed1"
     assert spec.describe()["point"] == {"lr": 0.05, "damping": 0.01}
+    unordered = RunSpec.at(config, "kfac", 500, {"ema_decay": 0.2, "lr": 0.05, "damping": 0.01}, 0)
+    assert unordered.name == "b500/kfac/lr0.05_damping0.01_ema_decay0.2_seed0"  # one folder per point
     with pytest.raises(ConfigError, match="'damping'"):
         RunSpec.at(config, "sgd", 500, {"lr": 0.05, "damping": 0.01}, 0)
     with pytest.raises(ConfigError, match="'damping': must be > 0"):

@@ -17,11 +17,11 @@ from ..data import DatasetFileError
 from . import distributed
 from .batches import load_data
 from .compare import run_compare
-from .environment import ENVIRONMENT, append_environment, describe_environment
 from .config import ConfigError, ExperimentConfig, build_config, field_docs, load_config
+from .environment import ENVIRONMENT, append_environment, describe_environment
 from .protocol import RunSpec
-from .search import method_points
 from .report import plot_curves, results_markdown
+from .search import method_points
 from .train import RunDirError, train_run
 
 __all__ = ["main", "build_parser"]

@@ -55,8 +55,12 @@ class RunSpec:
     @classmethod
     def at(cls, config: ExperimentConfig, method: str, batch_size: int, point: Mapping[str, float],
            seed: int) -> "RunSpec":
-        """The run at a search point ``{"lr": base lr, other hyperparameter: value, ...}``."""
-        hparams = tuple((k, v) for k, v in point.items() if k != "lr")
+        """The run at a search point ``{"lr": base lr, other hyperparameter: value, ...}``; the other values
+        in :data:`HYPERPARAMETERS` order, so the same point always names the same run folder."""
+        order = HYPERPARAMETERS.get(method, ())
+        rank = {name: i for i, name in enumerate(order)}
+        hparams = tuple(sorted(((k, v) for k, v in point.items() if k != "lr"),
+                               key=lambda kv: rank.get(kv[0], len(order))))
         return cls(config, method, batch_size, point["lr"], seed, hparams)
 
     def __post_init__(self) -> None:
