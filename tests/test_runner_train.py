@@ -322,7 +322,8 @@ def test_ema_bias_correction_is_passed_only_when_true_and_only_to_curvature_make
                     ("sgd", {}), ("sgd", {}), ("kfac", on), ("fop", on)]
 
 
-def test_a_maker_without_ema_bias_correction_gives_a_config_error(monkeypatch) -> None:
+def test_a_maker_without_ema_bias_correction_gives_a_config_error(tmp_path: Path, monkeypatch,
+                                                                  capsys) -> None:
     def old_maker(name, model, config, **kw):
         raise TypeError("__init__() got an unexpected keyword argument 'ema_bias_correction'")
 
@@ -330,6 +331,10 @@ def test_a_maker_without_ema_bias_correction_gives_a_config_error(monkeypatch) -
     config = load_config(overrides=["ema_bias_correction=true"])
     with pytest.raises(ConfigError, match="'ema_bias_correction': the installed kfac gradient maker"):
         build_gradient_maker(RunSpec(config, "kfac", 500, 0.1, 0), SmallCNN(), local_batch=500)
+    # compare refuses at once, before the SGD and AdamW runs that come first
+    args = ["compare", "--no-progress", "--out", str(tmp_path), "--set", *SLICE, "ema_bias_correction=true"]
+    assert main(args) == 2
+    assert "'ema_bias_correction'" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_each_rank_takes_a_contiguous_slice_of_every_global_batch() -> None:

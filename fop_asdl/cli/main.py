@@ -19,7 +19,7 @@ from .batches import load_data
 from .compare import run_compare
 from .config import ConfigError, ExperimentConfig, build_config, field_docs, load_config
 from .environment import ENVIRONMENT, append_environment, describe_environment
-from .protocol import RunSpec
+from .protocol import RunSpec, check_maker_options
 from .report import plot_curves, results_markdown
 from .search import method_points
 from .train import RunDirError, train_run
@@ -118,6 +118,8 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
     saved = args.out / CONFIG_FILE if args.out is not None else None
     config_path = args.config or (saved if args.resume and saved.exists() else None)
     config = load_config(config_path, overrides)
+    if config.ema_bias_correction:  # before anything is written
+        check_maker_options(config)
     topo = distributed.start(config.device)
     out = (
         args.out

@@ -30,6 +30,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "build_gradient_maker",
+    "check_maker_options",
     "loss_function",
 ]
 
@@ -187,6 +188,14 @@ def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int) -> a
             "ema_bias_correction",
             f"the installed {spec.method} gradient maker does not take it yet ({error}).",
         ) from None
+
+
+def check_maker_options(config: ExperimentConfig) -> None:
+    """Build each preconditioned method's maker once on a one-layer model, so that an option the installed
+    makers do not take (``ema_bias_correction``) fails before hours of other methods' runs, not after."""
+    for method in (m for m in config.methods if m in PRECONDITIONED):
+        spec = RunSpec(config, method, config.batch_sizes[0], 1.0, config.seeds[0])
+        build_gradient_maker(spec, nn.Sequential(nn.Linear(2, 2)), local_batch=spec.batch_size)
 
 
 def loss_function(config: ExperimentConfig) -> nn.Module:
