@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fop_asdl.data import ArrayDataset, load_fashion_mnist_subset, load_npz_dataset
+from fop_asdl.data import ArrayDataset, DatasetFileError, load_fashion_mnist_subset, load_npz_dataset
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def test_npz_grayscale_gets_channel_dim_and_name_picks_stats(tmp_path: Path) -> 
 
 def test_npz_other_test_split(tmp_path: Path) -> None:
     x = np.zeros((3, 32, 32, 3), dtype=np.uint8)
-    path = _write(tmp_path / "cifar10.npz", x, x, x_test_exact=x[:1], y_test_exact=np.zeros(1))
+    path = _write(tmp_path / "cifar10.npz", x, x, x_test_exact=x[:1],
+                  y_test_exact=np.zeros(1, dtype=np.int64))
     assert load_npz_dataset(path, test_split="test_exact").x_test.shape == (1, 3, 32, 32)
 
 
@@ -78,12 +79,60 @@ def test_npz_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
         load_npz_dataset(tmp_path / "mnist.npz")
     x = np.zeros((2, 28, 28), dtype=np.uint8)
-    np.savez(tmp_path / "mnist.npz", x_train=x, y_train=np.zeros(2))
-    with pytest.raises(ValueError, match="lacks keys"):
-        load_npz_dataset(tmp_path / "mnist.npz")
     with pytest.raises(ValueError, match="cannot tell the dataset"):
         load_npz_dataset(_write(tmp_path / "images.npz", x, x))
     with pytest.raises(ValueError, match="unknown dataset"):
         load_npz_dataset(tmp_path / "images.npz", dataset="imagenet")
     with pytest.raises(ValueError, match="channel"):
         load_npz_dataset(tmp_path / "images.npz", dataset="cifar10")
+
+
+# --- damaged or wrong dataset files: errors that name the file and the problem --------------------------
+def _arrays(**changes: np.ndarray) -> dict:
+    x = np.zeros((4, 28, 28), dtype=np.uint8)
+    arrays = {"x_train": x, "y_train": np.arange(4), "x_test": x[:2], "y_test": np.arange(2)}
+    return {k: v for k, v in {**arrays, **changes}.items() if v is not None}
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (_arrays(y_test=None), r"lacks the array\(s\) \['y_test'\]"),
+    (_arrays(x_train=np.zeros((4, 28, 28), dtype=np.float32)), "'x_train' has dtype float32; expected uint8"),
+    (_arrays(y_train=np.zeros(4)), "'y_train' has dtype float64; expected integer class labels"),
+    (_arrays(y_train=np.array([0, 1, 2, 10])), r"'y_train' holds labels 0..10; expected 0..9 \(10 classes\)"),
+    (_arrays(y_test=np.array([-1, 0])), "'y_test' holds labels -1..0; expected 0..9"),
+    (_arrays(y_train=np.arange(3)), r"'y_train' has shape \(3,\); expected one label per image, \(4,\)"),
+    (_arrays(x_test=np.zeros((2, 28, 28, 3), dtype=np.uint8)), r"'x_test' has shape \(2, 28, 28, 3\)"),
+    (_arrays(y_train=np.array([0, 1, None, 3], dtype=object)), "'y_train' holds pickled Python objects"),
+])
+def test_wrong_npz_contents_are_named(tmp_path: Path, arrays: dict, message: str) -> None:
+    path = tmp_path / "mnist.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DatasetFileError, match=message) as info:
+        load_npz_dataset(path)
+    assert str(path) in str(info.value) and info.value.path == path
+
+
+def test_damaged_and_foreign_files_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "mnist.npz"
+    path.write_bytes(b"<html>502 Bad Gateway</html>")  # what a failed download leaves behind
+    with pytest.raises(DatasetFileError, match=r"mnist.npz: is not an .npz archive .*b'<html>'"):
+        load_npz_dataset(path)
+    np.savez(path, **_arrays())
+    path.write_bytes(path.read_bytes()[:300])  # truncated: the zip directory at the end is gone
+    with pytest.raises(DatasetFileError, match="mnist.npz: is a damaged .npz archive"):
+        load_npz_dataset(path)
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3))
+    with pytest.raises(DatasetFileError, match="holds a single .npy array, not an .npz archive"):
+        load_npz_dataset(path)
+
+
+def test_corrupted_member_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "mnist.npz"
+    np.savez_compressed(path, **_arrays(x_train=np.arange(4 * 28 * 28).reshape(4, 28, 28).astype(np.uint8)))
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"x_train.npy") + len("x_train.npy") + 40  # inside the first member's deflate stream
+    raw[start:start + 64] = bytes(64)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DatasetFileError, match="array 'x_train' cannot be read"):
+        load_npz_dataset(path)

@@ -3,6 +3,7 @@ import gzip
 import hashlib
 import io
 import pickle
+import shutil
 import struct
 import tarfile
 from pathlib import Path
@@ -12,7 +13,10 @@ import pytest
 import torch
 
 from fop_asdl.augment import crop_flip, sample_crop_flip
+from fop_asdl.cli import main
 from fop_asdl.data import RemoteFile, download_dataset, load_dataset, long_tail_counts, long_tail_indices
+
+SUBSET = Path(__file__).resolve().parent.parent / "fop_asdl" / "_data" / "fashion_mnist_subset.npz"
 
 
 # --- long tail -----------------------------------------------------------------------------------------
@@ -22,6 +26,34 @@ def test_long_tail_counts_match_the_published_cifar_lt_sizes() -> None:
     assert sum(long_tail_counts(5000, 10, 50)) == 13996   # rho = 50
     assert sum(long_tail_counts(500, 100, 100)) == 10847  # CIFAR-100-LT, rho = 100
     assert long_tail_counts(7, 3, 1) == [7, 7, 7]
+
+
+def test_fashion_mnist_lt_and_mnist_lt_counts() -> None:
+    # Fashion-MNIST: 6000 training images per class; issue 12 measured 14 886 images at rho = 100.
+    assert long_tail_counts(6000, 10, 100) == [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
+    assert sum(long_tail_counts(6000, 10, 100)) == 14886
+    assert sum(long_tail_counts(6000, 10, 50)) == 16796
+    # MNIST's smallest class (5: 5421 images) is n_max, so every class can supply its count.
+    assert sum(long_tail_counts(5421, 10, 100)) == 13449
+
+
+def test_fashion_mnist_lt_from_the_packaged_subset_keeps_the_test_set_balanced(tmp_path: Path) -> None:
+    shutil.copy(SUBSET, tmp_path / "fashion_mnist.npz")  # 500 / 100 real images per class
+    for rho in (100.0, 50.0):
+        lt = load_dataset("fashion_mnist_lt", tmp_path, imbalance=rho)
+        assert torch.bincount(lt.y_train, minlength=10).tolist() == long_tail_counts(500, 10, rho)
+        assert torch.bincount(lt.y_test, minlength=10).tolist() == [100] * 10
+    assert long_tail_counts(500, 10, 100)[-1] == 5
+
+
+def test_mnist_lt_takes_n_max_from_the_smallest_class(tmp_path: Path) -> None:
+    labels = np.repeat(np.arange(10), [12, 9, 10, 10, 10, 10, 10, 10, 10, 11])  # class 1 is the smallest
+    x = np.zeros((len(labels), 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "mnist.npz", x_train=x, y_train=labels, x_test=x[:20], y_test=np.arange(20) % 10)
+    lt = load_dataset("mnist_lt", tmp_path, imbalance=3.0)
+    assert torch.bincount(lt.y_train, minlength=10).tolist() == long_tail_counts(9, 10, 3.0)
+    assert long_tail_counts(9, 10, 3.0) == [9, 7, 7, 6, 5, 4, 4, 3, 3, 3]
+    assert len(lt.y_test) == 20
 
 
 def test_long_tail_keeps_the_first_samples_of_each_class_in_array_order() -> None:
@@ -128,6 +160,16 @@ def test_dataset_lookup_uses_data_dir_then_env_and_names_the_fix(tmp_path: Path,
         load_dataset("mnist")
     x = np.zeros((50, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "cifar10.npz", x_train=x, y_train=np.arange(50) % 10, x_test=x[:5],
-             y_test=np.zeros(5))
+             y_test=np.zeros(5, dtype=np.int64))
     lt = load_dataset("cifar10_lt", imbalance=5.0)  # 5 per class: n_c = floor(5 * 5^(-c/9))
     assert torch.bincount(lt.y_train, minlength=10).tolist() == long_tail_counts(5, 10, 5.0)
+
+
+def test_cli_reports_a_damaged_dataset_file_by_name(tmp_path: Path, capsys) -> None:
+    (tmp_path / "mnist.npz").write_bytes(b"\x80\x04\x95 not a zip")  # e.g. a pickle saved under the name
+    code = main(["train", "--no-progress", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--set", "dataset=mnist_lt", "epochs=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"fop-asdl: error: dataset file {tmp_path / 'mnist.npz'}: is not an .npz archive" in err
+    assert "Traceback" not in err

@@ -13,20 +13,23 @@ from typing import List, Optional
 
 import yaml
 
+from ..data import DatasetFileError
 from . import distributed
 from .batches import load_data
 from .compare import run_compare
 from .config import ConfigError, ExperimentConfig, build_config, field_docs, load_config
+from .environment import ENVIRONMENT, append_environment, describe_environment
 from .protocol import RunSpec
 from .report import plot_curves, results_markdown
+from .search import method_points
 from .train import RunDirError, train_run
 
 __all__ = ["main", "build_parser"]
 
 CONFIG_FILE = "config.yaml"
 DESCRIPTION = (
-    "Train one run (train) or compare SGD, AdamW, K-FAC and FOP over batch sizes, learning-rate "
-    "grids and seeds (compare), from a YAML config (--config) and overrides (--set)."
+    "Train one run (train) or compare SGD, AdamW, K-FAC and FOP over batch sizes, an equal-budget "
+    "hyperparameter search and seeds (compare), from a YAML config (--config) and overrides (--set)."
 )
 
 
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override config fields; VALUE is YAML, e.g. --set batch_sizes=[1024,8192] "
-        "epochs=5 lr_grid.fop=[0.01,0.02]",
+        "epochs=5 search_space.fop.damping=[0.01,0.1]",
     )
     common.add_argument(
         "--data-dir", help="folder of the .npz files (same as --set data_dir=...; " "default: $FOP_DATA)"
@@ -75,32 +78,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", help="sgd, adamw, kfac or fop (default: the first of methods)")
     train.add_argument("--batch-size", type=int, help="global batch size (default: the first of batch_sizes)")
     train.add_argument(
-        "--lr", type=float, help="base lr at base_batch (default: the first of lr_grid[method])"
+        "--point",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=VALUE",
+        help="values of the method's hyperparameters, e.g. lr=0.05 damping=0.01 (default: the first "
+        "trial of its search; a name given here replaces that trial's value)",
     )
+    train.add_argument("--lr", type=float, help="base lr at base_batch: the same as --point lr=LR")
     train.add_argument("--seed", type=int, help="seed (default: the first of seeds)")
     sub.add_parser(
         "compare",
         parents=[common],
-        help="the sweep: methods × batch sizes × lr grid × seeds; " "writes results.md and plots",
+        help="the sweep: methods × batch sizes × search trials × seeds; writes results.md and plots",
         **layout,
     )
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     # ASDL 0.1a5 registers non-full backward hooks; PyTorch warns about them on every curvature pass.
     warnings.filterwarnings("ignore", message="Using a non-full backward hook")
     try:
-        return _run(args)
-    except (ConfigError, RunDirError, FileNotFoundError) as error:
+        return _run(args, argv)
+    except (ConfigError, RunDirError, FileNotFoundError, DatasetFileError) as error:
         print(f"fop-asdl: error: {error}", file=sys.stderr)
         return 2
     finally:
         distributed.stop()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, argv: List[str]) -> int:
     if args.resume and args.out is None:
         raise RunDirError("--resume needs --out, the folder of the runs to continue.")
     overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
@@ -114,13 +125,16 @@ def _run(args: argparse.Namespace) -> int:
         f"{time.strftime('%Y%m%d-%H%M%S')}"
     )
     out = distributed.agree(topo, out)
+    environment = describe_environment(argv, topo.device, topo.world_size)
     if topo.is_main:
         _save_config(config, out, args.resume)
+        append_environment(out, environment)
     progress = not args.no_progress and sys.stderr.isatty() and topo.is_main
     spec = _train_point(config, args) if args.command == "train" else None  # validate before loading data
     data = load_data(config, topo.device)
     if spec is not None:
-        summary = train_run(spec, data, topo, out / spec.name, resume=args.resume, progress=progress)
+        summary = train_run(spec, data, topo, out / spec.name, environment, resume=args.resume,
+                            progress=progress)
         if topo.is_main:
             print(
                 json.dumps(
@@ -140,9 +154,10 @@ def _run(args: argparse.Namespace) -> int:
             )
             print(f"outputs: {out / spec.name}", file=sys.stderr)
         return 0
-    results = run_compare(config, data, topo, out, resume=args.resume, progress=progress)
+    results = run_compare(config, data, topo, out, environment, resume=args.resume, progress=progress)
     if topo.is_main:
-        table = results_markdown(config, results)
+        records = [json.loads(line) for line in (out / ENVIRONMENT).read_text().splitlines()]
+        table = results_markdown(config, results, records)
         (out / "results.md").write_text(table)
         (out / "results.json").write_text(
             json.dumps([dataclasses.asdict(r) for r in results], indent=2) + "\n"
@@ -151,21 +166,26 @@ def _run(args: argparse.Namespace) -> int:
         print(table, end="")
         print(
             f"outputs: {out} (results.md, results.json, accuracy_vs_epoch.png, accuracy_vs_time.png, "
-            f"one folder per run)",
+            f"{ENVIRONMENT}, one folder per run)",
             file=sys.stderr,
         )
     return 0
 
 
 def _train_point(config: ExperimentConfig, args: argparse.Namespace) -> RunSpec:
+    """The first trial of the method's search, with the values of ``--point`` / ``--lr`` replacing its own."""
     method = args.method or config.methods[0]
-    lr = args.lr
-    if lr is None:
-        if method not in config.lr_grid:
-            raise ConfigError("lr", f"no --lr given and lr_grid has no entry for method {method!r}.")
-        lr = config.lr_grid[method][0]
+    point = method_points(config, method)[0] if method in config.search_space else {}
+    for item in args.point + ([f"lr={args.lr}"] if args.lr is not None else []):
+        name, _, value = item.partition("=")
+        try:
+            point[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError("point", f"expected NAME=NUMBER, got {item!r}.") from None
+    if "lr" not in point:
+        raise ConfigError("lr", f"no --lr given and search_space has no entry for method {method!r}.")
     batch = config.batch_sizes[0] if args.batch_size is None else args.batch_size
-    return RunSpec(config, method, batch, lr, config.seeds[0] if args.seed is None else args.seed)
+    return RunSpec.at(config, method, batch, point, config.seeds[0] if args.seed is None else args.seed)
 
 
 def _save_config(config: ExperimentConfig, out: Path, resume: bool) -> None:

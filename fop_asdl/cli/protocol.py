@@ -8,8 +8,9 @@ their makers with the same ``asdl.PreconditioningConfig``, so K-FAC and FOP shar
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import asdl
 import torch
@@ -18,7 +19,9 @@ from torch import nn
 from .. import make_gradient_maker
 from ..data import DATASETS, ArrayDataset
 from ..models import build_model
-from .config import METHODS, ConfigError, ExperimentConfig
+from .config import ConfigError, ExperimentConfig
+from .methods import HYPERPARAMETERS, METHODS, PRECONDITIONED
+from .search import Point
 
 __all__ = [
     "RunSpec",
@@ -35,17 +38,40 @@ Scheduler = Union[torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One point of the sweep: ``method`` at global ``batch_size``, base learning rate and seed."""
+    """One point of the sweep: ``method`` at global ``batch_size``, base learning rate, the values of its
+    other searched hyperparameters (``hparams``, e.g. ``(("damping", 0.01),)``) and seed.
+
+    ``config`` is the run's own config: the study's, with ``hparams`` written into their fields (so the
+    maker, the optimizer and ``summary.json`` all see the values that ran).
+    """
 
     config: ExperimentConfig
     method: str
     batch_size: int
     base_lr: float
     seed: int
+    hparams: Tuple[Tuple[str, float], ...] = ()
+
+    @classmethod
+    def at(cls, config: ExperimentConfig, method: str, batch_size: int, point: Mapping[str, float],
+           seed: int) -> "RunSpec":
+        """The run at a search point ``{"lr": base lr, other hyperparameter: value, ...}``; the other values
+        in :data:`HYPERPARAMETERS` order, so the same point always names the same run folder."""
+        order = HYPERPARAMETERS.get(method, ())
+        rank = {name: i for i, name in enumerate(order)}
+        hparams = tuple(sorted(((k, v) for k, v in point.items() if k != "lr"),
+                               key=lambda kv: rank.get(kv[0], len(order))))
+        return cls(config, method, batch_size, point["lr"], seed, hparams)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError("method", f"unknown value {self.method!r}; choose one of {', '.join(METHODS)}.")
+        for name, _ in self.hparams:
+            if name == "lr" or name not in HYPERPARAMETERS[self.method]:
+                raise ConfigError(name, f"{self.method} does not read '{name}' (besides lr it reads "
+                                        f"{', '.join(HYPERPARAMETERS[self.method][1:])}).")
+        if self.hparams:
+            object.__setattr__(self, "config", dataclasses.replace(self.config, **dict(self.hparams)))
         if self.batch_size < 2:
             raise ConfigError(
                 "batch_size", f"must be >= 2 (FOP splits it in two halves), got {self.batch_size}."
@@ -72,14 +98,21 @@ class RunSpec:
         return self.config.epochs_for(self.batch_size)
 
     @property
+    def point(self) -> Point:
+        """The search point: ``{"lr": base lr, **hparams}``."""
+        return {"lr": self.base_lr, **dict(self.hparams)}
+
+    @property
     def name(self) -> str:
-        """Relative run directory: ``b<batch>/<method>/lr<base lr>_seed<seed>``."""
-        return f"b{self.batch_size}/{self.method}/lr{self.base_lr:g}_seed{self.seed}"
+        """Relative run directory: ``b<batch>/<method>/lr<base lr>[_<name><value>...]_seed<seed>``."""
+        values = "".join(f"_{k}{v:g}" for k, v in self.hparams)
+        return f"b{self.batch_size}/{self.method}/lr{self.base_lr:g}{values}_seed{self.seed}"
 
     def describe(self) -> Dict[str, Any]:
         return {
             "method": self.method,
             "batch_size": self.batch_size,
+            "point": self.point,
             "base_lr": self.base_lr,
             "lr": self.lr,
             "seed": self.seed,
@@ -128,15 +161,20 @@ def build_scheduler(
     return None
 
 
-def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int,
-                         steps_per_epoch: Optional[int] = None) -> asdl.GradientMaker:
-    """Through ``fop_asdl.make_gradient_maker``; ``micro_batch_size`` only when set and below the batch;
-    FNGD also gets ``iters_per_epoch`` (where its coefficient epoch ends) and ``alpha``."""
+def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int, steps_per_epoch: Optional[int] = None,
+                         lr: Optional[Callable[[], float]] = None) -> asdl.GradientMaker:
+    """Through ``fop_asdl.make_gradient_maker``: ``micro_batch_size`` only when set and below the batch;
+    K-FAC and FOP get ``kl_clip`` (with ``lr``, the run's current learning rate) and
+    ``ema_bias_correction`` when set; FNGD gets ``iters_per_epoch`` (where its coefficient epoch ends) and
+    ``alpha``."""
     c = spec.config
     kwargs: Dict[str, Any] = {}
     if c.micro_batch_size is not None and c.micro_batch_size < local_batch:
         kwargs["micro_batch_size"] = c.micro_batch_size
-    if spec.method in ("sgd", "adamw"):
+    if spec.method == "fngd":
+        return make_gradient_maker("fngd", model, None, iters_per_epoch=steps_per_epoch, alpha=c.fngd_alpha,
+                                   **kwargs)
+    if spec.method not in PRECONDITIONED:
         return make_gradient_maker("sgd", model, None, **kwargs)
     config = asdl.PreconditioningConfig(
         damping=c.damping,
@@ -144,8 +182,10 @@ def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int,
         curvature_upd_interval=spec.interval,
         preconditioner_upd_interval=spec.interval,
     )
-    if spec.method == "fngd":
-        kwargs.update(iters_per_epoch=steps_per_epoch, alpha=c.fngd_alpha)
+    if c.ema_bias_correction:
+        kwargs["ema_bias_correction"] = True
+    if c.kl_clip is not None:
+        kwargs.update(kl_clip=c.kl_clip, lr=lr)
     return make_gradient_maker(spec.method, model, config, **kwargs)
 
 

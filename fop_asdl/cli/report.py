@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .compare import MethodResult
 from .config import ExperimentConfig
+from .methods import HYPERPARAMETERS
+from .search import point_text
 
 __all__ = ["results_markdown", "plot_curves"]
 
@@ -43,23 +45,27 @@ def _epochs(x: float) -> str:
     return f"{x:g}" if float(x).is_integer() else f"{x:.1f}"
 
 
-def results_markdown(config: ExperimentConfig, results: List[MethodResult]) -> str:
-    """The comparison table, then the lr search it was built from."""
+def results_markdown(
+    config: ExperimentConfig, results: List[MethodResult], environments: Sequence[Dict[str, Any]]
+) -> str:
+    """The comparison table, the whole search it was built from, and the processes that ran it."""
     n, first = len(config.seeds), config.seeds[0]
     target = _pct(config.target_accuracy)
+    trials = len(results[0].search) if results else 0
     lines = [
         f"# {config.dataset}, {config.model}: epochs and seconds to {target} % test accuracy",
         "",
-        f"Each row is one method at its best base learning rate (picked from its grid on seed {first}: "
-        f"fewest epochs to the target, then best accuracy), run with {n} seed{'s' if n > 1 else ''} "
+        f"Each row is one method at the best point of its search ({trials} trials per method on seed "
+        f"{first}: fewest epochs to the target, then best accuracy), run with {n} seed{'s' if n > 1 else ''} "
         f"({', '.join(map(str, config.seeds))}). Values: mean (min{DASH}max) over the seeds. Seconds: "
         f"training time only, evaluation excluded. {DASH}: target never reached; [k/{n} seeds]: only k "
         f"seeds reached it, the mean is over those. Speed-up: SGD's mean seconds to target over the "
         f"method's, at the same batch size (only when every seed of both reached the target). "
-        f"lr = base lr · batch / {config.base_batch}.",
+        f"lr = base lr · batch / {config.base_batch}. [edge: ...]: the chosen value is the lowest or "
+        f"highest tried, so the best may lie beyond the range searched.",
         "",
-        "| batch | method @ base lr (lr) | seeds | epochs to target | seconds to target | best test acc (%) "
-        "| speed-up vs SGD |",
+        "| batch | method @ chosen point (lr) | seeds | epochs to target | seconds to target "
+        "| best test acc (%) | speed-up vs SGD |",
         "|---|---|---|---|---|---|---|",
     ]
     sgd = {r.batch_size: _mean_seconds(r) for r in results if r.method == "sgd"}
@@ -70,32 +76,83 @@ def results_markdown(config: ExperimentConfig, results: List[MethodResult]) -> s
         best = [s["best_accuracy"] for s in r.runs if s["best_accuracy"] is not None]
         diverged = sum(s["diverged"] for s in r.runs)
         lines.append(
-            f"| {r.batch_size} | {r.method} @ {r.best_lr:g} ({lr:.4g}) | {len(r.runs)} "
-            f"| {_to_target(r.runs, 'epochs_to_target', _epochs)} "
+            f"| {r.batch_size} | {r.method} @ {point_text(r.best_point)} ({lr:.4g}){_edge_note(r.edges)} "
+            f"| {len(r.runs)} | {_to_target(r.runs, 'epochs_to_target', _epochs)} "
             f"| {_to_target(r.runs, 'train_seconds_to_target', lambda x: f'{x:.1f}')} "
             f"| {_spread(best, _pct) if best else DASH}{f' ({diverged} diverged)' if diverged else ''} "
             f"| {speedup} |"
         )
-    lines += [
+    return "\n".join(lines + [""] + _search_table(config, results) + [""] + _environment(environments)) + "\n"
+
+
+def _edge_note(flags: List[str]) -> str:
+    return f" [edge: {', '.join(flags)}]" if flags else ""
+
+
+def _search_table(config: ExperimentConfig, results: List[MethodResult]) -> List[str]:
+    """Every trial of the first seed: the values it ran with (searched or, blank if unused, the config's)."""
+    names = list(dict.fromkeys(
+        name for r in results for name in HYPERPARAMETERS[r.method] if name in config.search_space[r.method]
+    ))
+    spaces = "; ".join(
+        f"{m} " + ", ".join(f"{k} {_values(config.search, v)}" for k, v in config.search_space[m].items())
+        for m in config.methods
+    )
+    kind = "every combination of" if config.search == "grid" else "Halton points, log-uniform in"
+    columns = ["base lr" if k == "lr" else k for k in names]
+    lines = [
+        f"## Search (seed {config.seeds[0]})",
         "",
-        f"## Learning-rate search (seed {first})",
+        f"Trials per method: {len(results[0].search) if results else 0}, {kind}: {spaces}. A column a "
+        f"method does not search shows its config value, blank where the method does not use it.",
         "",
-        "| batch | method | base lr | lr | epochs to target | seconds to target | best test acc (%) "
-        "| chosen |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| batch | method | {' | '.join(columns)} | lr | epochs to target | seconds to target "
+        f"| best test acc (%) | chosen |",
+        "|---|---|" + "---|" * len(columns) + "---|---|---|---|---|",
     ]
     for r in results:
-        for s in r.grid:
+        for s in r.search:
             run = s["run"]
-            epochs = s["epochs_to_target"]
-            seconds = s["train_seconds_to_target"]
+            values = [
+                f"{run['point'].get(k, s['config'].get(k)):g}" if k in HYPERPARAMETERS[r.method] else ""
+                for k in names
+            ]
+            epochs, seconds = s["epochs_to_target"], s["train_seconds_to_target"]
+            chosen = f"✓{_edge_note(r.edges)}" if run["point"] == r.best_point else ""
             lines.append(
-                f"| {r.batch_size} | {r.method} | {run['base_lr']:g} | {run['lr']:.4g} "
+                f"| {r.batch_size} | {r.method} | {' | '.join(values)} | {run['lr']:.4g} "
                 f"| {DASH if epochs is None else epochs} | {DASH if seconds is None else f'{seconds:.1f}'} "
-                f"| {_pct(s['best_accuracy'])}{' (diverged)' if s['diverged'] else ''} "
-                f"| {'✓' if run['base_lr'] == r.best_lr else ''} |"
+                f"| {_pct(s['best_accuracy'])}{' (diverged)' if s['diverged'] else ''} | {chosen} |"
             )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _environment(records: Sequence[Dict[str, Any]]) -> List[str]:
+    """One line per process that worked on the folder (the first run and every resume)."""
+    lines = [
+        "## Environment",
+        "",
+        f"{len(records)} process{'es' if len(records) > 1 else ''} (full records: environment.jsonl, and "
+        f"each run's summary.json):",
+        "",
+    ]
+    for e in records:
+        v, git, t = e["versions"], e["git"], e["threads"]
+        dirty = " (uncommitted changes)" if git and git["dirty"] else ""
+        commit = f" at commit {git['commit'][:12]}{dirty}" if git else ""
+        omp = f", OMP_NUM_THREADS={t['OMP_NUM_THREADS']}" if t["OMP_NUM_THREADS"] else ""
+        lines.append(
+            f"- {e['started']}: `{e['command']}`; fop_asdl {v['fop_asdl']}{commit}, torch {v['torch']}, "
+            f"asdl {v['asdl']}; {e['gpu'] or e['cpu']}, {e['cpus_usable']} of {e['cpu_count']} cores usable, "
+            f"torch threads {t['torch']}{omp}; device {e['device']}, world size {e['world_size']}."
+        )
+    return lines
+
+
+def _values(mode: str, values: List[float]) -> str:
+    if mode == "grid":
+        return "{" + ", ".join(f"{v:g}" for v in values) + "}"
+    return f"[{values[0]:g}, {values[1]:g}]"
 
 
 def plot_curves(config: ExperimentConfig, results: List[MethodResult], out_dir: Path) -> List[Path]:
@@ -127,7 +184,7 @@ def plot_curves(config: ExperimentConfig, results: List[MethodResult], out_dir: 
                     if x_key == "epoch"
                     else [statistics.mean(c["train_seconds_total"][i] for c in curves) for i in range(length)]
                 )
-                ax.plot(x, acc, marker=".", label=f"{r.method} @ {r.best_lr:g}")
+                ax.plot(x, acc, marker=".", label=f"{r.method} @ {point_text(r.best_point)}")
             ax.axhline(config.target_accuracy, color="grey", linestyle="--", linewidth=0.8)
             ax.set_title(f"batch {batch}")
             ax.set_xlabel(x_label)

@@ -11,16 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .. import __version__
 from ..data import ArrayDataset
 from .batches import AUGMENT_SEED_OFFSET, EpochBatches, augmentation
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -34,6 +34,7 @@ from .protocol import (
     loss_function,
 )
 from .stats import BlockStats
+from .warmup import warmed_up, warmup_factor, warmup_steps
 
 __all__ = ["train_run", "RunDirError", "CHECKPOINT", "EPOCHS", "SUMMARY"]
 
@@ -55,7 +56,10 @@ class Trainer:
         self.batches = EpochBatches(data, c, spec.batch_size, spec.seed, topo)
         self.optimizer = build_optimizer(spec, self.model)
         self.scheduler = build_scheduler(spec, self.optimizer, self.batches.steps_per_epoch)
-        self.maker = build_gradient_maker(spec, self.model, self.batches.local, self.batches.steps_per_epoch)
+        self.warmup = warmup_steps(c, self.batches.steps_per_epoch)
+        self._warmup_now = 1.0  # the warm-up factor of the step being taken
+        self.maker = build_gradient_maker(spec, self.model, self.batches.local, self.batches.steps_per_epoch,
+                                          lr=lambda: self.optimizer.param_groups[0]["lr"] * self._warmup_now)
         self.loss_fn = loss_function(c)
         self.stats = BlockStats() if spec.method == "fop" else None
         self.history: List[Dict[str, Any]] = []
@@ -92,6 +96,7 @@ class Trainer:
             "train_seconds_total": previous + seconds,
             "eval_seconds": eval_seconds,
             "steps": steps,
+            "load_average": _load_average(),
         }
         if self.stats is not None:
             record["fop_stats"] = self.stats.read()
@@ -105,8 +110,10 @@ class Trainer:
         per_step_schedule = self.scheduler is not None and not isinstance(
             self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
         )
+        done = sum(r["steps"] for r in self.history)  # steps before this epoch: where the warm-up stands
         start = time.perf_counter()
         for x, y in self.batches.epoch():
+            self._warmup_now = warmup_factor(done + steps, self.warmup)
             self.optimizer.zero_grad(set_to_none=True)
             dummy_y = self.maker.setup_model_call(self.model, x)
             self.maker.setup_loss_call(self.loss_fn, dummy_y, y)
@@ -115,7 +122,8 @@ class Trainer:
             except FloatingPointError:  # FOP refuses a NaN/Inf step rather than taking it
                 self.diverged = True
                 break
-            self.optimizer.step()
+            with warmed_up(self.optimizer, self._warmup_now):
+                self.optimizer.step()
             if per_step_schedule:
                 self.scheduler.step()
             loss_sum += loss.detach()
@@ -128,7 +136,7 @@ class Trainer:
         return loss_sum, steps, time.perf_counter() - start
 
     # --- results ----------------------------------------------------------------------------------
-    def summary(self) -> Dict[str, Any]:
+    def summary(self, environment: Dict[str, Any]) -> Dict[str, Any]:
         c, spec = self.spec.config, self.spec
         accuracies = [r["test_accuracy"] for r in self.history]
         reached = next((r for r in self.history if r["test_accuracy"] >= c.target_accuracy), None)
@@ -149,6 +157,7 @@ class Trainer:
             "best_accuracy": max(accuracies, default=None),
             "final_accuracy": accuracies[-1] if accuracies else None,
             "epochs_run": self.epoch,
+            "warmup_steps": self.warmup,
             "diverged": self.diverged,
             "train_seconds": self.history[-1]["train_seconds_total"] if self.history else 0.0,
             "eval_seconds": sum(r["eval_seconds"] for r in self.history),
@@ -156,9 +165,7 @@ class Trainer:
                 "test_accuracy": accuracies,
                 "train_seconds_total": [r["train_seconds_total"] for r in self.history],
             },
-            "device": str(self.topo.device),
-            "world_size": self.topo.world_size,
-            "versions": {"torch": torch.__version__, "fop_asdl": __version__},
+            "environment": environment,
         }
         if self.stats is not None:
             summary["fop_stats_per_epoch"] = [r["fop_stats"] for r in self.history]
@@ -214,13 +221,15 @@ def train_run(
     data: ArrayDataset,
     topo: Topology,
     run_dir: Path,
+    environment: Dict[str, Any],
     resume: bool = False,
     progress: bool = False,
 ) -> Dict[str, Any]:
     """Train (or, with ``resume``, continue) the run ``spec`` in ``run_dir``; returns its summary.
 
     Rank 0 writes ``epochs.jsonl`` (one record per epoch), ``checkpoint.pt`` (after every epoch) and
-    ``summary.json`` (at the end). A finished run is not trained again on resume.
+    ``summary.json`` (at the end, with ``environment``: this process's record). A finished run is not
+    trained again on resume.
     """
     trainer = Trainer(spec, data, topo)
     checkpoint = run_dir / CHECKPOINT
@@ -250,10 +259,16 @@ def train_run(
             if topo.is_main:
                 _write_lines(run_dir / EPOCHS, [record], append=True)
                 save_checkpoint(checkpoint, state)
-    summary = trainer.summary()
+    summary = trainer.summary(environment)
     if topo.is_main:
         (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _load_average() -> Optional[float]:
+    """The machine's 1-minute load average after the epoch: above the threads this run uses, other work
+    shared the cores and the epoch's seconds are inflated (its accuracies are not)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def _write_lines(path: Path, records: List[Dict[str, Any]], append: bool = False) -> None:

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ArrayDataset", "NORMALIZATION", "load_fashion_mnist_subset", "load_npz_dataset"]
+from .npzfile import read_dataset_arrays
+
+__all__ = ["ArrayDataset", "NORMALIZATION", "NUM_CLASSES", "load_fashion_mnist_subset", "load_npz_dataset"]
 
 #: Per-channel (mean, std) of x/255 over each dataset's full train set.
 NORMALIZATION: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
@@ -23,6 +25,8 @@ NORMALIZATION: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+#: Classes of each dataset file: its labels must lie in [0, classes).
+NUM_CLASSES: Dict[str, int] = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
 SUBSET_FILE = "fashion_mnist_subset.npz"
 
 
@@ -47,6 +51,9 @@ def load_npz_dataset(path: Union[str, Path], dataset: Optional[str] = None,
                      test_split: str = "test") -> ArrayDataset:
     """Load ``x_train, y_train, x_test, y_test`` from an ``.npz`` of uint8 HW or HWC images.
 
+    A file that is not such an archive (damaged, pickled objects, wrong dtype or shape, labels outside the
+    dataset's classes, a missing array) raises :class:`DatasetFileError` naming the file and the problem.
+
     Args:
         path: the ``.npz`` file.
         dataset: key of :data:`NORMALIZATION` whose train statistics normalise the images; by default the
@@ -62,11 +69,8 @@ def load_npz_dataset(path: Union[str, Path], dataset: Optional[str] = None,
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(NORMALIZATION)}.")
     mean, std = NORMALIZATION[dataset]
     keys = ("x_train", "y_train", f"x_{test_split}", f"y_{test_split}")
-    with np.load(path) as d:
-        missing = [k for k in keys if k not in d.files]
-        if missing:
-            raise ValueError(f"{path} lacks keys {missing}; it has {sorted(d.files)}.")
-        x_train, y_train, x_test, y_test = (d[k] for k in keys)
+    arrays = read_dataset_arrays(path, keys, NUM_CLASSES[dataset], channels=len(mean))
+    x_train, y_train, x_test, y_test = (arrays[k] for k in keys)
     return ArrayDataset(_images(x_train, mean, std, device), _labels(y_train, device),
                         _images(x_test, mean, std, device), _labels(y_test, device))
 
@@ -81,11 +85,7 @@ def _dataset_from_name(path: Path) -> str:
 
 def _images(x: np.ndarray, mean: Tuple[float, ...], std: Tuple[float, ...],
             device: Optional[Union[str, torch.device]]) -> Tensor:
-    """uint8 (N,H,W) or (N,H,W,C) -> normalised float32 (N,C,H,W)."""
-    channels = {3: 1, 4: x.shape[-1]}.get(x.ndim)
-    if channels != len(mean):
-        raise ValueError(f"images of shape {tuple(x.shape)} are not (N,H,W) or (N,H,W,C) with the "
-                         f"{len(mean)} channel(s) the normalisation expects.")
+    """uint8 (N,H,W) or (N,H,W,C) (checked by :func:`read_dataset_arrays`) -> normalised float32 (N,C,H,W)."""
     t = torch.from_numpy(x).to(device).float().div_(255.0)  # move the uint8 bytes, not 4x as many floats
     t = t.unsqueeze(1) if x.ndim == 3 else t.permute(0, 3, 1, 2)
     shape = (1, len(mean), 1, 1)

@@ -11,7 +11,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from .arrays import ArrayDataset, load_fashion_mnist_subset, load_npz_dataset
+from .arrays import NUM_CLASSES, ArrayDataset, load_fashion_mnist_subset, load_npz_dataset
 from .download import download_dataset
 from .longtail import long_tail_indices
 
@@ -22,8 +22,7 @@ SUBSET = "fashion_mnist_subset"
 
 #: Number of classes of every dataset name the loader accepts; ``*_lt`` are the long-tailed versions.
 DATASETS: Dict[str, int] = {
-    "mnist": 10, "fashion_mnist": 10, SUBSET: 10, "cifar10": 10, "cifar100": 100,
-    "cifar10_lt": 10, "cifar100_lt": 100,
+    **NUM_CLASSES, SUBSET: 10, **{f"{name}_lt": classes for name, classes in NUM_CLASSES.items()},
 }
 
 
