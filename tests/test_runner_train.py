@@ -15,7 +15,7 @@ import fop_asdl
 import fop_asdl.cli.protocol as protocol
 import fop_asdl.cli.train as train_module
 from fop_asdl.cli import main
-from fop_asdl.cli.config import ConfigError, load_config
+from fop_asdl.cli.config import load_config
 from fop_asdl.cli.distributed import Topology
 from fop_asdl.cli.protocol import RunSpec, build_gradient_maker
 from fop_asdl.models import SmallCNN
