@@ -12,6 +12,7 @@ from asdl.matrices import FISHER_MC
 from asdl.utils import has_reduction
 from torch import Tensor, nn
 
+from .attention import attention_blocks  # issue 10
 from .blocks import BlockVector, apply_inverse, apply_metric, gram, matrix_tensors
 from .chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward,
                      validate_micro_batch_size)
@@ -81,9 +82,10 @@ class FOPGradientMaker(KfacGradientMaker):
         self.grad_scaler = grad_scaler
         self.last_step_skipped = False
         reject_ddp(model)
-        config = _ignoring_unsupported(model, config)
-        super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
-                         grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift)
+        with attention_blocks(self, model):  # issue 10 (fop_asdl.attention): attention projections as blocks
+            config = _ignoring_unsupported(model, config)
+            super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
+                             grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift)
         self._sync = make_sync(model, self.named_modules_for_curvature, sub_batches, self.two_gradients)
         if swift and (self.micro_batch_size is not None or self._sync.world_size > 1):
             raise ValueError("swift=True (SKFAC) keeps per-sample factor matrices that cannot be summed over "
