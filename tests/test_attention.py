@@ -42,8 +42,9 @@ def test_routed_forward_equals_torch(batch_first, case, call):
     kdim, vdim = options.get("kdim", E), options.get("vdim", E)
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(E, HEADS, batch_first=batch_first, **options).double()
-    if options.get("add_bias_kv"):
-        nn.init.normal_(mha.bias_k), nn.init.normal_(mha.bias_v)
+    with torch.no_grad():  # torch initialises the biases (and bias_k, bias_v) to zero, which would hide them
+        for p in mha.parameters():
+            p.add_(0.3 * torch.randn_like(p))
     query, key, value = _inputs(kdim=kdim, vdim=vdim)
     if case == "self":
         key = value = query
