@@ -82,7 +82,8 @@ class ExperimentConfig:
 
     # --- model ---
     model: str = "small_cnn"
-    """small_cnn, mlp, resnet18 (CIFAR ResNet-18) or resnet32 (CIFAR ResNet-32 of the long-tail papers)."""
+    """small_cnn, mlp, resnet18 (CIFAR ResNet-18), resnet32 (CIFAR ResNet-32 of the long-tail papers) or vit
+    (a small ViT, fop_asdl.models.VisionTransformer)."""
 
     # --- the sweep ---
     methods: List[str] = field(default_factory=lambda: ["sgd", "adamw", "kfac", "fop"])
@@ -122,6 +123,14 @@ class ExperimentConfig:
     """Weight decay: coupled (the optimizer's L2) for SGD, K-FAC and FOP; decoupled for AdamW."""
     momentum: float = 0.9
     """SGD momentum of sgd, kfac and fop (AdamW uses its own betas)."""
+    others_optimizer: Optional[str] = None
+    """kfac, fop: "adamw" = the paper's transformer protocol: SGD momentum on the preconditioned Linear/Conv
+    blocks, AdamW on every other parameter (normalization layers, embeddings, tokens), which the maker then
+    does not precondition. null: one SGD for all."""
+    others_lr: float = 1e-3
+    """others_optimizer's base lr at base_batch, scaled with the batch like the method's lr."""
+    others_weight_decay: float = 0.05
+    """others_optimizer's (decoupled) weight decay."""
 
     # --- curvature (kfac, fop) ---
     damping: float = 1.0
@@ -325,6 +334,10 @@ def _check_values(c: ExperimentConfig) -> None:
     _require(0 <= c.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {c.label_smoothing}.")
     _require(c.weight_decay >= 0, "weight_decay", f"must be >= 0, got {c.weight_decay}.")
     _require(0 <= c.momentum < 1, "momentum", f"must be in [0, 1), got {c.momentum}.")
+    if c.others_optimizer is not None:
+        _one_of(c.others_optimizer, ["adamw"], "others_optimizer")
+    _require(c.others_lr > 0, "others_lr", f"must be > 0, got {c.others_lr}.")
+    _require(c.others_weight_decay >= 0, "others_weight_decay", f"must be >= 0, got {c.others_weight_decay}.")
 
     _require(c.damping > 0, "damping", f"must be > 0, got {c.damping}.")
     _require(0 < c.ema_decay <= 1, "ema_decay", f"must be in (0, 1], got {c.ema_decay}.")
