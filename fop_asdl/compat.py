@@ -18,6 +18,8 @@ import torch
 from asdl.symmatrix import Kron, SymMatrix, UnitWise
 from torch import nn
 
+from .attention import attention_blocks
+
 __all__ = ["KfacGradientMaker", "eager_module", "robust_update_inv", "kron_damping", "batch_size_of",
            "full_precision"]
 
@@ -157,6 +159,10 @@ def _inverse_is_usable(matrix: SymMatrix, damping: float) -> bool:
     ASDL's unit-wise inverse (torch.inverse) does not fail on an indefinite 2×2 block, and a negative
     trace makes its π-damping NaN, so success of ``update_inv`` alone proves nothing.
     """
+    inverses = [matrix.kron.A_inv, matrix.kron.B_inv] if matrix.has_kron else []
+    inverses += [matrix.unit.inv] if matrix.has_unit else []
+    if any(inv is None for inv in inverses):  # ASDL leaves the inverse of an all-zero factor unset
+        return False
     checks = []
     if matrix.has_kron:
         checks += [torch.isfinite(matrix.kron.A_inv).all(), torch.isfinite(matrix.kron.B_inv).all()]
@@ -269,7 +275,8 @@ class KfacGradientMaker(asdl.KfacGradientMaker):
         reject_ddp(model)
         if self.single_process_only:
             reject_multi_process()
-        super().__init__(model, config, *args, **kwargs)
+        with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.attention)
+            super().__init__(model, config, *args, **kwargs)
         self._fallback_warned: set = set()
 
     # ASDL reads config.data_size in update_curvature; resolve it per step without touching the user's config.

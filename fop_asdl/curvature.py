@@ -16,6 +16,7 @@ import torch
 from asdl.matrices import FISHER_MC
 from torch import Tensor, nn
 
+from .attention import attention_blocks
 from .blocks import BlockVector, divided, flat_block, has_inverse, matrix_tensors
 from .capture import BlockCapture, Chunk
 from .chunks import summed_loss_backward, validate_micro_batch_size
@@ -99,9 +100,10 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         self.last_step_skipped = False
         reject_ddp(model)
         model = eager_module(model)
-        config = ignoring_unsupported(model, config, self.method_label)
-        super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
-                         grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift)
+        with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.attention)
+            config = ignoring_unsupported(model, config, self.method_label)
+            super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
+                             grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift)
         self._sync = make_sync(model, self.named_modules_for_curvature, sub_batches, self.two_gradients)
         if swift and (self.micro_batch_size is not None or self._sync.world_size > 1):
             raise ValueError("swift=True (SKFAC) keeps per-sample factor matrices that cannot be summed over "

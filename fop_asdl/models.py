@@ -1,18 +1,22 @@
 """Models built only from layers ASDL's K-FAC preconditions (``nn.Linear``, ``nn.Conv2d`` with groups=1,
-``nn.BatchNorm2d``, ``nn.LayerNorm``), so FOP and K-FAC precondition every parameter and the comparison with SGD is fair.
+``nn.BatchNorm2d``, ``nn.LayerNorm``), so FOP and K-FAC precondition every parameter and the comparison with SGD is fair; and a
+small ViT, whose attention projections are blocks through :mod:`fop_asdl.attention` and whose class token and
+position embedding are not (the paper's protocol updates them with AdamW, :mod:`fop_asdl.hybrid`).
 
 Activations use ``F.relu`` and residual sums are out-of-place (``out = out + shortcut``): ASDL's hooks save
 each layer's input and hook its output, and in-place ops on those tensors can corrupt what they capture.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["SmallCNN", "MLP", "BasicBlock", "ResNet", "resnet18_cifar", "PadShortcutBlock", "CifarResNet",
-           "resnet32_cifar", "Mixer", "build_model", "MODELS"]
+           "resnet32_cifar", "Mixer", "VisionTransformer", "build_model",
+           "MODELS"]
 
 
 class SmallCNN(nn.Module):
@@ -192,12 +196,45 @@ class Mixer(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
+class VisionTransformer(nn.Module):
+    """A small ViT for 28x28 and 32x32 images: 4x4 patches embedded by a strided conv (49 or 64 tokens), a
+    class token and learned position embedding, ``depth`` pre-norm blocks of torch's own
+    ``nn.TransformerEncoderLayer`` (``nn.MultiheadAttention`` + GELU MLP), a final LayerNorm and a Linear head
+    on the class token. The defaults (dim 64, depth 4, 4 heads, MLP 128; ~0.14M parameters) train on a CPU."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+                 patch_size: Optional[int] = None, dim: int = 64, depth: int = 4, heads: int = 4,
+                 mlp_ratio: int = 2):
+        super().__init__()
+        patch_size = patch_size or 4
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}; pick a "
+                             f"patch_size that divides it (4 suits 28 and 32).")
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}; choose dim = heads * head size.")
+        tokens = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, tokens + 1, dim))
+        self.blocks = nn.Sequential(*(
+            nn.TransformerEncoderLayer(dim, heads, dim * mlp_ratio, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (n, tokens, dim)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x)[:, 0]))
+
+
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "mlp": MLP,
     "resnet18": resnet18_cifar,
     "resnet32": resnet32_cifar,
     "mixer": Mixer,
+    "vit": VisionTransformer,
 }
 
 

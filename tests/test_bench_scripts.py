@@ -44,3 +44,13 @@ def test_bench_memory_fresh_process_per_measurement(tmp_path):
     assert result["maker"] == "FOPGradientMaker" and result.get("error") is None
     assert result["peak_increment_mib"] > 0 and result["baseline_bytes"] > 0
     assert data["max_over_min_increment"]["fop"] == 1.0
+
+
+def test_bench_vit_one_process_per_method(tmp_path):
+    out = tmp_path / "vit.json"
+    run_script("bench_vit.py", "--batch-sizes", "4", "--interval", "2", "--cycles", "1", "--dim", "8", "--depth", "1",
+               "--heads", "2", "--json", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in results] == ["adamw", "kfac", "fop"]
+    for r in results:
+        assert r["step_seconds_mean"] > 0 and r["live_peak_bytes"] > 0 and r["peak_rss_bytes"] > 2 ** 20

@@ -131,6 +131,10 @@ def _check_values(c: "ExperimentConfig") -> None:
         value = getattr(c, name)
         _require(in_range(name, value), name, f"must be {RANGES[name][1]}, got {value}.")
     _require(c.kl_clip is None or c.kl_clip > 0, "kl_clip", f"must be > 0 or null, got {c.kl_clip}.")
+    if c.others_optimizer is not None:
+        _one_of(c.others_optimizer, ["adamw"], "others_optimizer")
+    _require(c.others_lr > 0, "others_lr", f"must be > 0, got {c.others_lr}.")
+    _require(c.others_weight_decay >= 0, "others_weight_decay", f"must be >= 0, got {c.others_weight_decay}.")
     if isinstance(c.update_interval, str):
         _require(
             c.update_interval == "auto",

@@ -71,7 +71,8 @@ class ExperimentConfig:
 
     # --- model ---
     model: str = "small_cnn"
-    """small_cnn, mlp, resnet18 (CIFAR ResNet-18) or resnet32 (CIFAR ResNet-32 of the long-tail papers)."""
+    """small_cnn, mlp, resnet18 (CIFAR ResNet-18), resnet32 (CIFAR ResNet-32 of the long-tail papers) or vit
+    (a small ViT, fop_asdl.models.VisionTransformer)."""
 
     # --- the sweep ---
     methods: List[str] = field(default_factory=lambda: ["sgd", "adamw", "kfac", "fop"])
@@ -127,6 +128,14 @@ class ExperimentConfig:
     """Weight decay: coupled (the optimizer's L2) for SGD, K-FAC and FOP; decoupled for AdamW."""
     momentum: float = 0.9
     """SGD momentum of sgd, kfac and fop (AdamW uses its own betas)."""
+    others_optimizer: Optional[str] = None
+    """kfac, fop: "adamw" = the paper's transformer protocol: SGD momentum on the preconditioned Linear/Conv
+    blocks, AdamW on every other parameter (normalization layers, embeddings, tokens), which the maker then
+    does not precondition. null: one SGD for all."""
+    others_lr: float = 1e-3
+    """others_optimizer's base lr at base_batch, scaled with the batch like the method's lr."""
+    others_weight_decay: float = 0.05
+    """others_optimizer's (decoupled) weight decay."""
 
     # --- curvature (kfac, fop) ---
     damping: float = 1.0

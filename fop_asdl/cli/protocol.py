@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import make_gradient_maker
 from ..data import DATASETS, ArrayDataset
+from ..hybrid import HybridOptimizer, other_parameters, preconditioned_parameters
 from ..models import build_model
 from .config import ConfigError, ExperimentConfig
 from .methods import HYPERPARAMETERS, METHODS, PRECONDITIONED
@@ -89,6 +90,11 @@ class RunSpec:
         return self.base_lr * self.batch_size / self.config.base_batch
 
     @property
+    def others_lr(self) -> float:
+        """others_optimizer's lr, under the same linear scaling."""
+        return self.config.others_lr * self.batch_size / self.config.base_batch
+
+    @property
     def interval(self) -> int:
         c = self.config
         return update_interval(c.update_interval, c.interval_at_base_batch, self.batch_size, c.base_batch)
@@ -136,12 +142,18 @@ def build_model_for(config: ExperimentConfig, data: ArrayDataset) -> nn.Module:
     kwargs: Dict[str, Any] = {
         "mlp": {"in_features": channels * height * width, "num_classes": classes},
         "small_cnn": {"in_channels": channels, "image_size": height, "num_classes": classes},
+        "vit": {"in_channels": channels, "image_size": height, "num_classes": classes},
     }.get(config.model, {"in_channels": channels, "num_classes": classes})
     return build_model(config.model, **kwargs)
 
 
-def build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(spec: RunSpec, model: nn.Module, maker: asdl.GradientMaker) -> torch.optim.Optimizer:
     c = spec.config
+    if c.others_optimizer == "adamw" and spec.method in ("kfac", "fop"):  # the paper's transformer protocol
+        sgd = torch.optim.SGD(preconditioned_parameters(maker), lr=spec.lr, momentum=c.momentum,
+                              weight_decay=c.weight_decay)
+        adamw = torch.optim.AdamW(other_parameters(maker), lr=spec.others_lr, weight_decay=c.others_weight_decay)
+        return HybridOptimizer(sgd, adamw)
     if spec.method == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=c.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=c.momentum, weight_decay=c.weight_decay)
@@ -176,7 +188,9 @@ def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int, step
                                    **kwargs)
     if spec.method not in PRECONDITIONED:
         return make_gradient_maker("sgd", model, None, **kwargs)
+    ignore = [nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d] if c.others_optimizer else None  # AdamW's, not ours
     config = asdl.PreconditioningConfig(
+        ignore_modules=ignore,
         damping=c.damping,
         ema_decay=c.ema_decay,
         curvature_upd_interval=spec.interval,

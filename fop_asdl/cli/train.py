@@ -54,12 +54,12 @@ class Trainer:
         torch.manual_seed(spec.seed)  # model init, and the global RNG ASDL's Monte-Carlo Fisher samples from
         self.model = build_model_for(c, data).to(topo.device)
         self.batches = EpochBatches(data, c, spec.batch_size, spec.seed, topo)
-        self.optimizer = build_optimizer(spec, self.model)
-        self.scheduler = build_scheduler(spec, self.optimizer, self.batches.steps_per_epoch)
         self.warmup = warmup_steps(c, self.batches.steps_per_epoch)
         self._warmup_now = 1.0  # the warm-up factor of the step being taken
         self.maker = build_gradient_maker(spec, self.model, self.batches.local, self.batches.steps_per_epoch,
                                           lr=lambda: self.optimizer.param_groups[0]["lr"] * self._warmup_now)
+        self.optimizer = build_optimizer(spec, self.model, self.maker)  # the hybrid protocol asks the maker
+        self.scheduler = build_scheduler(spec, self.optimizer, self.batches.steps_per_epoch)
         self.loss_fn = loss_function(c)
         self.stats = BlockStats() if spec.method == "fop" else None
         self.history: List[Dict[str, Any]] = []
