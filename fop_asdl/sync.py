@@ -60,6 +60,11 @@ class LocalSync:
         rank order along dim 0: the global batch's per-sample data of the block (FNGD's "global" scope)."""
         return {name: list(tensors) for name, tensors in rows.items()}
 
+    def all_gather(self, buffer: Tensor) -> Tensor:
+        """Every process's flat ``buffer`` (the same size on all of them), stacked in rank order:
+        (world_size, size). HyLo's one collective per refresh (its reduced rows of every block)."""
+        return buffer[None]
+
     def any_bad(self, flags: Tensor) -> Tensor:
         """Element-wise maximum of ``flags`` over processes, so that all of them fail together."""
         return flags

@@ -40,13 +40,14 @@ class ShardedSync(LocalSync):
     """The step's collectives for ``world_size`` > 1 ranks; blocks owned as :func:`assign_owners` says."""
 
     def __init__(self, named_modules: Sequence[Tuple[str, nn.Module]], sub_batches: str, two_gradients: bool,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, costs: Optional[Dict[str, float]] = None):
         self.comm = Communicator()
         self.world_size, self.rank = self.comm.world_size, self.comm.rank
         self.sub_batches = resolve_sub_batches(sub_batches, self.world_size)
         self.two_gradients = two_gradients
         self.splits_locally = two_gradients and self.sub_batches == "halves"
-        self.assignment: Dict[str, int] = assign_owners([(name, block_cost(m)) for name, m in named_modules],
+        self.assignment: Dict[str, int] = assign_owners(
+            [(name, costs[name] if costs is not None else block_cost(m)) for name, m in named_modules],
                                                         self.world_size)
         self._blocks = [name for name, _ in named_modules]
         self._dtype = dtype  # every buffer is in the parameters' dtype, so all ranks agree on sizes
@@ -193,6 +194,16 @@ class ShardedSync(LocalSync):
                     gathered[name].append(buffer[offset:offset + size].view(self.world_size * m, *t.shape[1:]))
                     offset += size
         return gathered
+
+    def all_gather(self, buffer: Tensor) -> Tensor:
+        """One all-gather, after a 2-element all-reduce that checks every rank sends the same size (a
+        mismatch would otherwise hang or garble the collective)."""
+        sizes = torch.tensor([buffer.numel(), -buffer.numel()], dtype=torch.int64, device=self.comm.device)
+        self.comm.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+        if sizes.tolist() != [buffer.numel(), -buffer.numel()]:
+            raise ValueError(f"fop_asdl: the ranks' per-sample rows differ in size (rank {self.rank} sends "
+                             f"{buffer.numel()} values); every rank needs the same batch size (drop_last=True).")
+        return self.comm.all_gather(buffer)
 
     def any_bad(self, flags: Tensor) -> Tensor:
         flags = flags.clone()
