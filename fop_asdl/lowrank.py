@@ -7,8 +7,9 @@ Nothing here knows about ASDL, hooks, modules or ranks. The three phases the mak
 * owner, after the all-gather: ``kis_factors`` / ``kid_factors`` build the r×r matrix M;
 * every step: ``precondition`` applies the stored factors to the current mean gradient (no host sync).
 
-Refresh-time functions may sync where the algorithm needs it (``torch.linalg.cholesky``'s failure check,
-``torch.multinomial``); none calls ``.item()`` or branches in Python on tensor values.
+Refresh-time functions may sync where the algorithm needs it (``torch.multinomial``, the pivot search of
+``kid_skeleton="pivoted_qr"``); failed factorisations give NaN, not exceptions; none calls ``.item()``
+or branches in Python on tensor values.
 
 A layer's gradient is handled as one matrix V (d_g × d_a) with the bias as the last column, and row j of
 the Jacobian U is vec(g_j a_jᵀ), so U V = ((A Vᵀ) ∘ G) 1 and Uᵀ y = Gᵀ diag(y) A (§1).
@@ -26,7 +27,7 @@ from torch import Tensor
 __all__ = [
     "LocalFactors", "LowRankFactors", "linear_rows", "conv2d_patch_sums", "conv2d_rows", "kernel",
     "jacobian_apply", "jacobian_transpose_apply", "exact_sngd", "kis_probabilities", "kis_select",
-    "kid_select", "kis_factors", "kid_factors", "apply_factors", "precondition",
+    "kid_select", "kis_factors", "kid_factors", "apply_factors", "precondition", "prefactor",
 ]
 
 IntPair = Union[int, Tuple[int, int]]
@@ -216,25 +217,36 @@ def precondition(grad_weight: Tensor, grad_bias: Optional[Tensor], factors: LowR
     return out[:, :-1].reshape(grad_weight.shape), out[:, -1].reshape(grad_bias.shape)
 
 
+def prefactor(method: str, rows: int, *, kernel_scaling: str = "consistent", total_rows: Optional[int] = None,
+              reweighted: bool = False) -> float:
+    """c_P of the stored operator (= c_K of the owner's kernel) for ``rows`` gathered rows: KIS 1/r
+    (1/N for reweighted rows under "consistent"), KID 1/N ("consistent") or 1/r ("reference"). Every
+    rank can compute it, so only M has to travel."""
+    _choice("kernel_scaling", kernel_scaling, SCALINGS)
+    _choice("method", method, ("kis", "kid"))
+    if method == "kid" or reweighted:
+        if method == "kis" and kernel_scaling == "consistent" and total_rows is None:
+            raise ValueError("reweighted KIS rows estimate UᵀU, so pass total_rows=N (the global batch).")
+        return _consistent_scale(kernel_scaling, total_rows, 1.0 / rows)
+    return 1.0 / rows
+
+
 def kis_factors(a_s: Tensor, g_s: Tensor, damping: float, *, kernel_scaling: str = "consistent",
                 total_rows: Optional[int] = None, reweighted: bool = False) -> LowRankFactors:
     """Owner, KIS (§2.3 step 5): M = (c K̂ + αI)⁻¹ by Cholesky, from the gathered rows.
 
     c = 1/r: exact SNGD on the sampled sub-batch. With ``reweighted`` rows (an unbiased estimate of
-    UᵀU) the consistent c is 1/N and needs ``total_rows`` = N; "reference" always uses 1/r.
+    UᵀU) the consistent c is 1/N and needs ``total_rows`` = N; "reference" always uses 1/r. A failed
+    factorisation (NaN/Inf rows) gives a NaN M rather than an exception, so that the step's finiteness
+    check reports it on every rank alike (no host sync here).
     """
-    _choice("kernel_scaling", kernel_scaling, SCALINGS)
     _check_damping(damping)
     rows = _check_rows(a_s, g_s)
-    if reweighted and kernel_scaling == "consistent":
-        if total_rows is None:
-            raise ValueError("reweighted KIS rows estimate UᵀU, so pass total_rows=N (the global batch).")
-        scale = 1.0 / total_rows
-    else:
-        scale = 1.0 / rows
+    scale = prefactor("kis", rows, kernel_scaling=kernel_scaling, total_rows=total_rows, reweighted=reweighted)
     eye = torch.eye(rows, dtype=a_s.dtype, device=a_s.device)
-    chol = torch.linalg.cholesky(kernel(a_s, g_s, scale) + damping * eye)
-    return LowRankFactors(a_s, g_s, torch.cholesky_inverse(chol), scale)
+    chol, info = torch.linalg.cholesky_ex(kernel(a_s, g_s, scale) + damping * eye)
+    matrix = torch.where(info == 0, torch.cholesky_inverse(chol), torch.full_like(chol, math.nan))
+    return LowRankFactors(a_s, g_s, matrix, scale)
 
 
 def exact_sngd(a: Tensor, g: Tensor, v: Tensor, damping: float) -> Tensor:
@@ -243,13 +255,14 @@ def exact_sngd(a: Tensor, g: Tensor, v: Tensor, damping: float) -> Tensor:
 
 
 def kis_probabilities(a: Tensor, g: Tensor, probability: str = "norm_sq") -> Tensor:
-    """P(j) ∝ ‖a_j‖²‖g_j‖² = ‖û_j‖² (code, default) or ‖a_j‖‖g_j‖ (paper text); uniform if all zero."""
+    """P(j) ∝ ‖a_j‖²‖g_j‖² = ‖û_j‖² (code, default) or ‖a_j‖‖g_j‖ (paper text); uniform if all zero or
+    any is NaN/Inf (multinomial would raise; the rows' NaN then reaches the finiteness check)."""
     _choice("kis_probability", probability, ("norm_sq", "norm"))
     scores = a.square().sum(1) * g.square().sum(1)
     if probability == "norm":
         scores = scores.sqrt()
     total = scores.sum()
-    return torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny),
+    return torch.where(torch.isfinite(total) & (total > 0), scores / total.clamp_min(torch.finfo(scores.dtype).tiny),
                        torch.full_like(scores, 1.0 / scores.numel()))
 
 
@@ -331,7 +344,7 @@ def kid_select(a: Tensor, g: Tensor, rank: int, damping: float, *, kernel_scalin
     w = torch.cat([eye[:rank, :rank], t], 1)  # (rank, m): Q ≈ Q[:, :rank] W
     resid = torch.zeros_like(q)
     resid[:, rank:] = qmat[:, rank:] @ rmat[rank:, rank:]  # E = Q − Q[:, :rank] W
-    y = w @ torch.linalg.solve(resid + damping * eye, w.T)
+    y = w @ torch.linalg.solve_ex(resid + damping * eye, w.T)[0]  # _ex: bad data -> NaN, never a raise
     return LocalFactors(a[:rank], g[:rank], y, order[:rank])
 
 
@@ -343,13 +356,12 @@ def kid_factors(a_s: Tensor, g_s: Tensor, y_blocks: Sequence[Tensor], *, kernel_
     no inverse of the undamped K̂ and, unlike the difference, no cancellation (at r = m it is
     (K̂ + αI)⁻¹ to rounding even for small α). One LU solve. c_K = c_P = 1/N or 1/r.
     """
-    _choice("kernel_scaling", kernel_scaling, SCALINGS)
     rows = _check_rows(a_s, g_s)
     y = torch.block_diag(*y_blocks)
     if y.shape != (rows, rows):
         raise ValueError(f"the Y blocks make a {tuple(y.shape)} matrix but there are {rows} gathered "
                          f"rows; pass every rank's Y_i in the order of its rows.")
-    scale = _consistent_scale(kernel_scaling, total_rows, 1.0 / rows)
+    scale = prefactor("kid", rows, kernel_scaling=kernel_scaling, total_rows=total_rows)
     eye = torch.eye(rows, dtype=y.dtype, device=y.device)
-    matrix = torch.linalg.solve(eye + y @ kernel(a_s, g_s, scale), y)
+    matrix = torch.linalg.solve_ex(eye + y @ kernel(a_s, g_s, scale), y)[0]
     return LowRankFactors(a_s, g_s, matrix, scale)
