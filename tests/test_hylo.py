@@ -295,3 +295,16 @@ def test_hylo_learns_on_real_data():
 
 DAMPING, LEARNING_RATE = 1.0, 0.1  # 85.0 % (ρ = 0.1, interval 10, the default "gradient" policy)
 TARGET_ACCURACY = 0.84  # above plain SGD with the same budget (83.3 %, test_learning.py)
+
+
+def test_runner_builds_hylo_with_its_epoch_length(monkeypatch):
+    import fop_asdl.cli.protocol as protocol
+    from fop_asdl.cli.config import load_config
+    from fop_asdl.cli.protocol import RunSpec, build_gradient_maker
+
+    seen = []
+    monkeypatch.setattr(protocol, "make_gradient_maker", lambda name, model, cfg, **kw: seen.append((name, kw)))
+    config = load_config(overrides=["methods=[sgd,hylo]", "batch_sizes=[100]"])
+    assert config.lr_grid["hylo"]
+    build_gradient_maker(RunSpec(config, "hylo", 100, 0.1, 0), SmallCNN(), local_batch=100, steps_per_epoch=50)
+    assert seen == [("hylo", {"iters_per_epoch": 50})]

@@ -40,6 +40,7 @@ METHODS: Dict[str, str] = {
     "kfac": "K-FAC + SGD momentum",
     "fop": "FOP + SGD momentum",
     "fngd": "FNGD + SGD momentum",
+    "hylo": "HyLo + SGD momentum",
 }
 SCHEDULES = ("plateau", "cosine", "constant")
 AUGMENTATIONS = ("auto", "none", "crop_flip")
@@ -87,7 +88,7 @@ class ExperimentConfig:
 
     # --- the sweep ---
     methods: List[str] = field(default_factory=lambda: ["sgd", "adamw", "kfac", "fop"])
-    """Methods to compare: sgd, adamw, kfac, fop, fngd (all through fop_asdl.make_gradient_maker)."""
+    """Methods to compare: sgd, adamw, kfac, fop, fngd, hylo (all through fop_asdl.make_gradient_maker)."""
     batch_sizes: List[int] = field(default_factory=lambda: [1000])
     """Global batch sizes (one table block and plot panel each); every batch must be >= 2."""
     lr_grid: Dict[str, List[float]] = field(
@@ -97,6 +98,7 @@ class ExperimentConfig:
             "kfac": [0.03, 0.05],
             "fop": [0.02, 0.03],
             "fngd": [0.05, 0.1],
+            "hylo": [0.05, 0.1],
         }
     )
     """Per method, the base learning rates tried (at base_batch; scaled linearly to each batch size)."""

@@ -131,7 +131,8 @@ def build_scheduler(
 def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int,
                          steps_per_epoch: Optional[int] = None) -> asdl.GradientMaker:
     """Through ``fop_asdl.make_gradient_maker``; ``micro_batch_size`` only when set and below the batch;
-    FNGD also gets ``iters_per_epoch`` (where its coefficient epoch ends) and ``alpha``."""
+    FNGD also gets ``iters_per_epoch`` (where its coefficient epoch ends) and ``alpha``, HyLo
+    ``iters_per_epoch`` (its KID/KIS choice is per epoch)."""
     c = spec.config
     kwargs: Dict[str, Any] = {}
     if c.micro_batch_size is not None and c.micro_batch_size < local_batch:
@@ -146,6 +147,8 @@ def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int,
     )
     if spec.method == "fngd":
         kwargs.update(iters_per_epoch=steps_per_epoch, alpha=c.fngd_alpha)
+    if spec.method == "hylo":
+        kwargs.update(iters_per_epoch=steps_per_epoch)
     return make_gradient_maker(spec.method, model, config, **kwargs)
 
 
