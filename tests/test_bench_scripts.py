@@ -44,3 +44,12 @@ def test_bench_memory_fresh_process_per_measurement(tmp_path):
     assert result["maker"] == "FOPGradientMaker" and result.get("error") is None
     assert result["peak_increment_mib"] > 0 and result["baseline_bytes"] > 0
     assert data["max_over_min_increment"]["fop"] == 1.0
+
+
+def test_bench_hylo_small_run(tmp_path):
+    out = tmp_path / "hylo.json"
+    run_script("bench_hylo.py", "--batch-size", "8", "--interval", "2", "--cycles", "1", "--json", str(out))
+    results = json.loads(out.read_text())["results"]
+    for name in ("sgd", "kfac", "hylo_kis", "hylo_kid"):
+        assert results[name]["steps"] == 2 and results[name]["peak_refresh_mib"] > 0
+    assert results["hylo"]["mean_s"] == 0.25 * results["hylo_kid"]["mean_s"] + 0.75 * results["hylo_kis"]["mean_s"]
