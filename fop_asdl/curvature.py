@@ -179,7 +179,8 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         self._commit_curvature(plan.curvature)
         if plan.update_inverse:
             self._invert_all()
-        results = self._sync.share(self._precondition(plan.gradients), self._block_shapes())
+        results = self._sync.share(self._precondition(plan.gradients), self._block_shapes(),
+                                   len(self.stat_keys))
         self._write_results(results)
 
     def _roll_back(self, plan: CurvaturePlan) -> None:

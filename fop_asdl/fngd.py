@@ -9,7 +9,6 @@ SGD's weight gradient costs.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import asdl
@@ -20,7 +19,7 @@ from . import smw
 from .capture import Chunk
 from .chunks import validate_micro_batch_size
 from .compat import eager_module, reject_ddp
-from .step import SteppedGradientMaker, make_sync, user_ignores, write_block
+from .step import SteppedGradientMaker, linear_conv_blocks, make_sync, write_block
 
 __all__ = ["FNGDGradientMaker", "supports_fngd"]
 
@@ -116,7 +115,8 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.last_step_skipped = False
         self.device = next(model.parameters()).device
         self.state: Dict[str, Any] = {"step": 0}
-        self.blocks = _fngd_blocks(model, self.config.ignore_modules)
+        self.blocks = linear_conv_blocks(model, self.config.ignore_modules, supports_fngd, "FNGD",
+                                         "grouped or partially frozen")
         self._names = {m: name for name, m in self.blocks}
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
         #: bank[block][b]: this rank's w of iteration b (its slice of the global batch in "global" scope).
@@ -283,25 +283,6 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.bank = {name: {int(b): w.to(self.device).clone() for b, w in state_dict["bank"].get(name, {}).items()}
                      for name in self.bank}
         self.state["step"] = int(state_dict["step"])
-
-
-def _fngd_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]]) -> List[Tuple[str, nn.Module]]:
-    """Trainable Linear and Conv2d layers FNGD preconditions; a warning names those it cannot."""
-    blocks, unsupported = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or user_ignores(name, module, ignore_modules):
-            continue
-        own = list(module.parameters(recurse=False))
-        if not any(p.requires_grad for p in own):
-            continue
-        if supports_fngd(module) and all(p.requires_grad for p in own):
-            blocks.append((name, module))
-        else:
-            unsupported.append(f"{name} ({module.__class__.__name__})")
-    if unsupported:
-        warnings.warn("fop_asdl: FNGD cannot precondition " + ", ".join(unsupported) + " (grouped or "
-                      "partially frozen); their parameters receive the plain mean gradient.", UserWarning)
-    return blocks
 
 
 def _as_rows(module: nn.Module, x: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""One name per gradient maker, so a training loop swaps FOP, K-FAC, FNGD and SGD by changing a string."""
+"""One name per gradient maker, so a training loop swaps FOP, K-FAC, FNGD, HyLo and SGD by changing a string."""
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
@@ -10,6 +10,7 @@ from torch import nn
 from .compat import reject_ddp
 from .fngd import FNGDGradientMaker
 from .fop import FOPGradientMaker
+from .hylo import HyLoGradientMaker
 from .kfac import ScalableKfacGradientMaker
 from .plain import PlainGradientMaker
 from .sync import several_ranks
@@ -44,9 +45,14 @@ def _fngd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwar
     return FNGDGradientMaker(model, config, **kwargs)
 
 
+def _hylo(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
+    return HyLoGradientMaker(model, config, **kwargs)
+
+
 GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
     "fngd": _fngd,
     "fop": _fop,
+    "hylo": _hylo,
     "kfac": _kfac,
     "sgd": _sgd,
 }
@@ -54,11 +60,12 @@ GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
 
 def make_gradient_maker(name: str, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None,
                         **kwargs: Any) -> asdl.GradientMaker:
-    """Build the gradient maker called ``name`` ("fop", "kfac", "fngd" or "sgd") for ``model``.
+    """Build the gradient maker called ``name`` ("fop", "kfac", "fngd", "hylo" or "sgd") for ``model``.
 
     ``config`` defaults to ``asdl.PreconditioningConfig()``; ``kwargs`` go to the maker's constructor
     (FOP: see :class:`FOPGradientMaker`; FNGD: :class:`FNGDGradientMaker`, which needs ``iters_per_epoch``;
-    K-FAC: ``asdl.KfacGradientMaker``'s, on the shared step as :class:`ScalableKfacGradientMaker`). All of them
+    HyLo: :class:`HyLoGradientMaker`; K-FAC: ``asdl.KfacGradientMaker``'s, on the shared step as
+    :class:`ScalableKfacGradientMaker`). All of them
     take ``micro_batch_size`` (gradient accumulation inside one step) and ``grad_scaler`` (fp16), and run sharded
     when ``torch.distributed`` is initialised with several ranks; SGD then all-reduces its gradients once per
     step.

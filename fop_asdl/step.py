@@ -24,7 +24,8 @@ then commit or roll back.
 On any exception before the commit every ``p.grad`` is restored and ``_roll_back(plan)`` runs, so the
 parameters, their gradients and the method's state are as before the step. A new method implements
 ``_step_blocks``, ``_begin_step``, ``_accumulate``, ``_finish``, ``_commit`` and ``_roll_back`` (and, if it
-needs them, ``_min_local_batch``, ``_local_split``, ``_pass_context``, ``_chunk_backward``), sets
+needs them, ``_min_local_batch``, ``_local_split``, ``_pass_context``, ``_chunk_backward``,
+``_captured_blocks``), sets
 ``micro_batch_size``, ``grad_scaler``, ``_sync`` (:func:`make_sync`), ``device`` and ``state``, and lives
 in one file.
 """
@@ -33,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import asdl
 import torch
@@ -46,7 +47,8 @@ from .compat import batch_size_of, eager_module, full_precision
 from .halves import supports_half_gradients
 from .sync import LocalSync, several_ranks
 
-__all__ = ["SteppedGradientMaker", "ignoring_unsupported", "make_sync", "user_ignores", "write_block"]
+__all__ = ["SteppedGradientMaker", "ignoring_unsupported", "linear_conv_blocks", "make_sync", "user_ignores",
+           "write_block"]
 
 BlockVector = Tuple[Tensor, Optional[Tensor]]
 
@@ -85,6 +87,12 @@ class SteppedGradientMaker:
         """The step's plan; whatever this changes, :meth:`_roll_back` undoes."""
         raise NotImplementedError
 
+    def _captured_blocks(self, plan: Any) -> Sequence[Tuple[str, nn.Module]]:
+        """The blocks captured this step (all by default). The others among ``_step_blocks`` get their
+        gradients from autograd and are reduced with the plain parameters, so a method that needs no
+        per-sample data on a step pays no capture there (HyLo between refreshes)."""
+        return self._step_blocks
+
     def _pass_context(self, plan: Any) -> ContextManager:
         """Entered around all forward/backward passes of the step."""
         return contextlib.nullcontext()
@@ -122,7 +130,7 @@ class SteppedGradientMaker:
             plan = self._begin_step(batch_size)
             records, counts, loss_sum, output = self._local_pass(batch_size, plan)
             with full_precision(self.device.type):
-                block_params = {p for _, m in self._step_blocks for p in m.parameters()}
+                block_params = {p for _, m in self._captured_blocks(plan) for p in m.parameters()}
                 others = [p for p in params if p not in block_params]
                 (n1, n2), loss_sum = self._sync.reduce_counts_and_others(counts, loss_sum, others)
                 n = n1 + n2
@@ -182,7 +190,8 @@ class SteppedGradientMaker:
         (and of the ranks) simply add up. Returns (records by block name, (n1, n2) here, loss sum, output).
         """
         split = self._local_split(batch_size)
-        capture = BlockCapture([m for _, m in self._step_blocks], self._accumulate)
+        captured = self._captured_blocks(plan)
+        capture = BlockCapture([m for _, m in captured], self._accumulate)
         loss_sum = None
         outputs = []
         with capture, self._pass_context(plan):
@@ -195,7 +204,7 @@ class SteppedGradientMaker:
                 # A chunk's output must not keep its graph (and the block inputs the hooks hold) alive while
                 # the next chunks run: that would make memory grow with the batch, not the micro-batch.
                 outputs.append(detached(self._model_output) if self.micro_batch_size else self._model_output)
-        names = {m: name for name, m in self._step_blocks}
+        names = {m: name for name, m in captured}
         records = {names[m]: record for m, record in capture.take_records().items()}
         return records, (split, batch_size - split), loss_sum, concat_outputs(outputs)
 
@@ -246,9 +255,9 @@ def user_ignores(name: str, module: nn.Module, ignore_modules: Optional[Sequence
 
 
 def make_sync(model: nn.Module, named_modules: Sequence[Tuple[str, nn.Module]], sub_batches: str,
-              two_gradients: bool) -> LocalSync:
+              two_gradients: bool, costs: Optional[Dict[str, float]] = None) -> LocalSync:
     """The sharded sync (:mod:`fop_asdl.distributed`) when ``torch.distributed`` runs several ranks, else
-    the local one."""
+    the local one; ``costs`` (by block name) balance the owners where K-FAC's cost model does not fit."""
     if sub_batches not in ("auto", "ranks", "halves"):
         raise ValueError(f"sub_batches must be 'auto', 'ranks' or 'halves', got {sub_batches!r}.")
     if not several_ranks():
@@ -256,7 +265,7 @@ def make_sync(model: nn.Module, named_modules: Sequence[Tuple[str, nn.Module]], 
     from .distributed.sharded import ShardedSync  # the library's single-process path never imports it
 
     dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.get_default_dtype())
-    return ShardedSync(named_modules, sub_batches, two_gradients, dtype)
+    return ShardedSync(named_modules, sub_batches, two_gradients, dtype, costs)
 
 
 def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, label: str
@@ -282,3 +291,24 @@ def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, l
         warnings.warn(f"fop_asdl: no {label} curvature for " + ", ".join(unsupported)
                       + "; their parameters receive the plain full-batch gradient g_avg.", UserWarning)
     return dataclasses.replace(config, ignore_modules=ignore)
+
+
+def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]],
+                       supports: Callable[[nn.Module], bool], label: str, why: str) -> List[Tuple[str, nn.Module]]:
+    """Trainable Linear and Conv2d layers a per-sample method (FNGD, HyLo) preconditions: those ``supports``
+    accepts and not partially frozen; one warning names the others (``why`` says what they lack)."""
+    blocks, unsupported = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or user_ignores(name, module, ignore_modules):
+            continue
+        own = list(module.parameters(recurse=False))
+        if not any(p.requires_grad for p in own):
+            continue
+        if supports(module) and all(p.requires_grad for p in own):
+            blocks.append((name, module))
+        else:
+            unsupported.append(f"{name} ({module.__class__.__name__})")
+    if unsupported:
+        warnings.warn(f"fop_asdl: {label} cannot precondition " + ", ".join(unsupported) + f" ({why}); their "
+                      f"parameters receive the plain mean gradient.", UserWarning)
+    return blocks

@@ -60,13 +60,19 @@ class LocalSync:
         rank order along dim 0: the global batch's per-sample data of the block (FNGD's "global" scope)."""
         return {name: list(tensors) for name, tensors in rows.items()}
 
+    def all_gather(self, buffer: Tensor) -> Tensor:
+        """Every process's flat ``buffer`` (the same size on all of them), stacked in rank order:
+        (world_size, size). HyLo's one collective per refresh (its reduced rows of every block)."""
+        return buffer[None]
+
     def any_bad(self, flags: Tensor) -> Tensor:
         """Element-wise maximum of ``flags`` over processes, so that all of them fail together."""
         return flags
 
-    def share(self, results: Dict[str, Tuple[Vector, Tensor]], shapes: Dict[str, Tuple[torch.Size, ...]]
-              ) -> Dict[str, Tuple[Vector, Tensor]]:
-        """The owners' (preconditioned gradient, stats) of every block, on every process."""
+    def share(self, results: Dict[str, Tuple[Vector, Tensor]], shapes: Dict[str, Tuple[torch.Size, ...]],
+              n_stats: int = 0) -> Dict[str, Tuple[Vector, Tensor]]:
+        """The owners' (preconditioned gradient, ``n_stats`` per-block stats or None) of every block, on
+        every process."""
         return results
 
     def gathered_curvature(self, local: Dict[str, Dict[str, Tensor]]) -> Dict[str, Dict[str, Tensor]]:

@@ -1,4 +1,4 @@
-"""Bytes communicated and step time of DDP-style SGD, sharded K-FAC and sharded FOP on several ranks.
+"""Bytes communicated and step time of DDP-style SGD, sharded K-FAC, sharded FOP (and HyLo) on several ranks.
 
 What runs. For each world size W in ``--world-sizes`` the script spawns W ranks itself
 (``torch.multiprocessing.start_processes``, start method "spawn", a ``file://`` store in a temporary
@@ -11,7 +11,10 @@ optimizer (lr 0.01, momentum 0.9) and ``fop_asdl.make_gradient_maker(method, mod
 preconditioner_upd_interval=INTERVAL)``. With W > 1 ranks the makers run sharded by themselves: "sgd"
 all-reduces every gradient once per step (as DDP does), "kfac" reduces each block's mean gradient to the
 block's owner, "fop" reduces each block's g1 and g2 to its owner (``sub_batches="auto"``); the owners
-broadcast the preconditioned blocks. Every rank draws its own random local batch (``--batch-size`` samples
+broadcast the preconditioned blocks. On request (``--methods``) "hylo_kis" and "hylo_kid" run HyLo
+(``switch_policy="kis"`` / ``"kid"``, ``compression_ratio=0.1``): its refresh steps all-gather every block's
+kept rows (and KID's Y_i) and the owners broadcast one r×r matrix per block; its plain steps all-reduce the
+gradients, as "sgd" does. Every rank draws its own random local batch (``--batch-size`` samples
 per rank, ``torch.randn``/``randint`` from a ``torch.Generator`` seeded with ``--seed``, the rank and the
 batch index; ``--seed`` also seeds ``torch.manual_seed`` before the model is built).
 This is a communication and speed benchmark: the losses mean nothing. On such unlearnable data the
@@ -98,6 +101,7 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...], int]] = {
     "resnet18": (resnet18_cifar, (3, 32, 32), 10),
 }
 METHODS = ("sgd", "kfac", "fop")
+OPTIONAL_METHODS = ("hylo_kis", "hylo_kid")  # make_gradient_maker("hylo", switch_policy=...)
 N_BATCHES = 4  # distinct random local batches per rank, used in turn
 KIB = 1024.0
 
@@ -139,7 +143,8 @@ class Runner:
         self.opt = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
         config = asdl.PreconditioningConfig(damping=1.0, ema_decay=0.05, curvature_upd_interval=args.interval,
                                             preconditioner_upd_interval=args.interval)
-        self.gm = make_gradient_maker(name, self.model, config)
+        options = {"switch_policy": name.split("_")[1], "compression_ratio": 0.1} if name in OPTIONAL_METHODS else {}
+        self.gm = make_gradient_maker(name.split("_")[0], self.model, config, **options)
         self.comm = self.gm._sync.comm
         self.interval, self.step_index = args.interval, 0
         self.records: List[Dict[str, Any]] = []
@@ -308,7 +313,7 @@ def summarize(raw: Dict[str, Any], world_size: int, wire: bool) -> Dict[str, Any
             "ddp_allreduce_bytes_per_rank": 2 * (world_size - 1) / world_size * model["parameters"]
             * model["element_size"],
             "barrier_wire_bytes_all_ranks_median": barrier, "methods": methods,
-            "ratios": {f"{a}/sgd_plain_{key}": plain_ratio(methods, a, key) for a in ("fop", "kfac")
+            "ratios": {f"{a}/sgd_plain_{key}": plain_ratio(methods, a, key) for a in ("fop", "kfac") + OPTIONAL_METHODS
                        for key in ("nominal_bytes_per_rank", "wire_bytes_per_rank")}}
 
 
@@ -375,7 +380,7 @@ def main() -> None:
     p.add_argument("--cycles", type=int, default=3, help="measured cycles of INTERVAL steps per method")
     p.add_argument("--warmup-steps", type=int, default=2, help="unmeasured steps per method first (>= 1)")
     p.add_argument("--barrier-samples", type=int, default=20, help="empty barriers measured on lo")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of sgd,kfac,fop")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of sgd,kfac,fop,hylo_kis,hylo_kid")
     p.add_argument("--netns", choices=["private", "shared"], default="private",
                    help="gloo: run the ranks in a network namespace of their own, so lo carries only their "
                         "traffic (needs root; falls back to shared), or on the machine's lo")
@@ -386,8 +391,8 @@ def main() -> None:
     args = p.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     world_sizes = [int(w) for w in args.world_sizes.split(",")]
-    if set(args.methods) - set(METHODS) or not args.methods:
-        p.error(f"--methods must be a subset of {','.join(METHODS)}")
+    if set(args.methods) - set(METHODS + OPTIONAL_METHODS) or not args.methods:
+        p.error(f"--methods must be a subset of {','.join(METHODS + OPTIONAL_METHODS)}")
     if min(world_sizes) < 2:
         p.error("world sizes must be >= 2 (one rank runs the single-process path; see scripts/bench_step.py)")
     if args.barrier_samples < 1:

@@ -54,3 +54,12 @@ def test_bench_vit_one_process_per_method(tmp_path):
     assert [r["method"] for r in results] == ["adamw", "kfac", "fop"]
     for r in results:
         assert r["step_seconds_mean"] > 0 and r["live_peak_bytes"] > 0 and r["peak_rss_bytes"] > 2 ** 20
+
+
+def test_bench_hylo_small_run(tmp_path):
+    out = tmp_path / "hylo.json"
+    run_script("bench_hylo.py", "--batch-size", "8", "--interval", "2", "--cycles", "1", "--json", str(out))
+    results = json.loads(out.read_text())["results"]
+    for name in ("sgd", "kfac", "hylo_kis", "hylo_kid"):
+        assert results[name]["steps"] == 2 and results[name]["peak_refresh_mib"] > 0
+    assert results["hylo"]["mean_s"] == 0.25 * results["hylo_kid"]["mean_s"] + 0.75 * results["hylo_kis"]["mean_s"]

@@ -76,7 +76,7 @@ class ExperimentConfig:
 
     # --- the sweep ---
     methods: List[str] = field(default_factory=lambda: ["sgd", "adamw", "kfac", "fop"])
-    """Methods to compare: sgd, adamw, kfac, fop (all through fop_asdl.make_gradient_maker)."""
+    """Methods to compare: sgd, adamw, kfac, fop, fngd, hylo (all through fop_asdl.make_gradient_maker)."""
     batch_sizes: List[int] = field(default_factory=lambda: [1000])
     """Global batch sizes (one table block and plot panel each); every batch must be >= 2."""
     search: str = "grid"
@@ -92,6 +92,7 @@ class ExperimentConfig:
             "kfac": {"lr": [0.03, 0.05]},
             "fop": {"lr": [0.02, 0.03]},
             "fngd": {"lr": [0.05, 0.1]},
+            "hylo": {"lr": [0.05, 0.1]},
         }
     )
     """Per method, its searched hyperparameters -> grid values, or [low, high] for halton: lr (the base lr

@@ -18,17 +18,19 @@ METHODS: Dict[str, str] = {
     "kfac": "K-FAC + SGD momentum",
     "fop": "FOP + SGD momentum",
     "fngd": "FNGD + SGD momentum",
+    "hylo": "HyLo + SGD momentum",
 }
 #: Methods whose maker preconditions with curvature (damping, EMA decay, update interval).
-PRECONDITIONED: Tuple[str, ...] = ("kfac", "fop")
+PRECONDITIONED: Tuple[str, ...] = ("kfac", "fop", "hylo")
 
 
 
 def _reads(method: str) -> Tuple[str, ...]:
     """AdamW uses torch's AdamW (its own betas); every other method torch's SGD with momentum."""
     optimizer = ("lr", "weight_decay") if method == "adamw" else ("lr", "weight_decay", "momentum")
-    return optimizer + (("damping", "ema_decay") if method in PRECONDITIONED else ()) + (
-        ("fngd_alpha",) if method == "fngd" else ())
+    curvature = {"kfac": ("damping", "ema_decay"), "fop": ("damping", "ema_decay"), "hylo": ("damping",),
+                 "fngd": ("fngd_alpha",)}
+    return optimizer + curvature.get(method, ())
 
 
 #: Per method, in a fixed order (a Halton point's dimensions follow it), the hyperparameters it reads:

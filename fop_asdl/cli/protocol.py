@@ -178,7 +178,7 @@ def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int, step
     """Through ``fop_asdl.make_gradient_maker``: ``micro_batch_size`` only when set and below the batch;
     K-FAC and FOP get ``kl_clip`` (with ``lr``, the run's current learning rate) and
     ``ema_bias_correction`` when set; FNGD gets ``iters_per_epoch`` (where its coefficient epoch ends) and
-    ``alpha``."""
+    ``alpha``, HyLo ``iters_per_epoch`` (its KID/KIS choice is per epoch)."""
     c = spec.config
     kwargs: Dict[str, Any] = {}
     if c.micro_batch_size is not None and c.micro_batch_size < local_batch:
@@ -196,6 +196,8 @@ def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int, step
         curvature_upd_interval=spec.interval,
         preconditioner_upd_interval=spec.interval,
     )
+    if spec.method == "hylo":
+        return make_gradient_maker("hylo", model, config, iters_per_epoch=steps_per_epoch, **kwargs)
     if c.ema_bias_correction:
         kwargs["ema_bias_correction"] = True
     if c.kl_clip is not None:

@@ -84,6 +84,8 @@ class Trainer:
         eval_seconds = time.perf_counter() - start
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(accuracy)
+        if hasattr(self.maker, "on_epoch_start"):  # HyLo turns to KID after an LR decay
+            self.maker.on_epoch_start(self.epoch + 1, self.optimizer.param_groups[0]["lr"] < lr)
         loss = loss_sum.item() / max(steps, 1)
         self.diverged = self.diverged or not math.isfinite(loss)
         previous = self.history[-1]["train_seconds_total"] if self.history else 0.0

@@ -2,7 +2,7 @@
 
 Each call counts the bytes it moves, as the average over all W ranks of the bytes a rank receives under a
 bandwidth-optimal algorithm (ring all-reduce: 2·S·(W−1)/W; reduce to one rank, and broadcast from one:
-S·(W−1)/W; a reduce inside each parity group of g = W/2 ranks: 2·S·(g−1)/W; one rank handing S bytes to
+S·(W−1)/W; an all-gather of S bytes from each rank: S·(W−1); a reduce inside each parity group of g = W/2 ranks: 2·S·(g−1)/W; one rank handing S bytes to
 another: S/W), so that benchmarks compare methods without depending on the backend's algorithm. Every
 rank counts every transfer, also those it takes no part in, so any rank's count is the average. A
 collective that fails or times out (another rank raised, or died) is re-raised with what to look for.
@@ -52,6 +52,13 @@ class Communicator:
 
     def broadcast(self, tensor: Tensor, src: int) -> None:
         self._run("broadcast", self._share(tensor), lambda: dist.broadcast(tensor, src=src))
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` (same size everywhere), stacked in rank order."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        nbytes = tensor.numel() * tensor.element_size() * (self.world_size - 1)
+        self._run("all_gather", nbytes, lambda: dist.all_gather(parts, tensor))
+        return torch.stack(parts)
 
     def make_parity_groups(self) -> None:
         """Process groups of the even and of the odd ranks (a collective call: every rank makes both)."""

@@ -23,7 +23,6 @@ from .comm import Communicator
 __all__ = ["ShardedSync", "resolve_sub_batches"]
 
 Shapes = Tuple[torch.Size, Optional[torch.Size]]
-N_STATS = 9  # s, β, η, A, D, E and the three KL terms (fop_asdl.fop.STAT_KEYS); K-FAC has 1
 
 
 def resolve_sub_batches(sub_batches: str, world_size: int) -> str:
@@ -40,13 +39,14 @@ class ShardedSync(LocalSync):
     """The step's collectives for ``world_size`` > 1 ranks; blocks owned as :func:`assign_owners` says."""
 
     def __init__(self, named_modules: Sequence[Tuple[str, nn.Module]], sub_batches: str, two_gradients: bool,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, costs: Optional[Dict[str, float]] = None):
         self.comm = Communicator()
         self.world_size, self.rank = self.comm.world_size, self.comm.rank
         self.sub_batches = resolve_sub_batches(sub_batches, self.world_size)
         self.two_gradients = two_gradients
         self.splits_locally = two_gradients and self.sub_batches == "halves"
-        self.assignment: Dict[str, int] = assign_owners([(name, block_cost(m)) for name, m in named_modules],
+        self.assignment: Dict[str, int] = assign_owners(
+            [(name, costs[name] if costs is not None else block_cost(m)) for name, m in named_modules],
                                                         self.world_size)
         self._blocks = [name for name, _ in named_modules]
         self._dtype = dtype  # every buffer is in the parameters' dtype, so all ranks agree on sizes
@@ -194,21 +194,31 @@ class ShardedSync(LocalSync):
                     offset += size
         return gathered
 
+    def all_gather(self, buffer: Tensor) -> Tensor:
+        """One all-gather, after a 2-element all-reduce that checks every rank sends the same size (a
+        mismatch would otherwise hang or garble the collective)."""
+        sizes = torch.tensor([buffer.numel(), -buffer.numel()], dtype=torch.int64, device=self.comm.device)
+        self.comm.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+        if sizes.tolist() != [buffer.numel(), -buffer.numel()]:
+            raise ValueError(f"fop_asdl: the ranks' per-sample rows differ in size (rank {self.rank} sends "
+                             f"{buffer.numel()} values); every rank needs the same batch size (drop_last=True).")
+        return self.comm.all_gather(buffer)
+
     def any_bad(self, flags: Tensor) -> Tensor:
         flags = flags.clone()
         self.comm.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         return flags
 
     # --- results --------------------------------------------------------------------------------
-    def share(self, results: Dict[str, Tuple[Vector, Optional[Tensor]]], shapes: Dict[str, Shapes]
-              ) -> Dict[str, Tuple[Vector, Optional[Tensor]]]:
-        """Each owner broadcasts its blocks' results (and FOP's per-block stats) in one buffer.
+    def share(self, results: Dict[str, Tuple[Vector, Optional[Tensor]]], shapes: Dict[str, Shapes],
+              n_stats: int = 0) -> Dict[str, Tuple[Vector, Optional[Tensor]]]:
+        """Each owner broadcasts its blocks' results (and the method's ``n_stats`` per-block stats) in one
+        buffer.
 
         A block whose owner has no curvature for it yet has NaN stats on the other ranks (a host sync per
         step would be needed to leave it out, as one process does).
         """
         dtype, device = self._dtype, self.comm.device
-        n_stats = N_STATS if self.two_gradients else 1
         shared: Dict[str, Tuple[Vector, Optional[Tensor]]] = {}
         for owner in range(self.world_size):
             names = self._owned_by(owner)

@@ -1,0 +1,359 @@
+"""HyLoGradientMaker: hybrid low-rank natural gradient (Mu et al., SC22; HYLO_SPEC) on the shared step.
+
+Per Linear/Conv2d block, on a refresh step (every ``config.curvature_upd_interval`` steps) the capture hands
+each block's input and output gradient to :mod:`fop_asdl.lowrank`: per-sample rows (A, G), r_loc of them kept
+by KIS or KID, one all-gather of every block's kept rows (and KID's Y_i), the owner's r×r matrix M,
+broadcast. Every step then preconditions the block's current mean gradient with the stored (stale) factors,
+V ↦ (1/α)[V − c Uˢᵀ M Uˢ V]; between refreshes nothing is captured (the blocks' gradients come from
+autograd and travel in the one gradient all-reduce).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import asdl
+import torch
+from torch import Tensor, nn
+
+from . import lowrank as lr
+from .capture import Chunk
+from .chunks import validate_micro_batch_size
+from .compat import reject_ddp
+from .halves import add_sums, half_sums
+from .lowrank_schedule import DEFAULT_SWITCH_THRESHOLD, SwitchPolicy, local_rows
+from .step import SteppedGradientMaker, linear_conv_blocks, make_sync, write_block
+
+__all__ = ["HyLoGradientMaker", "supports_hylo"]
+
+BlockVector = Tuple[Tensor, Optional[Tensor]]
+_NOMINAL_LOCAL_BATCH = 128  # the paper's per-GPU batch (ResNet-32), for the owners' cost balance only
+_SEED_MIX = 0x9E3779B97F4A7C15  # rank r draws from seed + r·φ·2⁶⁴ (mod 2⁶⁴): one seed, a stream per rank
+
+
+def supports_hylo(module: nn.Module) -> bool:
+    """Whether :mod:`fop_asdl.lowrank` has this layer's per-sample rows."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+@dataclasses.dataclass
+class _Record:
+    """A block's refresh-step data so far: each chunk's (A, G) rows and the summed (weight, bias) gradient."""
+
+    starts: List[int]
+    rows: List[Tuple[Tensor, Tensor]]
+    grad: Optional[BlockVector] = None
+
+
+@dataclasses.dataclass
+class _Plan:
+    refresh: bool
+    method: str                                 # "kis" or "kid": what this refresh uses
+    generator_state: Optional[Tensor] = None    # KIS draws advance the generator; roll-back restores it
+    raw: Dict[str, BlockVector] = dataclasses.field(default_factory=dict)      # mean gradients V
+    grads: Dict[str, BlockVector] = dataclasses.field(default_factory=dict)    # preconditioned
+    factors: Dict[str, lr.LowRankFactors] = dataclasses.field(default_factory=dict)
+
+
+class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
+    """HyLo behind ASDL's gradient-maker interface: ``p.grad`` of every Linear/Conv2d block holds the
+    low-rank SMW natural gradient, every other trainable parameter (BatchNorm, LayerNorm, embeddings,
+    ignored layers) the plain mean gradient.
+
+    Args:
+        model: the bare model (not DDP-wrapped).
+        config: ``damping`` is α; ``curvature_upd_interval`` the refresh interval; ``ignore_modules``.
+        compression_ratio: ρ; r_loc = max(1, ⌊ρ·rows⌋) rows kept per rank (1.0: exact SNGD with KIS).
+        switch_policy: ``"gradient"`` (eq. 10 with KID warm-up and after LR decays; needs
+            ``iters_per_epoch`` and :meth:`on_epoch_start`), ``"epochs"`` (``kid_windows``), ``"kid"``,
+            ``"kis"``, or a :class:`~fop_asdl.lowrank_schedule.SwitchPolicy`.
+        switch_threshold: η of eq. 10 (not reported by the paper; 0.5, see README).
+        kid_windows: half-open KID epoch windows of ``"epochs"``, e.g. ((0, 10), (35, 40)).
+        iters_per_epoch: T, steps per epoch (epoch = step // T).
+        kernel_scaling, conv_reduction, kis_probability, kis_reweight, kid_skeleton: see :mod:`fop_asdl.lowrank`.
+        target_damping: α_T of the authors' schedule α ← (1−κ)α + κα_T, once per refresh from step
+            ``damping_warmup_steps``, κ = min(1, 2|log10(α_0/α_T)|/``damping_decay_updates``). None: constant α.
+        seed: KIS's generator; rank r draws from a stream derived from (seed, r), stored in the state.
+        micro_batch_size, grad_scaler: as for the other makers (refresh rows span the whole local batch).
+    """
+
+    method_label = "HyLo"
+
+    def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *,
+                 compression_ratio: float = 0.1, switch_policy: Union[str, SwitchPolicy] = "gradient",
+                 switch_threshold: float = DEFAULT_SWITCH_THRESHOLD, kid_windows: Sequence[Tuple[int, int]] = (),
+                 iters_per_epoch: Optional[int] = None, kernel_scaling: str = "consistent",
+                 conv_reduction: str = "mean", kis_probability: str = "norm_sq", kis_reweight: bool = False,
+                 kid_skeleton: str = "norm_sort", target_damping: Optional[float] = None,
+                 damping_decay_updates: int = 50, damping_warmup_steps: int = 0, seed: int = 0,
+                 micro_batch_size: Optional[int] = None, grad_scaler: Optional[torch.amp.GradScaler] = None):
+        reject_ddp(model)
+        self.config = config if config is not None else asdl.PreconditioningConfig()
+        self.policy = (switch_policy if isinstance(switch_policy, SwitchPolicy) else
+                       SwitchPolicy(switch_policy, threshold=switch_threshold, kid_windows=tuple(kid_windows)))
+        if self.policy.policy in ("gradient", "epochs") and iters_per_epoch is None:
+            raise TypeError(f"switch_policy={self.policy.policy!r} picks KID or KIS per epoch, so it needs "
+                            f"iters_per_epoch=T (steps per epoch, e.g. len(train_loader)); or use "
+                            f"switch_policy='kis' or 'kid'.")
+        for name, value, low in (("iters_per_epoch", 1 if iters_per_epoch is None else iters_per_epoch, 1),
+                                 ("damping_decay_updates", damping_decay_updates, 1),
+                                 ("damping_warmup_steps", damping_warmup_steps, 0), ("seed", seed, 0),
+                                 ("curvature_upd_interval", self.config.curvature_upd_interval, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+        local_rows(compression_ratio, 1)  # validates ρ
+        for name, value, allowed in (("kernel_scaling", kernel_scaling, lr.SCALINGS),
+                                     ("conv_reduction", conv_reduction, lr.REDUCTIONS),
+                                     ("kis_probability", kis_probability, ("norm_sq", "norm")),
+                                     ("kid_skeleton", kid_skeleton, ("norm_sort", "pivoted_qr"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+        for name, value in (("config.damping", self.config.damping), ("target_damping", target_damping)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a number > 0 (α of (F + αI)⁻¹), got {value!r}.")
+        super().__init__(model)
+        self.compression_ratio, self.iters_per_epoch = float(compression_ratio), iters_per_epoch
+        self.kernel_scaling, self.conv_reduction, self.kid_skeleton = kernel_scaling, conv_reduction, kid_skeleton
+        self.kis_probability, self.kis_reweight = kis_probability, bool(kis_reweight)
+        self.damping, self.target_damping = float(self.config.damping), target_damping
+        self.damping_decay_updates, self.damping_warmup_steps = damping_decay_updates, damping_warmup_steps
+        self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
+        self.grad_scaler = grad_scaler
+        self.last_step_skipped = False
+        self.device = next(model.parameters()).device
+        self.state: Dict[str, Any] = {"step": 0}
+        self.blocks = linear_conv_blocks(model, self.config.ignore_modules, supports_hylo, "HyLo",
+                                         "grouped, string padding or partially frozen")
+        self._modules = dict(self.blocks)
+        self._sync = make_sync(model, self.blocks, "auto", two_gradients=False, costs=self._owner_costs())
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed((seed + self._sync.rank * _SEED_MIX) % 2 ** 64)
+        #: Per block: the stored operator and the α it was built with (precondition must use that α).
+        self.factors: Dict[str, Tuple[lr.LowRankFactors, float]] = {}
+        self.method: Optional[str] = None  # what built the stored factors
+        self.lr_decay_epochs: List[int] = []
+        self.epoch_grad_norms: List[Union[Tensor, float]] = []  # ‖Δ_e‖ of completed epochs ("gradient")
+        self._epoch_sum: Dict[str, BlockVector] = {}
+
+    def on_epoch_start(self, epoch: int, lr_decayed: bool = False) -> None:
+        """Tell the "gradient" policy that the LR decays at ``epoch`` (0-based): KID from there on for
+        ``kid_epochs_after_lr_decay`` epochs. Call it before the epoch's first step."""
+        if lr_decayed and epoch not in self.lr_decay_epochs:
+            self.lr_decay_epochs.append(int(epoch))
+
+    def _owner_costs(self) -> Dict[str, float]:
+        """The owner's refresh work per block, ≈ 4r³ + 2r²(d_a + d_g), at a nominal local batch (r is the
+        same for every layer, so only the widths differ)."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        r = world * local_rows(self.compression_ratio, _NOMINAL_LOCAL_BATCH)
+        return {name: 4.0 * r ** 3 + 2.0 * r ** 2 * sum(_widths(m)) for name, m in self.blocks}
+
+    # --- the step's hooks -------------------------------------------------------------------------------
+    @property
+    def _step_blocks(self) -> Sequence[Tuple[str, nn.Module]]:
+        return self.blocks
+
+    def _captured_blocks(self, plan: _Plan) -> Sequence[Tuple[str, nn.Module]]:
+        return self.blocks if plan.refresh else ()
+
+    def _begin_step(self, batch_size: int) -> _Plan:
+        step = self.state["step"]
+        refresh = step % self.config.curvature_upd_interval == 0
+        plan = _Plan(refresh, self._method_of(step) if refresh else "kis")
+        if refresh and plan.method == "kis":
+            plan.generator_state = self.generator.get_state()
+        return plan
+
+    def _method_of(self, step: int) -> str:
+        """KID or KIS for this refresh (§2.5); reads the last two epochs' ‖Δ‖ off the device (refresh only)."""
+        epoch = step // self.iters_per_epoch if self.iters_per_epoch else 0
+        norms = self.epoch_grad_norms
+        for i in range(max(0, len(norms) - 2), len(norms)):
+            norms[i] = float(norms[i])
+        return self.policy.method(epoch, self.lr_decay_epochs, norms[-2:])
+
+    def _accumulate(self, module: nn.Module, x: Tensor, grad_out: Tensor, chunk: Chunk,
+                    previous: Optional[_Record]) -> _Record:
+        record = previous if previous is not None else _Record([], [])
+        if chunk.start in record.starts:
+            raise ValueError(f"fop_asdl: a {module.__class__.__name__} block ran more than once in one forward "
+                             f"pass; HyLo needs one row per sample and call. List it in "
+                             f"PreconditioningConfig.ignore_modules.")
+        record.starts.append(chunk.start)
+        bias = module.bias is not None
+        if isinstance(module, nn.Conv2d):
+            rows = lr.conv2d_rows(x, grad_out, module.kernel_size, module.stride, module.padding, module.dilation,
+                                  bias=bias, conv_reduction=self.conv_reduction)
+        else:
+            rows = lr.linear_rows(x, grad_out, bias)
+        record.rows.append(rows)
+        record.grad = add_sums(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
+        return record
+
+    def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: Tuple[Any, Any]) -> Dict[str, List[Tensor]]:
+        n = counts[0] + counts[1]
+        if plan.refresh:
+            plan.raw = self._mean_block_gradients(records, n)
+            plan.factors = self._refresh(plan.method, {name: records[name].rows for name in plan.raw})
+        else:
+            plan.raw = {name: (m.weight.grad, None if m.bias is None else m.bias.grad)
+                        for name, m in self.blocks if m.weight.grad is not None}
+        for name, v in plan.raw.items():
+            stored = (plan.factors[name], self.damping) if name in plan.factors else self.factors.get(name)
+            plan.grads[name] = v if stored is None else lr.precondition(v[0], v[1], stored[0], stored[1])
+        return {"gradient": [t for d in plan.grads.values() for t in d if t is not None],
+                "factors": [t for f in plan.factors.values() for t in (f.a, f.g, f.matrix)]}
+
+    def _commit(self, plan: _Plan) -> None:
+        for name, d in plan.grads.items():
+            write_block(self._modules[name], d)
+        if plan.refresh:
+            self.factors.update({name: (f, self.damping) for name, f in plan.factors.items()})
+            self.method = plan.method
+            if self.target_damping is not None and self.state["step"] >= self.damping_warmup_steps:
+                kappa = min(1.0, 2 * abs(math.log10(self.damping / self.target_damping)) / self.damping_decay_updates)
+                self.damping = (1 - kappa) * self.damping + kappa * self.target_damping
+        if self.policy.policy == "gradient":
+            self._add_to_epoch_sum(plan.raw)
+
+    def _roll_back(self, plan: _Plan) -> None:
+        """Only the KIS generator moved before the commit."""
+        if plan.generator_state is not None:
+            self.generator.set_state(plan.generator_state)
+
+    # --- HyLo proper ------------------------------------------------------------------------------------
+    def _mean_block_gradients(self, records: Dict[str, _Record], n: Any) -> Dict[str, BlockVector]:
+        """The blocks' mean gradients V from the captured sums, over all ranks in one all-reduce."""
+        names = [name for name, _ in self.blocks if name in records]
+        if self._sync.world_size > 1:
+            if len(names) != len(self.blocks):
+                missing = sorted(set(self._modules) - set(names))
+                raise ValueError(f"fop_asdl: blocks {missing} took no part in the loss on rank {self._sync.rank}; "
+                                 f"with several ranks HyLo needs every block on every refresh (ignore them).")
+            flat = torch.cat([t.reshape(-1) for name in names for t in records[name].grad if t is not None])
+            self._sync.sum_over_ranks(flat)
+            out, offset = {}, 0
+            for name in names:
+                parts = []
+                for t in records[name].grad:
+                    parts.append(None if t is None else flat[offset:offset + t.numel()].view_as(t))
+                    offset += 0 if t is None else t.numel()
+                out[name] = (parts[0], parts[1])
+        else:
+            out = {name: records[name].grad for name in names}
+        return {name: (w / n, None if b is None else b / n) for name, (w, b) in out.items()}
+
+    def _refresh(self, method: str, chunks: Dict[str, List[Tuple[Tensor, Tensor]]]) -> Dict[str, lr.LowRankFactors]:
+        """Every block's new factors: select locally, one all-gather, owners build M, owners broadcast M."""
+        world, names = self._sync.world_size, list(chunks)
+        inv_scale = None if self.grad_scaler is None else 1.0 / self.grad_scaler.scale(
+            torch.ones((), device=self.device))
+        local: Dict[str, lr.LocalFactors] = {}
+        for name in names:
+            a, g = (torch.cat(part) for part in zip(*chunks[name]))
+            if inv_scale is not None:  # G carries the loss scale σ, K would carry σ² against a fixed α
+                g = g * inv_scale.to(g.dtype)
+            rank, total = local_rows(self.compression_ratio, a.shape[0]), world * a.shape[0]
+            if method == "kis":
+                local[name] = lr.kis_select(a, g, rank, self.generator, probability=self.kis_probability,
+                                            reweight=self.kis_reweight)
+            else:
+                local[name] = lr.kid_select(a, g, rank, self.damping, kernel_scaling=self.kernel_scaling,
+                                            total_rows=total, skeleton=self.kid_skeleton)
+        packed = torch.cat([t.reshape(-1) for name in names for t in (local[name].a, local[name].g, local[name].y)
+                            if t is not None])
+        gathered = self._sync.all_gather(packed)  # (world, size): every rank's rows of every block
+        rows, offset = {}, 0
+        for name in names:
+            parts = []
+            for t in (local[name].a, local[name].g, local[name].y):
+                if t is not None:
+                    parts.append(gathered[:, offset:offset + t.numel()].reshape(world, *t.shape))
+                    offset += t.numel()
+            rows[name] = parts
+        matrices: Dict[str, Tuple[BlockVector, None]] = {}
+        for name in names:
+            if not self._sync.owns(name):
+                continue
+            a, g = rows[name][0].flatten(0, 1), rows[name][1].flatten(0, 1)
+            if method == "kis":
+                f = lr.kis_factors(a, g, self.damping, kernel_scaling=self.kernel_scaling,
+                                   total_rows=self._total_rows(chunks[name]), reweighted=self.kis_reweight)
+            else:
+                f = lr.kid_factors(a, g, list(rows[name][2]), kernel_scaling=self.kernel_scaling,
+                                   total_rows=self._total_rows(chunks[name]))
+            matrices[name] = ((f.matrix, None), None)
+        shapes = {name: (torch.Size([rows[name][0].shape[0] * rows[name][0].shape[1]] * 2), None)
+                  for name in names}
+        shared = self._sync.share(matrices, shapes) if names else {}
+        factors = {}
+        for name in names:
+            a, g = rows[name][0].flatten(0, 1), rows[name][1].flatten(0, 1)
+            scale = lr.prefactor(method, a.shape[0], kernel_scaling=self.kernel_scaling,
+                                 total_rows=self._total_rows(chunks[name]), reweighted=self.kis_reweight)
+            factors[name] = lr.LowRankFactors(a, g, shared[name][0][0].to(a.dtype), scale)
+        return factors
+
+    def _total_rows(self, chunks: List[Tuple[Tensor, Tensor]]) -> int:
+        """N, the global rows of a block: the all-gather checked every rank has as many as this one."""
+        return self._sync.world_size * sum(a.shape[0] for a, _ in chunks)
+
+    def _add_to_epoch_sum(self, raw: Dict[str, BlockVector]) -> None:
+        """Δ_e += V of this step; at an epoch's last step ‖Δ_e‖ joins the history (a device scalar)."""
+        for name, v in raw.items():
+            total = self._epoch_sum.get(name)
+            if total is None:
+                self._epoch_sum[name] = (v[0].clone(), None if v[1] is None else v[1].clone())
+            else:
+                for t, u in zip(total, v):
+                    if t is not None:
+                        t.add_(u)
+        if (self.state["step"] + 1) % self.iters_per_epoch == 0:
+            squares = [t.square().sum() for v in self._epoch_sum.values() for t in v if t is not None]
+            self.epoch_grad_norms = self.epoch_grad_norms[-1:] + [torch.stack(squares).sum().sqrt()]
+            self._epoch_sum = {}
+
+    # --- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Step, α, mode, the stored factors, the KIS generator and the switching history; with several
+        ranks this rank's (the generator differs per rank): load it into the same rank."""
+        return {"step": self.state["step"], "world_size": self._sync.world_size, "rank": self._sync.rank,
+                "damping": self.damping, "method": self.method, "generator": self.generator.get_state(),
+                "factors": {name: {"a": f.a.clone(), "g": f.g.clone(), "matrix": f.matrix.clone(),
+                                   "scale": f.scale, "damping": alpha}
+                            for name, (f, alpha) in self.factors.items()},
+                "lr_decay_epochs": list(self.lr_decay_epochs),
+                "epoch_grad_norms": [float(v) for v in self.epoch_grad_norms],
+                "epoch_sum": {name: tuple(None if t is None else t.clone() for t in v)
+                              for name, v in self._epoch_sum.items()}}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        where = (state_dict.get("world_size", 1), state_dict.get("rank", 0))
+        if where != (self._sync.world_size, self._sync.rank):
+            raise ValueError(f"this HyLo state belongs to rank {where[1]} of {where[0]}, not rank {self._sync.rank} "
+                             f"of {self._sync.world_size}: each rank keeps its own KIS generator; resume with the "
+                             f"same world size.")
+        unknown = set(state_dict["factors"]) - set(self._modules)
+        if unknown:
+            raise KeyError(f"state_dict has factors for blocks this model does not have: {sorted(unknown)}")
+        dev = self.device
+        self.factors = {name: (lr.LowRankFactors(f["a"].to(dev), f["g"].to(dev), f["matrix"].to(dev), f["scale"]),
+                               float(f["damping"])) for name, f in state_dict["factors"].items()}
+        self.generator.set_state(state_dict["generator"])
+        self.damping, self.method = float(state_dict["damping"]), state_dict["method"]
+        self.lr_decay_epochs = [int(e) for e in state_dict["lr_decay_epochs"]]
+        self.epoch_grad_norms = [float(v) for v in state_dict["epoch_grad_norms"]]
+        self._epoch_sum = {name: tuple(None if t is None else t.to(dev).clone() for t in v)
+                           for name, v in state_dict["epoch_sum"].items()}
+        self.state["step"] = int(state_dict["step"])
+
+
+def _widths(module: nn.Module) -> Tuple[int, int]:
+    """(d_a, d_g) of a block's rows; d_a counts the bias column."""
+    return module.weight[0].numel() + (module.bias is not None), module.weight.shape[0]
+
+

@@ -1,0 +1,86 @@
+"""HyLo training pieces shared by test_hylo.py, the fresh process it resumes in (run as a script), and the
+gloo ranks of its distributed tests."""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+import fop_asdl
+
+from conftest import config, step
+
+T = 3          # iterations per epoch
+BATCH = 8      # samples per step (per rank in the distributed test)
+INTERVAL = 2   # refresh on steps 0, 2, 4, ...
+
+
+def net() -> nn.Module:
+    """Conv2d (stride, padding, bias), BatchNorm, Linear with and without bias."""
+    return nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(3 * 3 * 3, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
+
+
+def independent_net() -> nn.Module:
+    """No BatchNorm: samples are independent, so a batch may be cut into micro-batches or ranks."""
+    return nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(3 * 3 * 3, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
+
+
+def build(model_fn=net, damping=0.1, **options):
+    torch.manual_seed(0)
+    model = model_fn().double()
+    options.setdefault("iters_per_epoch", T)
+    options.setdefault("compression_ratio", 0.5)
+    options.setdefault("switch_policy", "epochs")
+    if options["switch_policy"] == "epochs":
+        options.setdefault("kid_windows", ((0, 1), (2, 3)))  # KID, KIS, KID epochs
+    maker = fop_asdl.make_gradient_maker("hylo", model, config(damping=damping, curvature_upd_interval=INTERVAL),
+                                         **options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return model, maker, opt
+
+
+def batch(i: int, n: int = BATCH):
+    gen = torch.Generator().manual_seed(100 + i)
+    return torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+
+def train(model, maker, opt, steps, batches=batch):
+    grads = []
+    for i in steps:
+        x, t = batches(i)
+        opt.zero_grad(set_to_none=True)
+        step(maker, model, x, t)
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+        opt.step()
+    return grads
+
+
+def distributed(rank: int, world_size: int, store: str, out: str, method: str) -> None:
+    """The ranks' share of each global batch of ``world_size`` · BATCH samples, ρ = 1, 5 steps; bytes per step."""
+    import dist_worker
+
+    dist_worker.init(rank, world_size, store)
+    model, maker, opt = build(independent_net, compression_ratio=1.0, switch_policy=method)
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+    grads, traffic = [], []
+    for i in range(5):
+        before = dict(maker._sync.comm.bytes)
+        x, t = batch(i, world_size * BATCH)
+        grads += train(model, maker, opt, [i], lambda _: (x[rows], t[rows]))
+        traffic.append({k: v - before.get(k, 0) for k, v in maker._sync.comm.bytes.items()})
+    torch.save({"grads": grads, "traffic": traffic, "assignment": maker._sync.assignment}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":  # resume from argv[1], train steps 4..8, save the parameters to argv[2]
+    ckpt_path, out_path = sys.argv[1:3]
+    state = torch.load(ckpt_path, weights_only=False)
+    model, maker, opt = build(switch_policy="gradient")
+    model.load_state_dict(state["model"])
+    maker.load_state_dict(state["maker"])
+    opt.load_state_dict(state["opt"])
+    train(model, maker, opt, range(4, 9))
+    torch.save([p.detach() for p in model.parameters()], out_path)
