@@ -218,16 +218,20 @@ def main() -> None:
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     command = shlex.join(["python"] + sys.argv)
+    load_before = os.getloadavg()
     results = run_methods(args, methods)
+    load = {"before": load_before, "after": os.getloadavg()}  # 1/5/15-min load: other jobs on the cores
     threads = args.threads or torch.get_num_threads()
     print(f"# bench_step: {args.model}, batch {args.batch_size}, interval {args.interval}, {args.cycles} timed + "
-          f"{args.warmup_cycles} warm-up cycles, {args.device}, {threads} threads, one process per method")
+          f"{args.warmup_cycles} warm-up cycles, {args.device}, {threads} threads, one process per method; "
+          f"load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after")
     print(f"`{command}`\n")
     print("\n".join(table(results, "kfac" if "kfac" in results else methods[0])))
     out = args.out or f"bench_results/bench_step_{args.model}_b{args.batch_size}.json"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"command": command, "args": vars(args), "torch": torch.__version__, "threads": threads,
+                   "load_average": load,
                    "memory": {"peak_rss_mib": "ru_maxrss of the method's process over the timed cycles",
                               "live_peak_mib": "peak bytes of tensors created in one step and still referenced"},
                    "results": results}, f, indent=1)
