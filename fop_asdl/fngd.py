@@ -19,19 +19,12 @@ from . import smw
 from .capture import Chunk
 from .chunks import validate_micro_batch_size
 from .compat import eager_module, reject_ddp
+from .halves import add_sums
 from .step import SteppedGradientMaker, linear_conv_blocks, make_sync, write_block
 
-__all__ = ["FNGDGradientMaker", "supports_fngd"]
+__all__ = ["FNGDGradientMaker"]
 
 COEFFICIENT_SCOPES = ("local", "global")
-
-
-def supports_fngd(module: nn.Module) -> bool:
-    """Whether :mod:`fop_asdl.smw` has the exact per-sample Gram of this layer."""
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
 
 
 @dataclasses.dataclass
@@ -115,8 +108,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.last_step_skipped = False
         self.device = next(model.parameters()).device
         self.state: Dict[str, Any] = {"step": 0}
-        self.blocks = linear_conv_blocks(model, self.config.ignore_modules, supports_fngd, "FNGD",
-                                         "grouped or partially frozen")
+        self.blocks = linear_conv_blocks(model, self.config.ignore_modules, "FNGD")
         self._names = {m: name for name, m in self.blocks}
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
         #: bank[block][b]: this rank's w of iteration b (its slice of the global batch in "global" scope).
@@ -159,7 +151,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             record.chunks.append((x, grad_out))
         else:  # sharing step: Σ w_m u_m chunk by chunk, nothing kept
             part = self._weighted_sum(module, x, grad_out, w[chunk.start:chunk.start + chunk.size])
-            record.total = part if record.total is None else _added(record.total, part)
+            record.total = add_sums(record.total, part)
         return record
 
     def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: Tuple[Any, Any]) -> Dict[str, List[Tensor]]:
@@ -292,5 +284,3 @@ def _as_rows(module: nn.Module, x: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
     return x, z
 
 
-def _added(a: Tuple[Tensor, Optional[Tensor]], b: Tuple[Tensor, Optional[Tensor]]) -> Tuple[Tensor, Optional[Tensor]]:
-    return a[0] + b[0], None if a[1] is None else a[1] + b[1]

@@ -25,19 +25,11 @@ from .halves import add_sums, half_sums
 from .lowrank_schedule import DEFAULT_SWITCH_THRESHOLD, SwitchPolicy, local_rows
 from .step import SteppedGradientMaker, linear_conv_blocks, make_sync, write_block
 
-__all__ = ["HyLoGradientMaker", "supports_hylo"]
+__all__ = ["HyLoGradientMaker"]
 
 BlockVector = Tuple[Tensor, Optional[Tensor]]
 _NOMINAL_LOCAL_BATCH = 128  # the paper's per-GPU batch (ResNet-32), for the owners' cost balance only
 _SEED_MIX = 0x9E3779B97F4A7C15  # rank r draws from seed + r·φ·2⁶⁴ (mod 2⁶⁴): one seed, a stream per rank
-
-
-def supports_hylo(module: nn.Module) -> bool:
-    """Whether :mod:`fop_asdl.lowrank` has this layer's per-sample rows."""
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
 
 
 @dataclasses.dataclass
@@ -126,8 +118,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.last_step_skipped = False
         self.device = next(model.parameters()).device
         self.state: Dict[str, Any] = {"step": 0}
-        self.blocks = linear_conv_blocks(model, self.config.ignore_modules, supports_hylo, "HyLo",
-                                         "grouped, string padding or partially frozen")
+        self.blocks = linear_conv_blocks(model, self.config.ignore_modules, "HyLo")
         self._modules = dict(self.blocks)
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False, costs=self._owner_costs())
         self.generator = torch.Generator(device=self.device)

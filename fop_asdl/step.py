@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import asdl
 import torch
@@ -47,8 +47,8 @@ from .compat import batch_size_of, eager_module, full_precision
 from .halves import supports_half_gradients
 from .sync import LocalSync, several_ranks
 
-__all__ = ["SteppedGradientMaker", "ignoring_unsupported", "linear_conv_blocks", "make_sync", "user_ignores",
-           "write_block"]
+__all__ = ["SteppedGradientMaker", "ignoring_unsupported", "linear_conv_blocks", "make_sync", "supports_per_sample",
+           "user_ignores", "write_block"]
 
 BlockVector = Tuple[Tensor, Optional[Tensor]]
 
@@ -293,10 +293,19 @@ def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, l
     return dataclasses.replace(config, ignore_modules=ignore)
 
 
-def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]],
-                       supports: Callable[[nn.Module], bool], label: str, why: str) -> List[Tuple[str, nn.Module]]:
-    """Trainable Linear and Conv2d layers a per-sample method (FNGD, HyLo) preconditions: those ``supports``
-    accepts and not partially frozen; one warning names the others (``why`` says what they lack)."""
+def supports_per_sample(module: nn.Module) -> bool:
+    """Whether the per-sample math of FNGD (:mod:`fop_asdl.smw`) and HyLo (:mod:`fop_asdl.lowrank`) covers
+    this layer: Linear, and Conv2d without groups, string padding or a non-zero padding mode."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]], label: str
+                       ) -> List[Tuple[str, nn.Module]]:
+    """Trainable Linear and Conv2d layers a per-sample method (FNGD, HyLo) preconditions: those
+    :func:`supports_per_sample` covers and not partially frozen; one warning names the others."""
     blocks, unsupported = [], []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or user_ignores(name, module, ignore_modules):
@@ -304,11 +313,11 @@ def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]]
         own = list(module.parameters(recurse=False))
         if not any(p.requires_grad for p in own):
             continue
-        if supports(module) and all(p.requires_grad for p in own):
+        if supports_per_sample(module) and all(p.requires_grad for p in own):
             blocks.append((name, module))
         else:
             unsupported.append(f"{name} ({module.__class__.__name__})")
     if unsupported:
-        warnings.warn(f"fop_asdl: {label} cannot precondition " + ", ".join(unsupported) + f" ({why}); their "
-                      f"parameters receive the plain mean gradient.", UserWarning)
+        warnings.warn(f"fop_asdl: {label} cannot precondition " + ", ".join(unsupported) + " (grouped, string "
+                      "padding or partially frozen); their parameters receive the plain mean gradient.", UserWarning)
     return blocks
