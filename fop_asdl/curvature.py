@@ -308,21 +308,19 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         for name, matrix in new_curvature.items():
             module = modules[name]
             stored = getattr(module, attr, None)
+            keep = 1.0 - decay  # the same EMA as ASDL's update_curvature, per factor
             if self.do_accumulate and self.ema_bias_correction:
                 # m_k = ((1 − d) b_{k−1} m_{k−1} + d F_k) / b_k with b_k = 1 − (1 − d)^k: the EMA over b_k
                 k = self._ema_updates.get(name, 0) + 1 if stored is not None else 1
                 self._ema_updates[name] = k
                 corrected, previous = 1.0 - (1.0 - decay) ** k, 1.0 - (1.0 - decay) ** (k - 1)
+                keep = (1.0 - decay) * previous / corrected
                 matrix.mul_(1.0 / corrected)
-                if stored is not None:
-                    stored.mul_((1.0 - decay) * previous / corrected)
-                    stored += matrix
-                    continue
-            elif self.do_accumulate and stored is not None:
-                stored.mul_(1.0 - decay)  # the same EMA as ASDL's update_curvature, per factor
+            if self.do_accumulate and stored is not None:
+                stored.mul_(keep)
                 stored += matrix
-                continue
-            setattr(module, attr, matrix)
+            else:
+                setattr(module, attr, matrix)
 
     # --- inverses and state --------------------------------------------------------------------------
     def _block_shapes(self) -> Dict[str, Tuple[torch.Size, Optional[torch.Size]]]:
