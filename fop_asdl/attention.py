@@ -1,4 +1,4 @@
-"""Torch's own attention layers as curvature blocks of ASDL's makers (FOP, K-FAC).
+"""Torch's own attention layers as blocks of every maker on the shared step (FOP, K-FAC, FNGD, HyLo).
 
 ``nn.MultiheadAttention`` computes its q, k, v and output projections with ``F.linear`` on its own packed
 parameters, so no module hook ever sees them, and ASDL 0.1a5 rejects its ``out_proj`` (a Linear subclass)

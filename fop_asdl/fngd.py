@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import smw
+from .attention import attention_blocks
 from .capture import Chunk
 from .chunks import validate_micro_batch_size
 from .compat import eager_module, reject_ddp
@@ -108,7 +109,8 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.last_step_skipped = False
         self.device = next(model.parameters()).device
         self.state: Dict[str, Any] = {"step": 0}
-        self.blocks = linear_conv_blocks(model, self.config.ignore_modules, "FNGD")
+        with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.attention)
+            self.blocks = linear_conv_blocks(model, self.config.ignore_modules, "FNGD")
         self._names = {m: name for name, m in self.blocks}
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
         #: bank[block][b]: this rank's w of iteration b (its slice of the global batch in "global" scope).

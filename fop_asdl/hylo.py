@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import lowrank as lr
+from .attention import attention_blocks
 from .capture import Chunk
 from .chunks import validate_micro_batch_size
 from .compat import reject_ddp
@@ -118,7 +119,8 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.last_step_skipped = False
         self.device = next(model.parameters()).device
         self.state: Dict[str, Any] = {"step": 0}
-        self.blocks = linear_conv_blocks(model, self.config.ignore_modules, "HyLo")
+        with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.attention)
+            self.blocks = linear_conv_blocks(model, self.config.ignore_modules, "HyLo")
         self._modules = dict(self.blocks)
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False, costs=self._owner_costs())
         self.generator = torch.Generator(device=self.device)

@@ -130,7 +130,7 @@ MODELS = {
 
 
 @pytest.mark.parametrize("micro_batch_size", [None, 3])
-@pytest.mark.parametrize("method", ["fop", "kfac"])
+@pytest.mark.parametrize("method", ["fop", "kfac", "fngd", "hylo"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_layer_type_trains(name, method, micro_batch_size):
     torch.manual_seed(0)
@@ -144,9 +144,12 @@ def test_every_layer_type_trains(name, method, micro_batch_size):
     model.train()
     kwargs = {} if micro_batch_size is None else dict(micro_batch_size=micro_batch_size)
     config = asdl.PreconditioningConfig(damping=1e-2, ema_decay=0.1)
-    gm = make_gradient_maker(method, model, config, **kwargs)
+    if method in ("fngd", "hylo"):  # every step forms FNGD's coefficients / refreshes HyLo's factors
+        kwargs["iters_per_epoch"] = 2
+        config.curvature_upd_interval = 1
+    gm = make_gradient_maker(method, model, None if method == "fngd" else config, **kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    blocks = [n for n, _ in gm.named_modules_for_curvature]
+    blocks = [n for n, _ in (gm.blocks if method in ("fngd", "hylo") else gm.named_modules_for_curvature)]
     if "mha" in name or "former" in name or "coder" in name:
         assert any(n.endswith("q_proj") for n in blocks) and any(n.endswith("out_proj") for n in blocks)
     for _ in range(2):

@@ -1,6 +1,7 @@
 """Each attention projection is a curvature block of its own, and Linear layers on (batch, tokens, features)
 inputs sum the token dimension into their factors: K-FAC factors, K-FAC's and FOP's gradients against dense
-references built from a hand-written attention forward and per-sample / per-half autograd passes."""
+references built from a hand-written attention forward and per-sample / per-half autograd passes; FNGD's and
+HyLo's against the same attention written with one nn.Linear per projection."""
 import asdl
 import pytest
 import torch
@@ -195,3 +196,57 @@ def test_token_dimension_fop_step_equals_dense(beta):
         expected, _ = dense_fop(g1, g2, dense_metric(b_ref, a_ref, True), dense_metric(b_ref, a_ref, True, True), beta)
         torch.testing.assert_close(torch.cat([layer.weight.grad.flatten(), layer.bias.grad]), expected,
                                    rtol=1e-7, atol=1e-10)
+
+
+class ExplicitAttnNet(nn.Module):
+    """AttnNet(packed=True, bias=True) written with an nn.Linear per projection: the blocks the routing makes."""
+
+    def __init__(self, routed: AttnNet):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(E, E).double() for _ in range(4))
+        self.head = nn.Linear(E, 3).double()
+        with torch.no_grad():
+            m = routed.attn
+            for i, layer in enumerate((self.q, self.k, self.v)):
+                layer.weight.copy_(m.in_proj_weight[i * E:(i + 1) * E])
+                layer.bias.copy_(m.in_proj_bias[i * E:(i + 1) * E])
+            for mine, theirs in ((self.out, m.out_proj), (self.head, routed.head)):
+                mine.weight.copy_(theirs.weight)
+                mine.bias.copy_(theirs.bias)
+
+    def forward(self, x):
+        n = x.shape[0]
+        q, k, v = (layer(x).view(n, -1, HEADS, E // HEADS).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / (E // HEADS) ** 0.5, -1)
+        h = self.out((att @ v).transpose(1, 2).reshape(n, -1, E))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("method", ["fngd", "hylo"])
+def test_per_sample_methods_see_each_projection_as_its_linear_layer(method, batch_first):
+    """FNGD and HyLo (ρ = 1, exact) on nn.MultiheadAttention write into its packed parameters exactly what
+    they write into the four nn.Linear layers of the same attention written by hand."""
+    x, t = _batch()
+    torch.manual_seed(0)
+    model = AttnNet(True, True, batch_first).double()
+    with torch.no_grad():
+        for p in model.attn.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    explicit = ExplicitAttnNet(model)
+    torch.testing.assert_close(model(x), explicit(x))
+    for net in (model, explicit):
+        if method == "fngd":
+            gm = make_gradient_maker("fngd", net, None, iters_per_epoch=2)
+        else:
+            gm = make_gradient_maker("hylo", net, asdl.PreconditioningConfig(damping=0.1, curvature_upd_interval=1),
+                                     compression_ratio=1.0, switch_policy="kis")
+        assert len(gm.blocks) == 5  # q, k, v, out and the head
+        step(gm, net, x, t)
+    m = model.attn
+    pairs = [(m.in_proj_weight, torch.cat([explicit.q.weight.grad, explicit.k.weight.grad, explicit.v.weight.grad])),
+             (m.in_proj_bias, torch.cat([explicit.q.bias.grad, explicit.k.bias.grad, explicit.v.bias.grad])),
+             (m.out_proj.weight, explicit.out.weight.grad), (m.out_proj.bias, explicit.out.bias.grad),
+             (model.head.weight, explicit.head.weight.grad)]
+    for param, expected in pairs:
+        torch.testing.assert_close(param.grad, expected, rtol=1e-9, atol=1e-12)
