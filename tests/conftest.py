@@ -27,6 +27,20 @@ def conv_ln_net() -> nn.Module:
                          nn.Linear(3 * 6 * 6, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
 
 
+class TokenNet(nn.Module):
+    """(batch, tokens, 3) -> a Linear embedding, one torch TransformerEncoderLayer (its attention projections
+    are blocks of FOP and K-FAC), the mean over tokens and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.body = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(self.embed(x)).mean(1))
+
+
 def config(**kwargs) -> asdl.PreconditioningConfig:
     base = dict(damping=1e-2, ema_decay=0.1, curvature_upd_interval=2, preconditioner_upd_interval=2)
     base.update(kwargs)

@@ -10,16 +10,20 @@ import torch.distributed as dist
 
 import fop_asdl
 
-from conftest import config, conv_ln_net, step
+from conftest import TokenNet, config, conv_ln_net, step
 
 STEPS = 5  # interval 2: curvature on steps 0, 2, 4; EMA on
 LOCAL = 4  # samples per rank
 
 
-def global_batch(i: int, world_size: int):
+def global_batch(i: int, world_size: int, shape=(1, 6, 6)):
     gen = torch.Generator().manual_seed(1000 + i)
     n = LOCAL * world_size
-    return torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+    return torch.randn(n, *shape, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+
+#: The networks the equivalence runs train, and their input shapes (per sample).
+NETS = {"conv_ln": (conv_ln_net, (1, 6, 6)), "tokens": (TokenNet, (5, 3))}
 
 
 def local_rows(rank: int, world_size: int) -> torch.Tensor:
@@ -37,9 +41,9 @@ def single_process_order(mode: str, world_size: int) -> torch.Tensor:
     return torch.cat(first + second)
 
 
-def build(name: str, **kwargs):
+def build(name: str, net: str = "conv_ln", **kwargs):
     torch.manual_seed(0)
-    model = conv_ln_net().double()
+    model = NETS[net][0]().double()
     maker = fop_asdl.make_gradient_maker(name, model, config(), fisher_type="fisher_emp", **kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     return model, maker, opt
@@ -61,12 +65,12 @@ def train(model, maker, opt, batches, steps) -> List[List[torch.Tensor]]:
     return grads
 
 
-def run_single(name: str, mode: str, world_size: int, steps=range(STEPS), **kwargs):
+def run_single(name: str, mode: str, world_size: int, steps=range(STEPS), net: str = "conv_ln", **kwargs):
     order = single_process_order(mode, world_size) if name == "fop" else torch.arange(LOCAL * world_size)
-    model, maker, opt = build(name, **kwargs)
+    model, maker, opt = build(name, net, **kwargs)
 
     def batches(i):
-        x, t = global_batch(i, world_size)
+        x, t = global_batch(i, world_size, NETS[net][1])
         return x[order], t[order]
 
     return train(model, maker, opt, batches, steps), model, maker, opt
@@ -79,11 +83,11 @@ def init(rank: int, world_size: int, store: str, timeout_s: float = 60.0) -> Non
                             timeout=timedelta(seconds=timeout_s))
 
 
-def rank_batches(rank: int, world_size: int):
+def rank_batches(rank: int, world_size: int, net: str = "conv_ln"):
     rows = local_rows(rank, world_size)
 
     def batches(i):
-        x, t = global_batch(i, world_size)
+        x, t = global_batch(i, world_size, NETS[net][1])
         return x[rows], t[rows]
 
     return batches
@@ -103,6 +107,18 @@ def equivalence(rank: int, world_size: int, store: str, out: str) -> None:
                                      "nu": None if maker.last_nu is None else maker.last_nu.clone(),
                                      "state": maker.state_dict(),
                                      "params": [p.detach().clone() for p in model.parameters()]}
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def attention_equivalence(rank: int, world_size: int, store: str, out: str) -> None:
+    """FOP ("halves") and K-FAC on TokenNet, whose attention projections are blocks: per-step grads."""
+    init(rank, world_size, store)
+    results = {}
+    for name in ("fop", "kfac"):
+        model, maker, opt = build(name, "tokens", **({"sub_batches": "halves"} if name == "fop" else {}))
+        assert any(n.endswith("q_proj") for n, _ in maker.named_modules_for_curvature)
+        results[name] = train(model, maker, opt, rank_batches(rank, world_size, "tokens"), range(STEPS))
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 

@@ -48,6 +48,17 @@ def test_sharded_fop_and_kfac_equal_single_process_training(sharded_runs):
                         torch.testing.assert_close(rank[key]["stats"][block][stat], value, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_attention_blocks_equal_single_process_training(tmp_path, world_size):
+    """A torch TransformerEncoderLayer's q/k/v/out projections as sharded FOP and K-FAC blocks."""
+    spawn(w.attention_equivalence, world_size, str(tmp_path / "store"), str(tmp_path / "out"))
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(world_size)]
+    for name in ("fop", "kfac"):
+        expected, _, _, _ = w.run_single(name, "halves", world_size, net="tokens")
+        for rank in ranks:
+            assert_close_lists(rank[name], expected)
+
+
 def test_every_block_has_one_owner_and_ranks_agree(sharded_runs):
     world_size, ranks = sharded_runs
     assignment = ranks[0]["fop/halves"]["assignment"]
