@@ -108,6 +108,7 @@ def test_compare_picks_lr_per_method_and_reports(tmp_path: Path, capsys) -> None
     assert "| 100 | sgd @ lr 0.1 (0.1) [edge: lr high] | 2 |" in table
     assert "| 200 | fop @ lr 0.05 (0.1) [edge: lr high] | 2 |" in table
     assert "| 100 | sgd | 0.001 | 0.001 | – |" in table  # lr 0.001 never reaches 50 % in 2 epochs
+    _check_paired_errors(table, tmp_path)
     assert (tmp_path / "b100" / "sgd" / "lr0.1_seed1" / "summary.json").exists()
     assert not (tmp_path / "b100" / "sgd" / "lr0.001_seed1").exists()  # only the chosen lr runs other seeds
     (environment,) = [json.loads(line) for line in (tmp_path / "environment.jsonl").read_text().splitlines()]
@@ -123,6 +124,24 @@ def test_compare_picks_lr_per_method_and_reports(tmp_path: Path, capsys) -> None
     ]
     for png in ("accuracy_vs_epoch.png", "accuracy_vs_time.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_paired_errors(table: str, out: Path) -> None:
+    """The paired table against the seeds' summaries at the chosen points: FOP's error minus SGD's, seed by
+    seed."""
+    chosen = {r["method"]: r["runs"] for r in json.loads((out / "results.json").read_text()) if r["batch_size"] == 100}
+
+    def error(method: str, seed: int) -> float:
+        (summary,) = [s for s in chosen[method] if s["run"]["seed"] == seed]
+        return 100 * (1 - summary["best_accuracy"])
+
+    diffs = [error("fop", s) - error("sgd", s) for s in (0, 1)]
+    section = table.split("## Top-1 error")[1].split("## Search")[0]
+    cells = {line.split(" | ")[1]: line.split(" | ")[2:] for line in section.splitlines() if line.startswith("| 100 |")}
+    mean = f"{sum(diffs) / 2:+.2f}"
+    expected = mean if min(diffs) == max(diffs) else f"{mean} ({min(diffs):+.2f}–{max(diffs):+.2f})"
+    assert cells["fop"][1].rstrip(" |") == expected
+    assert cells["sgd"][1].rstrip(" |") == "–"  # no method is compared with itself
 
 
 def test_compare_halton_search_over_lr_and_damping(tmp_path: Path, capsys) -> None:

@@ -41,6 +41,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _points(x: float) -> str:
+    return f"{x:+.2f}"
+
+
 def _epochs(x: float) -> str:
     return f"{x:g}" if float(x).is_integer() else f"{x:.1f}"
 
@@ -82,7 +86,46 @@ def results_markdown(
             f"| {_spread(best, _pct) if best else DASH}{f' ({diverged} diverged)' if diverged else ''} "
             f"| {speedup} |"
         )
-    return "\n".join(lines + [""] + _search_table(config, results) + [""] + _environment(environments)) + "\n"
+    sections = [_paired_errors(results), _search_table(config, results), _environment(environments)]
+    return "\n".join(lines + [line for section in sections if section for line in [""] + section]) + "\n"
+
+
+#: Methods the others are compared with, seed by seed (the long-tail papers' Table 4 rows).
+REFERENCES = ("kfac", "sgd")
+
+
+def _paired_errors(results: List[MethodResult]) -> List[str]:
+    """Top-1 error (100 − best accuracy) per method and its difference from each reference method, seed by
+    seed: seeds share initial weights and batches, so the per-seed difference is the one to trust, and its
+    spread says whether a gap is larger than what the seed alone moves."""
+    def errors(r: MethodResult) -> Dict[int, float]:
+        return {s["run"]["seed"]: 100 * (1 - s["best_accuracy"]) for s in r.runs if s["best_accuracy"] is not None}
+
+    by_key = {(r.batch_size, r.method): errors(r) for r in results}
+    references = [m for m in REFERENCES if any(m == r.method for r in results)]
+    if not references:
+        return []
+    lines = [
+        "## Top-1 error and paired differences",
+        "",
+        "Top-1 error = 100 − best test accuracy (%), mean (min–max) over the seeds. vs <method>: this "
+        "method's error minus the reference's on the same seed, in points (negative: fewer errors), "
+        "mean (min–max) over the seeds both ran.",
+        "",
+        "| batch | method | top-1 error (%) | " + " | ".join(f"vs {m}" for m in references) + " |",
+        "|---|---|---|" + "---|" * len(references),
+    ]
+    for r in results:
+        mine = by_key[(r.batch_size, r.method)]
+        cells = []
+        for ref in references:
+            theirs = by_key.get((r.batch_size, ref), {})
+            shared = sorted(set(mine) & set(theirs))
+            cells.append(_spread([mine[s] - theirs[s] for s in shared], _points)
+                         if shared and ref != r.method else DASH)
+        error = _spread(list(mine.values()), lambda x: f"{x:.2f}") if mine else DASH
+        lines.append(f"| {r.batch_size} | {r.method} | {error} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _edge_note(flags: List[str]) -> str:
