@@ -74,6 +74,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch_size, *shape, generator=gen)
     t = torch.randint(0, 10, (args.batch_size,), generator=gen)
+    load_before = os.getloadavg()
     runs: Dict[str, dict] = {}
     for name in NAMES:
         model = copy.deepcopy(reference)
@@ -118,8 +119,9 @@ def main() -> None:
     kfac = results["kfac"]["mean_s"]
     print(f"# bench_hylo: {args.model} b{args.batch_size}, interval {args.interval}, ρ = {args.ratio}, "
           f"{torch.get_num_threads()} threads, {args.cycles} cycles per method; `{shlex.join(sys.argv)}`")
-    print("(ran on a machine shared with other jobs: absolute times are inflated, the ratios are measured "
-          "in one process, interleaved)")
+    load = {"before": load_before, "after": os.getloadavg()}  # 1/5/15-min: other jobs on the cores inflate times
+    print(f"load average before {load['before'][0]:.2f}, after {load['after'][0]:.2f} (1 min); the ratios are "
+          "measured in one process, interleaved")
     print("| method | mean step (ms) | refresh/curvature step (ms) | plain step (ms) | x K-FAC (mean) "
           "| peak refresh (MiB) | peak plain (MiB) |")
     print("|---|---|---|---|---|---|---|")
@@ -135,7 +137,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"command": shlex.join([sys.executable] + sys.argv), "args": vars(args), "results": results,
                        "hylo_state_bytes": hylo_state, "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "note": "machine shared with other jobs"}, f, indent=1)
+                       "torch": torch.__version__, "load_average": load}, f, indent=1)
 
 
 if __name__ == "__main__":
