@@ -65,10 +65,10 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             scaled together by ν = min(1, sqrt(κ / (lr² Σ_l ‖Δ_l‖²_F̃))). None: off (the paper's method).
         lr: the optimizer's learning rate for kl_clip, a float or a zero-argument callable returning the
             current one (e.g. ``lambda: optimizer.param_groups[0]["lr"]``, so a scheduler is followed).
-        ema_bias_correction: ASDL's EMA starts from zero, so after k updates it holds (1 − (1 − d)^k) of the
-            curvature's scale (0.05 F after the first at ``ema_decay`` d = 0.05). True divides every factor by
-            that, as Adam does, so the first steps are preconditioned by the curvature itself. The count k of
-            each block is kept in ``state_dict()``.
+        ema_bias_correction: ASDL's EMA starts from zero, so after k updates each factor holds (1 − (1 − d)^k)
+            of its scale (0.05 A and 0.05 B after the first at ``ema_decay`` d = 0.05). True divides every
+            factor by that, as Adam does, so the first steps are preconditioned by the curvature itself. The
+            count k of each block is kept in ``state_dict()``. Measured harmful at low damping (README).
 
     Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its
     inverses and the per-sub-batch gradients are computed in the parameters' precision.
