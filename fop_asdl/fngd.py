@@ -261,19 +261,12 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
 
     def state_dict(self) -> Dict[str, Any]:
         """Step and coefficient bank; with several ranks this rank's own (load it into the same rank)."""
-        return {"step": self.state["step"], "world_size": self._sync.world_size, "rank": self._sync.rank,
-                "bank": {name: {b: w.detach().clone() for b, w in entries.items()}
-                         for name, entries in self.bank.items()}}
+        return {**self._rank_state(), "bank": {name: {b: w.detach().clone() for b, w in entries.items()}
+                                               for name, entries in self.bank.items()}}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        where = (state_dict.get("world_size", 1), state_dict.get("rank", 0))
-        if where != (self._sync.world_size, self._sync.rank):
-            raise ValueError(f"this FNGD state belongs to rank {where[1]} of {where[0]}, not rank "
-                             f"{self._sync.rank} of {self._sync.world_size}: each rank's bank holds the "
-                             f"coefficients of its own samples; resume with the same world size.")
-        unknown = set(state_dict["bank"]) - set(self.bank)
-        if unknown:
-            raise KeyError(f"state_dict has coefficients for blocks this model does not have: {sorted(unknown)}")
+        self._check_rank_state(state_dict, "each rank's bank holds the coefficients of its own samples",
+                               "coefficients", state_dict["bank"], self.bank)
         self.bank = {name: {int(b): w.to(self.device).clone() for b, w in state_dict["bank"].get(name, {}).items()}
                      for name in self.bank}
         self.state["step"] = int(state_dict["step"])

@@ -314,8 +314,8 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
     def state_dict(self) -> Dict[str, Any]:
         """Step, α, mode, the stored factors, the KIS generator and the switching history; with several
         ranks this rank's (the generator differs per rank): load it into the same rank."""
-        return {"step": self.state["step"], "world_size": self._sync.world_size, "rank": self._sync.rank,
-                "damping": self.damping, "method": self.method, "generator": self.generator.get_state(),
+        return {**self._rank_state(), "damping": self.damping, "method": self.method,
+                "generator": self.generator.get_state(),
                 "factors": {name: {"a": f.a.clone(), "g": f.g.clone(), "matrix": f.matrix.clone(),
                                    "scale": f.scale, "damping": alpha}
                             for name, (f, alpha) in self.factors.items()},
@@ -325,14 +325,8 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                               for name, v in self._epoch_sum.items()}}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        where = (state_dict.get("world_size", 1), state_dict.get("rank", 0))
-        if where != (self._sync.world_size, self._sync.rank):
-            raise ValueError(f"this HyLo state belongs to rank {where[1]} of {where[0]}, not rank {self._sync.rank} "
-                             f"of {self._sync.world_size}: each rank keeps its own KIS generator; resume with the "
-                             f"same world size.")
-        unknown = set(state_dict["factors"]) - set(self._modules)
-        if unknown:
-            raise KeyError(f"state_dict has factors for blocks this model does not have: {sorted(unknown)}")
+        self._check_rank_state(state_dict, "each rank keeps its own KIS generator", "factors",
+                               state_dict["factors"], self._modules)
         dev = self.device
         self.factors = {name: (lr.LowRankFactors(f["a"].to(dev), f["g"].to(dev), f["matrix"].to(dev), f["scale"]),
                                float(f["damping"])) for name, f in state_dict["factors"].items()}

@@ -69,6 +69,24 @@ class SteppedGradientMaker:
         """ASDL's ``setup_model_call``; a ``torch.compile``d module is called eagerly (compat.eager_module)."""
         return super().setup_model_call(eager_module(model_fn, warn=False), *args, **kwargs)
 
+    # --- per-rank state (FNGD's bank, HyLo's generator) ---------------------------------------------------
+    def _rank_state(self) -> Dict[str, Any]:
+        """The head of a state that belongs to this rank: step, world size, rank."""
+        return {"step": self.state["step"], "world_size": self._sync.world_size, "rank": self._sync.rank}
+
+    def _check_rank_state(self, state_dict: Dict[str, Any], why: str, what: str, saved: Sequence[str],
+                          known: Sequence[str]) -> None:
+        """Refuse a state saved by another rank or world size (``why`` says what is per rank), or one with
+        ``what`` for blocks (``saved``) this model does not have (``known``)."""
+        where = (state_dict.get("world_size", 1), state_dict.get("rank", 0))
+        if where != (self._sync.world_size, self._sync.rank):
+            raise ValueError(f"this {self.method_label} state belongs to rank {where[1]} of {where[0]}, not rank "
+                             f"{self._sync.rank} of {self._sync.world_size}: {why}; resume with the same world "
+                             f"size.")
+        unknown = set(saved) - set(known)
+        if unknown:
+            raise KeyError(f"state_dict has {what} for blocks this model does not have: {sorted(unknown)}")
+
     # --- what a method provides ------------------------------------------------------------------------
     @property
     def _step_blocks(self) -> Sequence[Tuple[str, nn.Module]]:
