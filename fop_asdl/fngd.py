@@ -16,12 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from . import smw
-from .attention import attention_blocks
 from .capture import Chunk
-from .chunks import validate_micro_batch_size
 from .compat import eager_module, reject_ddp
 from .halves import add_sums
-from .step import SteppedGradientMaker, linear_conv_blocks, make_sync, write_block
+from .step import SteppedGradientMaker, make_sync, write_block
 
 __all__ = ["FNGDGradientMaker"]
 
@@ -104,13 +102,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.iters_per_epoch, self.coefficient_epochs = iters_per_epoch, coefficient_epochs
         self.damping, self.damping_mode, self.scale_mode = float(damping), damping_mode, scale_mode
         self.conv_gram, self.coefficient_scope = conv_gram, coefficient_scope
-        self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
-        self.grad_scaler = grad_scaler
-        self.last_step_skipped = False
-        self.device = next(model.parameters()).device
-        self.state: Dict[str, Any] = {"step": 0}
-        with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.attention)
-            self.blocks = linear_conv_blocks(model, self.config.ignore_modules, "FNGD")
+        self._init_per_sample_step(model, micro_batch_size, grad_scaler)
         self._names = {m: name for name, m in self.blocks}
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
         #: bank[block][b]: this rank's w of iteration b (its slice of the global batch in "global" scope).
@@ -142,11 +134,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
     def _accumulate(self, module: nn.Module, x: Tensor, grad_out: Tensor, chunk: Chunk,
                     previous: Optional[_Record]) -> _Record:
         record = previous if previous is not None else _Record([], [])
-        if chunk.start in record.starts:
-            raise ValueError(f"fop_asdl: a {module.__class__.__name__} block ran more than once in one forward "
-                             f"pass; FNGD needs one per-sample gradient per call. List it in "
-                             f"PreconditioningConfig.ignore_modules.")
-        record.starts.append(chunk.start)
+        self._once_per_pass(record.starts, chunk, module, "one per-sample gradient per call")
         x, grad_out = _as_rows(module, x, grad_out)
         w = self._step_plan.reused.get(self._names[module])
         if w is None:  # coefficient step: the Gram needs every chunk

@@ -36,18 +36,8 @@ class FOPGradientMaker(CurvatureStepMaker):
         eta_range: clamp of η*.
         projection_metric: ``"undamped"`` (F) or ``"damped"`` (F̃) for the projection of step 2.
         eps: guard for the denominators.
-    and, as for every :class:`~fop_asdl.curvature.CurvatureStepMaker` (see there for ``kl_clip``, ``lr`` and
-    ``ema_bias_correction``):
-        micro_batch_size: run each step as ⌈n / micro_batch_size⌉ forward/backward passes whose gradients
-            (per sub-batch) and curvature add up to those of the whole batch; memory is bounded by the
-            micro-batch. None: one pass.
-        sub_batches: with ``torch.distributed`` initialised, how B1 and B2 are formed: ``"ranks"`` (even
-            ranks' batches vs odd ranks'), ``"halves"`` (every rank's first ⌈n/2⌉ samples vs the rest) or
-            ``"auto"`` ("ranks" for an even world size, else "halves"). Ignored in one process.
-        grad_scaler: a ``torch.amp.GradScaler`` for fp16 autocast: every backward pass starts from the
-            scaled loss, so ``p.grad`` holds scaled results for ``scaler.step(optimizer)`` to unscale. A step
-            with NaN/Inf then does not raise: it commits nothing, fills the blocks' ``p.grad`` with NaN so that
-            ``scaler.step`` skips it, and sets ``last_step_skipped``.
+    and those of every :class:`~fop_asdl.curvature.CurvatureStepMaker` (documented there): ``micro_batch_size``,
+    ``sub_batches``, ``grad_scaler``, ``kl_clip``, ``lr`` and ``ema_bias_correction``.
 
     Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its
     inverses, the per-sub-batch gradients and the FOP scalars are computed in the parameters' precision.

@@ -18,13 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from . import lowrank as lr
-from .attention import attention_blocks
 from .capture import Chunk
-from .chunks import validate_micro_batch_size
 from .compat import reject_ddp
 from .halves import add_sums, half_sums
 from .lowrank_schedule import DEFAULT_SWITCH_THRESHOLD, SwitchPolicy, local_rows
-from .step import SteppedGradientMaker, linear_conv_blocks, make_sync, write_block
+from .step import SteppedGradientMaker, make_sync, write_block
 
 __all__ = ["HyLoGradientMaker"]
 
@@ -114,13 +112,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.kis_probability, self.kis_reweight = kis_probability, bool(kis_reweight)
         self.damping, self.target_damping = float(self.config.damping), target_damping
         self.damping_decay_updates, self.damping_warmup_steps = damping_decay_updates, damping_warmup_steps
-        self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
-        self.grad_scaler = grad_scaler
-        self.last_step_skipped = False
-        self.device = next(model.parameters()).device
-        self.state: Dict[str, Any] = {"step": 0}
-        with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.attention)
-            self.blocks = linear_conv_blocks(model, self.config.ignore_modules, "HyLo")
+        self._init_per_sample_step(model, micro_batch_size, grad_scaler)
         self._modules = dict(self.blocks)
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False, costs=self._owner_costs())
         self.generator = torch.Generator(device=self.device)
@@ -172,11 +164,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
     def _accumulate(self, module: nn.Module, x: Tensor, grad_out: Tensor, chunk: Chunk,
                     previous: Optional[_Record]) -> _Record:
         record = previous if previous is not None else _Record([], [])
-        if chunk.start in record.starts:
-            raise ValueError(f"fop_asdl: a {module.__class__.__name__} block ran more than once in one forward "
-                             f"pass; HyLo needs one row per sample and call. List it in "
-                             f"PreconditioningConfig.ignore_modules.")
-        record.starts.append(chunk.start)
+        self._once_per_pass(record.starts, chunk, module, "one row per sample and call")
         bias = module.bias is not None
         if isinstance(module, nn.Conv2d):
             rows = lr.conv2d_rows(x, grad_out, module.kernel_size, module.stride, module.padding, module.dilation,

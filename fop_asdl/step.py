@@ -41,8 +41,9 @@ import torch
 from asdl.utils import has_reduction
 from torch import Tensor, nn
 
+from .attention import attention_blocks
 from .capture import BlockCapture, Chunk
-from .chunks import chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward
+from .chunks import chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward, validate_micro_batch_size
 from .compat import batch_size_of, eager_module, full_precision
 from .halves import supports_half_gradients
 from .sync import LocalSync, several_ranks
@@ -68,6 +69,27 @@ class SteppedGradientMaker:
     def setup_model_call(self, model_fn: Any, *args: Any, **kwargs: Any) -> Any:
         """ASDL's ``setup_model_call``; a ``torch.compile``d module is called eagerly (compat.eager_module)."""
         return super().setup_model_call(eager_module(model_fn, warn=False), *args, **kwargs)
+
+    def _init_per_sample_step(self, model: nn.Module, micro_batch_size: Optional[int],
+                              grad_scaler: Optional[torch.amp.GradScaler]) -> None:
+        """The set-up FNGD and HyLo share: the step's attributes and ``self.blocks``, their per-sample Linear
+        and Conv2d blocks, the attention projections among them (:mod:`fop_asdl.attention`)."""
+        self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
+        self.grad_scaler = grad_scaler
+        self.last_step_skipped = False
+        self.device = next(model.parameters()).device
+        self.state = {"step": 0}
+        with attention_blocks(self, model):
+            self.blocks = linear_conv_blocks(model, self.config.ignore_modules, self.method_label)
+
+    def _once_per_pass(self, starts: List[int], chunk: Chunk, module: nn.Module, needs: str) -> None:
+        """Record the chunk a per-sample block saw; refuse a block that runs twice in one forward pass (shared
+        weights), whose rows would mix two calls."""
+        if chunk.start in starts:
+            raise ValueError(f"fop_asdl: a {module.__class__.__name__} block ran more than once in one forward "
+                             f"pass; {self.method_label} needs {needs}. List it in "
+                             f"PreconditioningConfig.ignore_modules.")
+        starts.append(chunk.start)
 
     # --- per-rank state (FNGD's bank, HyLo's generator) ---------------------------------------------------
     def _rank_state(self) -> Dict[str, Any]:

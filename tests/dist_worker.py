@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.distributed as dist
 
 import fop_asdl
 
-from conftest import TokenNet, config, conv_ln_net, step
+from conftest import TokenNet, config, conv_ln_net, step, train
 
 STEPS = 5  # interval 2: curvature on steps 0, 2, 4; EMA on
 LOCAL = 4  # samples per rank
@@ -54,17 +54,6 @@ def clip_options(name: str, mode: str) -> Dict[str, object]:
     return {"kl_clip": 1e-4, "lr": 0.1} if name == "kfac" or mode == "halves" else {}
 
 
-def train(model, maker, opt, batches, steps) -> List[List[torch.Tensor]]:
-    grads = []
-    for i in steps:
-        x, t = batches(i)
-        opt.zero_grad(set_to_none=True)
-        step(maker, model, x, t)
-        grads.append([p.grad.detach().clone() for p in model.parameters()])
-        opt.step()
-    return grads
-
-
 def run_single(name: str, mode: str, world_size: int, steps=range(STEPS), net: str = "conv_ln", **kwargs):
     order = single_process_order(mode, world_size) if name == "fop" else torch.arange(LOCAL * world_size)
     model, maker, opt = build(name, net, **kwargs)
@@ -73,7 +62,7 @@ def run_single(name: str, mode: str, world_size: int, steps=range(STEPS), net: s
         x, t = global_batch(i, world_size, NETS[net][1])
         return x[order], t[order]
 
-    return train(model, maker, opt, batches, steps), model, maker, opt
+    return train(model, maker, opt, steps, batches), model, maker, opt
 
 
 def init(rank: int, world_size: int, store: str, timeout_s: float = 60.0) -> None:
@@ -101,7 +90,7 @@ def equivalence(rank: int, world_size: int, store: str, out: str) -> None:
     for name, mode in [("fop", m) for m in modes] + [("kfac", "-")]:
         kwargs = {"sub_batches": mode} if name == "fop" else {}
         model, maker, opt = build(name, **kwargs, **clip_options(name, mode))
-        grads = train(model, maker, opt, rank_batches(rank, world_size), range(STEPS))
+        grads = train(model, maker, opt, range(STEPS), rank_batches(rank, world_size))
         stats = {k: {s: v.clone() for s, v in d.items()} for k, d in getattr(maker, "last_stats", {}).items()}
         results[f"{name}/{mode}"] = {"grads": grads, "assignment": maker.assignment, "stats": stats,
                                      "nu": None if maker.last_nu is None else maker.last_nu.clone(),
@@ -118,7 +107,7 @@ def attention_equivalence(rank: int, world_size: int, store: str, out: str) -> N
     for name in ("fop", "kfac"):
         model, maker, opt = build(name, "tokens", **({"sub_batches": "halves"} if name == "fop" else {}))
         assert any(n.endswith("q_proj") for n, _ in maker.named_modules_for_curvature)
-        results[name] = train(model, maker, opt, rank_batches(rank, world_size, "tokens"), range(STEPS))
+        results[name] = train(model, maker, opt, range(STEPS), rank_batches(rank, world_size, "tokens"))
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -131,7 +120,7 @@ def resume_sharded(rank: int, world_size: int, store: str, ckpt: str, out: str) 
     model.load_state_dict(state["model"])
     maker.load_state_dict(state["maker"])
     opt.load_state_dict(state["opt"])
-    train(model, maker, opt, rank_batches(rank, world_size), range(3, STEPS + 2))
+    train(model, maker, opt, range(3, STEPS + 2), rank_batches(rank, world_size))
     torch.save([p.detach().clone() for p in model.parameters()], f"{out}.{rank}")
     dist.destroy_process_group()
 

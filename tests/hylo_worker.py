@@ -5,27 +5,16 @@ from __future__ import annotations
 import sys
 
 import torch
-from torch import nn
 
 import fop_asdl
 
-from conftest import config, step
+from conftest import config, independent_net, train
+from conftest import per_sample_net as net
+from conftest import small_image_batch as batch
 
 T = 3          # iterations per epoch
-BATCH = 8      # samples per step (per rank in the distributed test)
+BATCH = 8      # samples per step (batch's default; per rank in the distributed test)
 INTERVAL = 2   # refresh on steps 0, 2, 4, ...
-
-
-def net() -> nn.Module:
-    """Conv2d (stride, padding, bias), BatchNorm, Linear with and without bias."""
-    return nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(3 * 3 * 3, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
-
-
-def independent_net() -> nn.Module:
-    """No BatchNorm: samples are independent, so a batch may be cut into micro-batches or ranks."""
-    return nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(3 * 3 * 3, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
 
 
 def build(model_fn=net, damping=0.1, **options):
@@ -40,22 +29,6 @@ def build(model_fn=net, damping=0.1, **options):
                                          **options)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return model, maker, opt
-
-
-def batch(i: int, n: int = BATCH):
-    gen = torch.Generator().manual_seed(100 + i)
-    return torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
-
-
-def train(model, maker, opt, steps, batches=batch):
-    grads = []
-    for i in steps:
-        x, t = batches(i)
-        opt.zero_grad(set_to_none=True)
-        step(maker, model, x, t)
-        grads.append([p.grad.detach().clone() for p in model.parameters()])
-        opt.step()
-    return grads
 
 
 def distributed(rank: int, world_size: int, store: str, out: str, method: str) -> None:

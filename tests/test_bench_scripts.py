@@ -63,3 +63,22 @@ def test_bench_hylo_small_run(tmp_path):
     for name in ("sgd", "kfac", "hylo_kis", "hylo_kid"):
         assert results[name]["steps"] == 2 and results[name]["peak_refresh_mib"] > 0
     assert results["hylo"]["mean_s"] == 0.25 * results["hylo_kid"]["mean_s"] + 0.75 * results["hylo_kis"]["mean_s"]
+
+
+def test_bench_step_one_process_per_method(tmp_path):
+    out = tmp_path / "step.json"
+    run_script("bench_step.py", "--batch-size", "8", "--interval", "2", "--cycles", "1", "--warmup-cycles", "0",
+               "--methods", "sgd,kfac,fop", "--out", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert sorted(results) == ["fop", "kfac", "sgd"]
+    for r in results.values():
+        assert r["peak_rss_mib"] > 1 and r["wall"]["mean_s"] > 0 and r["steps"] == 2
+
+
+def test_bench_fngd_small_run(tmp_path):
+    out = tmp_path / "fngd.json"
+    run_script("bench_fngd.py", "--batch-size", "8", "--batches", "2", "--interval", "2", "--rounds", "1",
+               "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["results"]["kfac"]["steps"] == 2 and data["results"]["fngd"]["steps"] == 1
+    assert data["fngd_bank_bytes"] > 0

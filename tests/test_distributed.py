@@ -96,7 +96,7 @@ def test_single_process_checkpoint_resumes_a_sharded_run(tmp_path):
         x, t = w.global_batch(i, world_size)
         return x[order], t[order]
 
-    w.train(model, maker, opt, batches, range(3, w.STEPS + 2))
+    w.train(model, maker, opt, range(3, w.STEPS + 2), batches)
     for rank in range(world_size):
         for p, q in zip(model.parameters(), torch.load(tmp_path / f"out.{rank}")):
             torch.testing.assert_close(q, p.detach(), rtol=1e-5, atol=1e-8)

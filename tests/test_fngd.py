@@ -17,10 +17,9 @@ from torch import nn
 import fop_asdl
 import fngd_worker as w
 from fop_asdl import smw
-from fop_asdl.data import load_fashion_mnist_subset
 from fop_asdl.models import SmallCNN
 
-from conftest import config, step
+from conftest import config, step, subset_accuracy
 
 HERE = Path(__file__).parent
 
@@ -206,6 +205,12 @@ def test_bad_input_is_refused_with_the_fix():
     with pytest.raises(KeyError, match="blocks this model does not have"):
         maker.load_state_dict({"step": 0, "bank": {"decoder": {}}})
 
+    twice = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double()
+    shared = nn.Sequential(twice, twice, nn.Linear(4, 3)).double()  # one Linear called twice per pass
+    maker = fop_asdl.make_gradient_maker("fngd", shared, config(), iters_per_epoch=3)
+    with pytest.raises(ValueError, match="FNGD needs one per-sample gradient per call"):
+        step(maker, shared, torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    assert maker.state["step"] == 0 and not maker.bank["0.0"] and all(p.grad is None for p in shared.parameters())
 
 def test_ddp_wrapped_model_is_refused(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -248,23 +253,7 @@ def test_global_scope_on_ranks_equals_one_process(tmp_path, world_size):
 
 
 def test_fngd_learns_on_real_data():
-    torch.manual_seed(0)
-    data = load_fashion_mnist_subset()
-    batch, epochs = 250, 12
-    model = SmallCNN()
-    steps = -(-len(data.x_train) // batch)
-    maker = fop_asdl.make_gradient_maker("fngd", model, None, iters_per_epoch=steps)
-    opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(data.x_train), generator=gen).split(batch):
-            opt.zero_grad(set_to_none=True)
-            _, loss = step(maker, model, data.x_train[idx], data.y_train[idx])
-            opt.step()
-    assert torch.isfinite(loss)
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    accuracy, maker = subset_accuracy("fngd", None, lr=LEARNING_RATE)
     assert accuracy >= TARGET_ACCURACY, f"test accuracy {accuracy:.3f} < {TARGET_ACCURACY}"
     assert all(float(c["max_abs_c"]) < 0.5 for c in maker.last_coefficients.values())
 

@@ -14,11 +14,10 @@ from torch import nn
 import fop_asdl
 import hylo_worker as w
 from fop_asdl import lowrank as lr
-from fop_asdl.data import load_fashion_mnist_subset
 from fop_asdl.lowrank_schedule import refresh_traffic
 from fop_asdl.models import SmallCNN
 
-from conftest import config, step
+from conftest import config, step, subset_accuracy
 
 HERE = Path(__file__).parent
 ALPHA = 0.1
@@ -272,24 +271,8 @@ def test_ranks_equal_one_process_and_move_the_bytes_of_section_4(tmp_path, world
 
 
 def test_hylo_learns_on_real_data():
-    torch.manual_seed(0)
-    data = load_fashion_mnist_subset()
-    batch, epochs = 250, 12
-    model = SmallCNN()
-    steps = -(-len(data.x_train) // batch)
-    maker = fop_asdl.make_gradient_maker("hylo", model, asdl.PreconditioningConfig(damping=DAMPING,
-                                         curvature_upd_interval=10), iters_per_epoch=steps)
-    opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(data.x_train), generator=gen).split(batch):
-            opt.zero_grad(set_to_none=True)
-            _, loss = step(maker, model, data.x_train[idx], data.y_train[idx])
-            opt.step()
-    assert torch.isfinite(loss)
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    accuracy, _ = subset_accuracy("hylo", asdl.PreconditioningConfig(damping=DAMPING, curvature_upd_interval=10),
+                                  lr=LEARNING_RATE)
     assert accuracy >= TARGET_ACCURACY, f"test accuracy {accuracy:.3f} < {TARGET_ACCURACY}"
 
 
