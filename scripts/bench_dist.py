@@ -88,9 +88,9 @@ import asdl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
+from bench_common import asdl_step, restore
 from fop_asdl import make_gradient_maker
 from fop_asdl.models import MLP, SmallCNN, resnet18_cifar
 
@@ -150,16 +150,10 @@ class Runner:
         self.records: List[Dict[str, Any]] = []
 
     def step(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        dummy_y = self.gm.setup_model_call(self.model, x)
-        self.gm.setup_loss_call(F.cross_entropy, dummy_y, t)
-        self.gm.forward_and_backward()
-        self.opt.step()
+        asdl_step(self.gm, self.model, self.opt, x, t)
 
     def reset_weights(self) -> None:
-        with torch.no_grad():
-            for p, p0 in zip(self.params, self.init):
-                p.copy_(p0)
+        restore(self.params, self.init)
 
 
 class Rank:

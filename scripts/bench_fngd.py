@@ -18,13 +18,11 @@ import json
 import shlex
 import statistics
 import sys
-import time
 from typing import Dict
 
-import asdl
 import torch
-import torch.nn.functional as F
 
+from bench_common import baseline_maker, restore, timed_step
 from fop_asdl import make_gradient_maker
 from fop_asdl.models import SmallCNN, resnet32_cifar
 
@@ -33,23 +31,10 @@ MODELS = {"small_cnn": (lambda: SmallCNN(in_channels=1, image_size=28), (1, 28, 
 
 
 def build(name: str, model: torch.nn.Module, args: argparse.Namespace):
-    if name == "sgd":
-        return make_gradient_maker("sgd", model)
-    if name == "kfac":
-        return make_gradient_maker("kfac", model, asdl.PreconditioningConfig(
-            damping=1e-3, curvature_upd_interval=args.interval, preconditioner_upd_interval=args.interval))
+    if name in ("sgd", "kfac"):
+        return baseline_maker(name, model, args.interval)
     steps = 10 ** 9 if name == "fngd_coef" else args.batches  # fngd_coef never leaves its coefficient epoch
     return make_gradient_maker("fngd", model, None, iters_per_epoch=steps)
-
-
-def step(maker, model, opt, x, t) -> float:
-    start = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    dummy = maker.setup_model_call(model, x)
-    maker.setup_loss_call(F.cross_entropy, dummy, t)
-    maker.forward_and_backward()
-    opt.step()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -83,10 +68,8 @@ def main() -> None:
         r = runs[name]
         x, t = batches[r["i"] % args.batches]
         r["i"] += 1
-        seconds = step(r["maker"], r["model"], r["opt"], x, t)
-        with torch.no_grad():
-            for p, p0 in zip(r["model"].parameters(), r["init"]):
-                p.copy_(p0)
+        seconds = timed_step(r["maker"], r["model"], r["opt"], x, t)
+        restore(list(r["model"].parameters()), r["init"])
         if measure:
             r["times"].append(seconds)
 

@@ -21,13 +21,12 @@ import os
 import shlex
 import statistics
 import sys
-import time
 from typing import Dict
 
 import asdl
 import torch
-import torch.nn.functional as F
 
+from bench_common import baseline_maker, restore, timed_step
 from fop_asdl import make_gradient_maker
 from fop_asdl.memory import LiveTensorBytes
 from fop_asdl.models import SmallCNN, resnet18_cifar
@@ -39,23 +38,10 @@ MIB = 2.0 ** 20
 
 
 def build(name: str, model: torch.nn.Module, args: argparse.Namespace):
-    if name == "sgd":
-        return make_gradient_maker("sgd", model)
-    if name == "kfac":
-        return make_gradient_maker("kfac", model, asdl.PreconditioningConfig(
-            damping=1e-3, curvature_upd_interval=args.interval, preconditioner_upd_interval=args.interval))
+    if name in ("sgd", "kfac"):
+        return baseline_maker(name, model, args.interval)
     return make_gradient_maker("hylo", model, asdl.PreconditioningConfig(damping=1.0, curvature_upd_interval=args.interval),
                                compression_ratio=args.ratio, switch_policy=name.split("_")[1])
-
-
-def step(maker, model, opt, x, t) -> float:
-    start = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    dummy = maker.setup_model_call(model, x)
-    maker.setup_loss_call(F.cross_entropy, dummy, t)
-    maker.forward_and_backward()
-    opt.step()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -85,10 +71,8 @@ def main() -> None:
     def run(name: str, measure: bool) -> None:
         r = runs[name]
         refresh, r["n"] = r["n"] % args.interval == 0, r["n"] + 1
-        seconds = step(r["maker"], r["model"], r["opt"], x, t)
-        with torch.no_grad():
-            for p, p0 in zip(r["model"].parameters(), r["init"]):
-                p.copy_(p0)
+        seconds = timed_step(r["maker"], r["model"], r["opt"], x, t)
+        restore(list(r["model"].parameters()), r["init"])
         if measure:
             r["refresh" if refresh else "plain"].append(seconds)
 

@@ -40,9 +40,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import asdl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bench_common import asdl_step
 from fop_asdl import make_gradient_maker
 from fop_asdl.memory import LiveTensorBytes
 from fop_asdl.models import SmallCNN, resnet18_cifar
@@ -80,11 +80,7 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     def step(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        dummy_y = self.gm.setup_model_call(self.model, x)
-        self.gm.setup_loss_call(F.cross_entropy, dummy_y, t)
-        self.gm.forward_and_backward()
-        self.opt.step()
+        asdl_step(self.gm, self.model, self.opt, x, t)
 
     def cycle(self, batches: List[Tuple[torch.Tensor, torch.Tensor]], measure: bool,
               peaks: Optional[Dict[str, int]] = None) -> None:

@@ -20,7 +20,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -32,9 +31,9 @@ def worker(method: str, batch: int, args: argparse.Namespace) -> Dict[str, Any]:
     """One method at one batch size, in this process."""
     import asdl
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
+    from bench_common import timed_step
     from fop_asdl import make_gradient_maker
     from fop_asdl.hybrid import HybridOptimizer, other_parameters, preconditioned_parameters
     from fop_asdl.memory import LiveTensorBytes
@@ -57,13 +56,7 @@ def worker(method: str, batch: int, args: argparse.Namespace) -> Dict[str, Any]:
     x, t = torch.randn(batch, 1, 28, 28, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
 
     def one_step() -> float:
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        dummy_y = gm.setup_model_call(model, x)
-        gm.setup_loss_call(F.cross_entropy, dummy_y, t)
-        gm.forward_and_backward()
-        opt.step()
-        return time.perf_counter() - start
+        return timed_step(gm, model, opt, x, t)
 
     for _ in range(args.interval):  # warm-up cycle
         one_step()
