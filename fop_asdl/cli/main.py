@@ -28,7 +28,7 @@ __all__ = ["main", "build_parser"]
 
 CONFIG_FILE = "config.yaml"
 DESCRIPTION = (
-    "Train one run (train) or compare SGD, AdamW, K-FAC and FOP over batch sizes, an equal-budget "
+    "Train one run (train) or compare SGD, AdamW, K-FAC, FOP, FNGD and HyLo over batch sizes, an equal-budget "
     "hyperparameter search and seeds (compare), from a YAML config (--config) and overrides (--set)."
 )
 
