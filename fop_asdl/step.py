@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from .attention import attention_blocks
 from .capture import BlockCapture, Chunk
-from .chunks import chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward, validate_micro_batch_size
+from .chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward,
+                     validate_micro_batch_size)
 from .compat import batch_size_of, eager_module, full_precision
 from .halves import supports_half_gradients
 from .sync import LocalSync, several_ranks
