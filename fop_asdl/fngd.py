@@ -151,7 +151,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             data = {name: tuple(torch.cat(part) for part in zip(*records[name].chunks)) for name in computed}
             plan.new_bank = self._coefficients(data, scale, plan.diagnostics)
             for name in computed:
-                module = dict(self.blocks)[name]
+                module = self._modules[name]
                 x, z = data.pop(name)
                 records[name].total = self._weighted_sum(module, x, z, plan.new_bank[name])
         grads = {name: record.total for name, record in records.items()}
@@ -160,9 +160,8 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                 "coefficients": list(plan.new_bank.values())}
 
     def _commit(self, plan: _Plan) -> None:
-        modules = dict(self.blocks)
         for name, d in plan.grads.items():
-            write_block(modules[name], d)
+            write_block(self._modules[name], d)
         for name, w in plan.new_bank.items():
             self.bank[name][plan.index] = w
         if plan.diagnostics:
@@ -176,7 +175,6 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                       diagnostics: Dict[str, Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """This rank's w of every block in ``data``: Grams of the (local or global) batch, one batched solve;
         λ, mean c and max |c| of the blocks solved here go to ``diagnostics``."""
-        modules = dict(self.blocks)
         world = self._sync.world_size
         globally = self.coefficient_scope == "global" and world > 1
         if globally:
@@ -185,7 +183,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         sources = owned if globally else data
         weights: Dict[str, Tensor] = {}
         if names:
-            grams = torch.stack([self._gram(modules[name], *sources[name]) for name in names])
+            grams = torch.stack([self._gram(self._modules[name], *sources[name]) for name in names])
             if scale is not None:  # z carries the loss scale σ: K does σ², and λ must not
                 grams = grams / scale ** 2
             coef = smw.fngd_coefficients(grams, self.damping, damping_mode=self.damping_mode,

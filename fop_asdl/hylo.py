@@ -113,7 +113,6 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.damping, self.target_damping = float(self.config.damping), target_damping
         self.damping_decay_updates, self.damping_warmup_steps = damping_decay_updates, damping_warmup_steps
         self._init_per_sample_step(model, micro_batch_size, grad_scaler)
-        self._modules = dict(self.blocks)
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False, costs=self._owner_costs())
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed((seed + self._sync.rank * _SEED_MIX) % 2 ** 64)

@@ -73,8 +73,9 @@ class SteppedGradientMaker:
 
     def _init_per_sample_step(self, model: nn.Module, micro_batch_size: Optional[int],
                               grad_scaler: Optional[torch.amp.GradScaler]) -> None:
-        """The set-up FNGD and HyLo share: the step's attributes and ``self.blocks``, their per-sample Linear
-        and Conv2d blocks, the attention projections among them (:mod:`fop_asdl.attention`)."""
+        """The set-up FNGD and HyLo share: the step's attributes, ``self.blocks`` (their per-sample Linear and
+        Conv2d blocks, the attention projections among them: :mod:`fop_asdl.attention`) and ``self._modules``,
+        the same by name."""
         self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
         self.grad_scaler = grad_scaler
         self.last_step_skipped = False
@@ -82,6 +83,7 @@ class SteppedGradientMaker:
         self.state = {"step": 0}
         with attention_blocks(self, model):
             self.blocks = linear_conv_blocks(model, self.config.ignore_modules, self.method_label)
+        self._modules = dict(self.blocks)
 
     def _once_per_pass(self, starts: List[int], chunk: Chunk, module: nn.Module, needs: str) -> None:
         """Record the chunk a per-sample block saw; refuse a block that runs twice in one forward pass (shared
