@@ -7,7 +7,8 @@ import torch
 
 import fop_asdl
 
-from conftest import config, conv_bn_ln_net, step
+import conftest
+from conftest import config, conv_bn_ln_net, small_image_batch
 
 
 def build(name: str):
@@ -19,16 +20,11 @@ def build(name: str):
 
 
 def batch(i: int):
-    gen = torch.Generator().manual_seed(100 + i)
-    return torch.randn(10, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (10,), generator=gen)
+    return small_image_batch(i, 10)
 
 
 def train(model, maker, opt, steps: range) -> None:
-    for i in steps:
-        x, t = batch(i)
-        opt.zero_grad(set_to_none=True)
-        step(maker, model, x, t)
-        opt.step()
+    conftest.train(model, maker, opt, steps, batch)
 
 
 def checkpoint(model, maker, opt) -> dict:
