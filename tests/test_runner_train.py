@@ -15,9 +15,11 @@ import fop_asdl
 import fop_asdl.cli.protocol as protocol
 import fop_asdl.cli.train as train_module
 from fop_asdl.cli import main
+from fop_asdl.cli.compare import MethodResult
 from fop_asdl.cli.config import load_config
 from fop_asdl.cli.distributed import Topology
 from fop_asdl.cli.protocol import RunSpec, build_gradient_maker
+from fop_asdl.cli.report import accuracy_by_batch
 from fop_asdl.models import SmallCNN
 
 # A slice of the packaged real Fashion-MNIST subset: 600 train / 200 test images.
@@ -103,7 +105,8 @@ def test_compare_picks_lr_per_method_and_reports(tmp_path: Path, capsys) -> None
         ]
     )
     assert code == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert table == (tmp_path / "results.md").read_text()
     assert "| 100 | sgd @ lr 0.1 (0.1) [edge: lr high] | 2 |" in table
     assert "| 200 | fop @ lr 0.05 (0.1) [edge: lr high] | 2 |" in table
@@ -122,8 +125,16 @@ def test_compare_picks_lr_per_method_and_reports(tmp_path: Path, capsys) -> None
         (200, "sgd", {"lr": 0.1}, 2),
         (200, "fop", {"lr": 0.05}, 2),
     ]
-    for png in ("accuracy_vs_epoch.png", "accuracy_vs_time.png"):
+    for png in ("accuracy_vs_epoch.png", "accuracy_vs_time.png", "accuracy_vs_batch.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "accuracy_vs_time.png, accuracy_vs_batch.png, environment.jsonl" in captured.err
+    # The scaling plot's numbers: each method's best accuracy over its seeds, batch by batch.
+    scaling = accuracy_by_batch([MethodResult(**r) for r in results])
+    for method in ("sgd", "fop"):
+        for (batch, mean, low, high), r in zip(scaling[method], [r for r in results if r["method"] == method]):
+            best = [s["best_accuracy"] for s in r["runs"]]
+            assert (batch, low, high) == (r["batch_size"], min(best), max(best))
+            assert mean == pytest.approx(sum(best) / 2)
 
 
 def _check_paired_errors(table: str, out: Path) -> None:

@@ -162,11 +162,10 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
         (out / "results.json").write_text(
             json.dumps([dataclasses.asdict(r) for r in results], indent=2) + "\n"
         )
-        plot_curves(config, results, out)
+        plots = ", ".join(path.name for path in plot_curves(config, results, out))
         print(table, end="")
         print(
-            f"outputs: {out} (results.md, results.json, accuracy_vs_epoch.png, accuracy_vs_time.png, "
-            f"{ENVIRONMENT}, one folder per run)",
+            f"outputs: {out} (results.md, results.json, {plots}, {ENVIRONMENT}, one folder per run)",
             file=sys.stderr,
         )
     return 0

@@ -1,17 +1,18 @@
-"""The comparison's report: a markdown table (``results.md``) and accuracy curves (PNG, matplotlib Agg)."""
+"""The comparison's report: a markdown table (``results.md``), accuracy curves and, over several batch sizes,
+best accuracy against batch size (PNG, matplotlib Agg)."""
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .compare import MethodResult
 from .config import ExperimentConfig
 from .methods import HYPERPARAMETERS
 from .search import point_text
 
-__all__ = ["results_markdown", "plot_curves"]
+__all__ = ["results_markdown", "plot_curves", "accuracy_by_batch"]
 
 DASH = "–"
 
@@ -198,9 +199,20 @@ def _values(mode: str, values: List[float]) -> str:
     return f"[{values[0]:g}, {values[1]:g}]"
 
 
+def accuracy_by_batch(results: List[MethodResult]) -> Dict[str, List[Tuple[int, float, float, float]]]:
+    """Per method, ``(batch size, mean, min, max)`` of the best test accuracy over the seeds at the chosen
+    point, in the order the batch sizes ran: the paper's scaling claim in numbers."""
+    by_method: Dict[str, List[Tuple[int, float, float, float]]] = {}
+    for r in results:
+        best = [s["best_accuracy"] or 0.0 for s in r.runs]
+        by_method.setdefault(r.method, []).append((r.batch_size, statistics.mean(best), min(best), max(best)))
+    return by_method
+
+
 def plot_curves(config: ExperimentConfig, results: List[MethodResult], out_dir: Path) -> List[Path]:
     """Test accuracy vs epoch and vs training seconds: one panel per batch size, one line per method
-    (mean over its seeds, over the epochs every seed ran)."""
+    (mean over its seeds, over the epochs every seed ran); with several batch sizes also best accuracy vs
+    batch size (``accuracy_vs_batch.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,4 +251,27 @@ def plot_curves(config: ExperimentConfig, results: List[MethodResult], out_dir: 
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
+    if len(batches) > 1:
+        paths.append(_plot_batch_scaling(plt, config, results, out_dir / "accuracy_vs_batch.png"))
     return paths
+
+
+def _plot_batch_scaling(plt: Any, config: ExperimentConfig, results: List[MethodResult], path: Path) -> Path:
+    """Best accuracy against batch size per method, log x, the seeds' min-max as error bars."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method, rows in accuracy_by_batch(results).items():
+        batch, mean, low, high = (list(column) for column in zip(*rows))
+        errors = [[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]]
+        ax.errorbar(batch, mean, yerr=errors, marker="o", capsize=3, label=method)
+    ticks = sorted({r.batch_size for r in results})
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [str(b) for b in ticks])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(f"best test accuracy ({len(config.seeds)} seeds: mean, min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
