@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import asdl
 import torch
 from torch import Tensor, nn
 
-from . import lowrank as lr
+from . import lowrank
 from .capture import Chunk
 from .compat import reject_ddp
 from .halves import add_sums, half_sums
 from .lowrank_schedule import DEFAULT_SWITCH_THRESHOLD, SwitchPolicy, local_rows
 from .step import SteppedGradientMaker, make_sync, write_block
+from .trust_region import LearningRate, kl_clip_factor, validate_kl_clip
 
 __all__ = ["HyLoGradientMaker"]
 
@@ -46,8 +47,10 @@ class _Plan:
     method: str                                 # "kis" or "kid": what this refresh uses
     generator_state: Optional[Tensor] = None    # KIS draws advance the generator; roll-back restores it
     raw: Dict[str, BlockVector] = dataclasses.field(default_factory=dict)      # mean gradients V
-    grads: Dict[str, BlockVector] = dataclasses.field(default_factory=dict)    # preconditioned
-    factors: Dict[str, lr.LowRankFactors] = dataclasses.field(default_factory=dict)
+    grads: Dict[str, BlockVector] = dataclasses.field(default_factory=dict)    # what p.grad gets
+    preconditioned: Set[str] = dataclasses.field(default_factory=set)        # blocks with factors
+    factors: Dict[str, lowrank.LowRankFactors] = dataclasses.field(default_factory=dict)
+    nu: Optional[Tensor] = None                 # kl_clip's ν, applied at the commit
 
 
 class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
@@ -69,6 +72,9 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         target_damping: α_T of the authors' schedule α ← (1−κ)α + κα_T, once per refresh from step
             ``damping_warmup_steps``, κ = min(1, 2|log10(α_0/α_T)|/``damping_decay_updates``). None: constant α.
         seed: KIS's generator; rank r draws from a stream derived from (seed, r), stored in the state.
+        kl_clip, lr: the trust region of :mod:`fop_asdl.trust_region`, as for K-FAC and FOP: the
+            preconditioned blocks scaled together by ν = min(1, sqrt(κ / (lr² Σ_l V_lᵀ Δ_l))), where
+            V_lᵀ Δ_l = ‖Δ_l‖²_F̃ because Δ_l = F̃_l⁻¹ V_l with the stored factors; ``last_nu`` holds ν.
         micro_batch_size, grad_scaler: as for the other makers (refresh rows span the whole local batch).
     """
 
@@ -81,8 +87,11 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                  conv_reduction: str = "mean", kis_probability: str = "norm_sq", kis_reweight: bool = False,
                  kid_skeleton: str = "norm_sort", target_damping: Optional[float] = None,
                  damping_decay_updates: int = 50, damping_warmup_steps: int = 0, seed: int = 0,
-                 micro_batch_size: Optional[int] = None, grad_scaler: Optional[torch.amp.GradScaler] = None):
+                 micro_batch_size: Optional[int] = None, grad_scaler: Optional[torch.amp.GradScaler] = None,
+                 kl_clip: Optional[float] = None, lr: Optional[LearningRate] = None):
         reject_ddp(model)
+        self.kl_clip, self._lr = validate_kl_clip(kl_clip, lr)
+        self.last_nu: Optional[Tensor] = None
         self.config = config if config is not None else asdl.PreconditioningConfig()
         self.policy = (switch_policy if isinstance(switch_policy, SwitchPolicy) else
                        SwitchPolicy(switch_policy, threshold=switch_threshold, kid_windows=tuple(kid_windows)))
@@ -97,8 +106,8 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
         local_rows(compression_ratio, 1)  # validates ρ
-        for name, value, allowed in (("kernel_scaling", kernel_scaling, lr.SCALINGS),
-                                     ("conv_reduction", conv_reduction, lr.REDUCTIONS),
+        for name, value, allowed in (("kernel_scaling", kernel_scaling, lowrank.SCALINGS),
+                                     ("conv_reduction", conv_reduction, lowrank.REDUCTIONS),
                                      ("kis_probability", kis_probability, ("norm_sq", "norm")),
                                      ("kid_skeleton", kid_skeleton, ("norm_sort", "pivoted_qr"))):
             if value not in allowed:
@@ -117,7 +126,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed((seed + self._sync.rank * _SEED_MIX) % 2 ** 64)
         #: Per block: the stored operator and the α it was built with (precondition must use that α).
-        self.factors: Dict[str, Tuple[lr.LowRankFactors, float]] = {}
+        self.factors: Dict[str, Tuple[lowrank.LowRankFactors, float]] = {}
         self.method: Optional[str] = None  # what built the stored factors
         self.lr_decay_epochs: List[int] = []
         self.epoch_grad_norms: List[Union[Tensor, float]] = []  # ‖Δ_e‖ of completed epochs ("gradient")
@@ -166,10 +175,10 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self._once_per_pass(record.starts, chunk, module, "one row per sample and call")
         bias = module.bias is not None
         if isinstance(module, nn.Conv2d):
-            rows = lr.conv2d_rows(x, grad_out, module.kernel_size, module.stride, module.padding, module.dilation,
-                                  bias=bias, conv_reduction=self.conv_reduction)
+            rows = lowrank.conv2d_rows(x, grad_out, module.kernel_size, module.stride, module.padding,
+                                       module.dilation, bias=bias, conv_reduction=self.conv_reduction)
         else:
-            rows = lr.linear_rows(x, grad_out, bias)
+            rows = lowrank.linear_rows(x, grad_out, bias)
         record.rows.append(rows)
         record.grad = add_sums(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
         return record
@@ -182,15 +191,29 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         else:
             plan.raw = {name: (m.weight.grad, None if m.bias is None else m.bias.grad)
                         for name, m in self.blocks if m.weight.grad is not None}
+        norms = []  # V_lᵀ Δ_l of the preconditioned blocks, for kl_clip
         for name, v in plan.raw.items():
             stored = (plan.factors[name], self.damping) if name in plan.factors else self.factors.get(name)
-            plan.grads[name] = v if stored is None else lr.precondition(v[0], v[1], stored[0], stored[1])
+            if stored is None:
+                plan.grads[name] = v
+                continue
+            plan.grads[name] = delta = lowrank.precondition(v[0], v[1], stored[0], stored[1])
+            plan.preconditioned.add(name)
+            if self.kl_clip is not None:
+                norms.append(sum((a * b).sum() for a, b in zip(v, delta) if a is not None))
+        if norms:
+            scale = None if self.grad_scaler is None else self.grad_scaler._get_scale_async()
+            plan.nu = kl_clip_factor(norms, self.kl_clip, self._lr, scale)
         return {"gradient": [t for d in plan.grads.values() for t in d if t is not None],
                 "factors": [t for f in plan.factors.values() for t in (f.a, f.g, f.matrix)]}
 
     def _commit(self, plan: _Plan) -> None:
         for name, d in plan.grads.items():
+            if plan.nu is not None and name in plan.preconditioned:
+                d = (d[0] * plan.nu, None if d[1] is None else d[1] * plan.nu)  # ν in place would scale V too
             write_block(self._modules[name], d)
+        if plan.nu is not None:
+            self.last_nu = plan.nu
         if plan.refresh:
             self.factors.update({name: (f, self.damping) for name, f in plan.factors.items()})
             self.method = plan.method
@@ -227,22 +250,23 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             out = {name: records[name].grad for name in names}
         return {name: (w / n, None if b is None else b / n) for name, (w, b) in out.items()}
 
-    def _refresh(self, method: str, chunks: Dict[str, List[Tuple[Tensor, Tensor]]]) -> Dict[str, lr.LowRankFactors]:
+    def _refresh(self, method: str, chunks: Dict[str, List[Tuple[Tensor, Tensor]]]
+                 ) -> Dict[str, lowrank.LowRankFactors]:
         """Every block's new factors: select locally, one all-gather, owners build M, owners broadcast M."""
         world, names = self._sync.world_size, list(chunks)
         inv_scale = None if self.grad_scaler is None else 1.0 / self.grad_scaler.scale(
             torch.ones((), device=self.device))
-        local: Dict[str, lr.LocalFactors] = {}
+        local: Dict[str, lowrank.LocalFactors] = {}
         for name in names:
             a, g = (torch.cat(part) for part in zip(*chunks[name]))
             if inv_scale is not None:  # G carries the loss scale σ, K would carry σ² against a fixed α
                 g = g * inv_scale.to(g.dtype)
             rank, total = local_rows(self.compression_ratio, a.shape[0]), world * a.shape[0]
             if method == "kis":
-                local[name] = lr.kis_select(a, g, rank, self.generator, probability=self.kis_probability,
+                local[name] = lowrank.kis_select(a, g, rank, self.generator, probability=self.kis_probability,
                                             reweight=self.kis_reweight)
             else:
-                local[name] = lr.kid_select(a, g, rank, self.damping, kernel_scaling=self.kernel_scaling,
+                local[name] = lowrank.kid_select(a, g, rank, self.damping, kernel_scaling=self.kernel_scaling,
                                             total_rows=total, skeleton=self.kid_skeleton)
         packed = torch.cat([t.reshape(-1) for name in names for t in (local[name].a, local[name].g, local[name].y)
                             if t is not None])
@@ -261,10 +285,10 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                 continue
             a, g = rows[name][0].flatten(0, 1), rows[name][1].flatten(0, 1)
             if method == "kis":
-                f = lr.kis_factors(a, g, self.damping, kernel_scaling=self.kernel_scaling,
+                f = lowrank.kis_factors(a, g, self.damping, kernel_scaling=self.kernel_scaling,
                                    total_rows=self._total_rows(chunks[name]), reweighted=self.kis_reweight)
             else:
-                f = lr.kid_factors(a, g, list(rows[name][2]), kernel_scaling=self.kernel_scaling,
+                f = lowrank.kid_factors(a, g, list(rows[name][2]), kernel_scaling=self.kernel_scaling,
                                    total_rows=self._total_rows(chunks[name]))
             matrices[name] = ((f.matrix, None), None)
         shapes = {name: (torch.Size([rows[name][0].shape[0] * rows[name][0].shape[1]] * 2), None)
@@ -273,9 +297,9 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         factors = {}
         for name in names:
             a, g = rows[name][0].flatten(0, 1), rows[name][1].flatten(0, 1)
-            scale = lr.prefactor(method, a.shape[0], kernel_scaling=self.kernel_scaling,
+            scale = lowrank.prefactor(method, a.shape[0], kernel_scaling=self.kernel_scaling,
                                  total_rows=self._total_rows(chunks[name]), reweighted=self.kis_reweight)
-            factors[name] = lr.LowRankFactors(a, g, shared[name][0][0].to(a.dtype), scale)
+            factors[name] = lowrank.LowRankFactors(a, g, shared[name][0][0].to(a.dtype), scale)
         return factors
 
     def _total_rows(self, chunks: List[Tuple[Tensor, Tensor]]) -> int:
@@ -315,7 +339,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self._check_rank_state(state_dict, "each rank keeps its own KIS generator", "factors",
                                state_dict["factors"], self._modules)
         dev = self.device
-        self.factors = {name: (lr.LowRankFactors(f["a"].to(dev), f["g"].to(dev), f["matrix"].to(dev), f["scale"]),
+        self.factors = {name: (lowrank.LowRankFactors(f["a"].to(dev), f["g"].to(dev), f["matrix"].to(dev), f["scale"]),
                                float(f["damping"])) for name, f in state_dict["factors"].items()}
         self.generator.set_state(state_dict["generator"])
         self.damping, self.method = float(state_dict["damping"]), state_dict["method"]

@@ -42,6 +42,10 @@ def _kfac(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwar
 
 
 def _fngd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
+    if "kl_clip" in kwargs:
+        raise TypeError("FNGD does not take kl_clip: after its coefficient epochs it reuses stored weights, so "
+                        "its step is not F̃⁻¹g for any F̃ of the batch and has no Fisher norm to bound; lower "
+                        "the learning rate, or use 'kfac', 'fop' or 'hylo', which take kl_clip.")
     return FNGDGradientMaker(model, config, **kwargs)
 
 

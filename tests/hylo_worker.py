@@ -15,6 +15,7 @@ from conftest import small_image_batch as batch
 T = 3          # iterations per epoch
 BATCH = 8      # samples per step (batch's default; per rank in the distributed test)
 INTERVAL = 2   # refresh on steps 0, 2, 4, ...
+CLIP = {"kl_clip": 1e-4, "lr": 0.05}  # small enough that ν < 1 on every step
 
 
 def build(model_fn=net, damping=0.1, **options):
@@ -31,12 +32,12 @@ def build(model_fn=net, damping=0.1, **options):
     return model, maker, opt
 
 
-def distributed(rank: int, world_size: int, store: str, out: str, method: str) -> None:
+def distributed(rank: int, world_size: int, store: str, out: str, method: str, options: dict) -> None:
     """The ranks' share of each global batch of ``world_size`` · BATCH samples, ρ = 1, 5 steps; bytes per step."""
     import dist_worker
 
     dist_worker.init(rank, world_size, store)
-    model, maker, opt = build(independent_net, compression_ratio=1.0, switch_policy=method)
+    model, maker, opt = build(independent_net, compression_ratio=1.0, switch_policy=method, **options)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     grads, traffic = [], []
     for i in range(5):

@@ -188,6 +188,8 @@ def test_bad_input_is_refused_with_the_fix():
     model = w.net()
     with pytest.raises(TypeError, match="iters_per_epoch=T"):
         fop_asdl.make_gradient_maker("fngd", model, config())
+    with pytest.raises(TypeError, match="FNGD does not take kl_clip"):
+        fop_asdl.make_gradient_maker("fngd", model, config(), iters_per_epoch=3, kl_clip=0.01, lr=0.1)
     for bad in ({"iters_per_epoch": 0}, {"iters_per_epoch": 3, "damping_mode": "trace"},
                 {"iters_per_epoch": 3, "alpha": 0.0}, {"iters_per_epoch": 3, "coefficient_scope": "all"},
                 {"iters_per_epoch": 3, "micro_batch_size": 0}):

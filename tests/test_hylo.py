@@ -1,5 +1,6 @@
 """HyLoGradientMaker: against a dense per-sample reference, refresh/plain steps, switching, the step
 machinery's guarantees (BatchNorm, micro-batches, GradScaler, roll-back, state), bad input, ranks, learning."""
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,41 @@ def test_ratio_one_equals_dense_damped_natural_gradient_for_linear_blocks(method
     for block in (model[0], model[2]):  # Linear + bias, Linear
         expected = dense_natural_gradient(model, x, t, block)
         torch.testing.assert_close(block_grad(block), expected, rtol=1e-10, atol=1e-10 * expected.abs().max())
+
+
+def dense_damped_fisher(model, x, t, block, damping=ALPHA):
+    """F + αI of the block, F = UᵀU/N from one autograd pass per sample."""
+    params = [p for p in (block.weight, block.bias) if p is not None]
+    u = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        F.cross_entropy(model(x[j:j + 1]), t[j:j + 1], reduction="sum"), params)]) for j in range(x.shape[0])])
+    return u.T @ u / x.shape[0] + damping * torch.eye(u.shape[1], dtype=u.dtype)
+
+
+@pytest.mark.parametrize("kl_clip", [1e-4, 1e3])
+def test_kl_clip_scales_the_step_to_the_trust_region(kl_clip):
+    """ν = min(1, sqrt(κ / (lr² Σ_l Δ_lᵀ F̃_l Δ_l))) with the dense F̃ of the refresh batch, on the refresh
+    step and on the plain step after it (stored factors, new gradient); the clipped step is ν × the plain one."""
+    lr = 0.1
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)).double()]
+    models.append(copy.deepcopy(models[0]))
+    cfg = config(damping=ALPHA, curvature_upd_interval=2)
+    makers = [fop_asdl.make_gradient_maker("hylo", models[0], cfg, compression_ratio=1.0, switch_policy="kis"),
+              fop_asdl.make_gradient_maker("hylo", models[1], cfg, compression_ratio=1.0, switch_policy="kis",
+                                           kl_clip=kl_clip, lr=lambda: lr)]
+    batches = [(torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))) for _ in range(2)]
+    fishers = [dense_damped_fisher(models[0], *batches[0], block) for block in (models[0][0], models[0][2])]
+    for x, t in batches:  # a refresh step, then a plain step with its factors
+        for model, maker in zip(models, makers):
+            step(maker, model, x, t)
+        deltas = [block_grad(block) for block in (models[0][0], models[0][2])]
+        norm = sum(d @ f @ d for d, f in zip(deltas, fishers))
+        nu = torch.clamp(torch.sqrt(kl_clip / (lr ** 2 * norm)), max=1.0)
+        torch.testing.assert_close(makers[1].last_nu, nu, rtol=1e-9, atol=0)
+        assert (float(nu) < 1) == (kl_clip < 1)
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(q.grad, nu * p.grad, rtol=1e-9, atol=0)
+    assert makers[0].last_nu is None
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "scaled_mean"])
@@ -171,12 +207,14 @@ def test_micro_batches_equal_one_pass(micro_batch_size):
             torch.testing.assert_close(h, g, rtol=1e-9, atol=1e-12)
 
 
-def test_grad_scaler_leaves_the_unscaled_gradient_unchanged():
+@pytest.mark.parametrize("clip", [{}, {"kl_clip": 1e-4, "lr": 0.1}])  # ν from the unscaled gradients
+def test_grad_scaler_leaves_the_unscaled_gradient_unchanged(clip):
     scale = 2.0 ** 10
     results = []
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=scale)):
-        model, maker, opt = w.build(grad_scaler=scaler)
+        model, maker, opt = w.build(grad_scaler=scaler, **clip)
         results.append(w.train(model, maker, torch.optim.SGD(model.parameters(), lr=0.0), range(2 * w.T)))
+        assert (maker.last_nu is None) if not clip else float(maker.last_nu) < 1  # the bound is active
     for a, b in zip(*results):
         for g, h in zip(a, b):
             torch.testing.assert_close(h / scale, g, rtol=1e-9, atol=1e-13)
@@ -211,6 +249,8 @@ def test_non_finite_step_raises_and_changes_nothing(refresh):
     ({"target_damping": -1.0}, ValueError, "target_damping"),
     ({"seed": -1}, ValueError, "seed"),
     ({"micro_batch_size": 0}, ValueError, "micro_batch_size"),
+    ({"kl_clip": 0.01}, ValueError, "needs the learning rate"),
+    ({"kl_clip": -1.0, "lr": 0.1}, ValueError, "kl_clip must be a positive float"),
 ])
 def test_bad_options_are_refused_with_the_fix(options, error, match):
     with pytest.raises(error, match=match):
@@ -245,12 +285,14 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
         assert torch.equal(p.detach(), q)
 
 
-@pytest.mark.parametrize("world_size, method", [(2, "kis"), (3, "kis"), (4, "kis"), (2, "kid")])
-def test_ranks_equal_one_process_and_move_the_bytes_of_section_4(tmp_path, world_size, method):
-    mp.start_processes(w.distributed, args=(world_size, str(tmp_path / "store"), str(tmp_path / "out"), method),
+@pytest.mark.parametrize("world_size, method, clip", [(2, "kis", {}), (3, "kis", {}), (4, "kis", {}), (2, "kid", {}),
+                                                     (3, "kis", w.CLIP)])  # kl_clip's ν: no extra traffic
+def test_ranks_equal_one_process_and_move_the_bytes_of_section_4(tmp_path, world_size, method, clip):
+    mp.start_processes(w.distributed, args=(world_size, str(tmp_path / "store"), str(tmp_path / "out"), method, clip),
                        nprocs=world_size, join=True, start_method="spawn")
-    model, maker, opt = w.build(w.independent_net, compression_ratio=1.0, switch_policy=method)
+    model, maker, opt = w.build(w.independent_net, compression_ratio=1.0, switch_policy=method, **clip)
     expected = w.train(model, maker, opt, range(5), lambda i: w.batch(i, world_size * w.BATCH))
+    assert not clip or float(maker.last_nu) < 1  # the ranks had to agree on an active bound
     widths = [(m.weight[0].numel() + (m.bias is not None), m.weight.shape[0]) for _, m in maker.blocks]
     traffic = refresh_traffic(widths, w.BATCH, world_size, method, element_size=8)
     grad_bytes = 8 * (2 + 1 + sum(p.numel() for p in model.parameters()))  # counts, loss, every gradient
@@ -291,3 +333,8 @@ def test_runner_builds_hylo_with_its_epoch_length(monkeypatch):
     assert config.search_space["hylo"]["lr"]
     build_gradient_maker(RunSpec(config, "hylo", 100, 0.1, 0), SmallCNN(), local_batch=100, steps_per_epoch=50)
     assert seen == [("hylo", {"iters_per_epoch": 50})]
+    clipped = load_config(overrides=["methods=[hylo]", "batch_sizes=[100]", "kl_clip=0.01"])
+    current_lr = lambda: 0.1  # noqa: E731
+    build_gradient_maker(RunSpec(clipped, "hylo", 100, 0.1, 0), SmallCNN(), local_batch=100, steps_per_epoch=50,
+                         lr=current_lr)
+    assert seen[1] == ("hylo", {"iters_per_epoch": 50, "kl_clip": 0.01, "lr": current_lr})

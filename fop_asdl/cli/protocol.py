@@ -176,8 +176,8 @@ def build_scheduler(
 def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int, steps_per_epoch: Optional[int] = None,
                          lr: Optional[Callable[[], float]] = None) -> asdl.GradientMaker:
     """Through ``fop_asdl.make_gradient_maker``: ``micro_batch_size`` only when set and below the batch;
-    K-FAC and FOP get ``kl_clip`` (with ``lr``, the run's current learning rate) and
-    ``ema_bias_correction`` when set; FNGD gets ``iters_per_epoch`` (where its coefficient epoch ends) and
+    K-FAC, FOP and HyLo get ``kl_clip`` (with ``lr``, the run's current learning rate), K-FAC and FOP
+    ``ema_bias_correction``, when set; FNGD gets ``iters_per_epoch`` (where its coefficient epoch ends) and
     ``alpha``, HyLo ``iters_per_epoch`` (its KID/KIS choice is per epoch)."""
     c = spec.config
     kwargs: Dict[str, Any] = {}
@@ -196,12 +196,12 @@ def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int, step
         curvature_upd_interval=spec.interval,
         preconditioner_upd_interval=spec.interval,
     )
+    if c.kl_clip is not None:
+        kwargs.update(kl_clip=c.kl_clip, lr=lr)
     if spec.method == "hylo":
         return make_gradient_maker("hylo", model, config, iters_per_epoch=steps_per_epoch, **kwargs)
     if c.ema_bias_correction:
         kwargs["ema_bias_correction"] = True
-    if c.kl_clip is not None:
-        kwargs.update(kl_clip=c.kl_clip, lr=lr)
     return make_gradient_maker(spec.method, model, config, **kwargs)
 
 
