@@ -24,13 +24,23 @@ HERE = Path(__file__).parent
 ALPHA = 0.1
 
 
-def dense_natural_gradient(model, x, t, block, damping=ALPHA):
-    """(F + αI)⁻¹ g with F = UᵀU/N from one autograd pass per sample; [W | b] flattened like p.grad."""
+def per_sample_gradients(model, x, t, block):
+    """U: the block's gradient of each sample's loss, one autograd pass per sample; [W | b] flattened like
+    p.grad."""
     params = [p for p in (block.weight, block.bias) if p is not None]
-    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-        F.cross_entropy(model(x[j:j + 1]), t[j:j + 1], reduction="sum"), params)]) for j in range(x.shape[0])]
-    u = torch.stack(rows)
-    return torch.linalg.solve(u.T @ u / len(rows) + damping * torch.eye(u.shape[1], dtype=u.dtype), u.mean(0))
+    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        F.cross_entropy(model(x[j:j + 1]), t[j:j + 1], reduction="sum"), params)]) for j in range(x.shape[0])])
+
+
+def dense_damped_fisher(u, damping=ALPHA):
+    """F + αI with F = UᵀU/N."""
+    return u.T @ u / u.shape[0] + damping * torch.eye(u.shape[1], dtype=u.dtype)
+
+
+def dense_natural_gradient(model, x, t, block, damping=ALPHA):
+    """(F + αI)⁻¹ g, g the mean of U's rows."""
+    u = per_sample_gradients(model, x, t, block)
+    return torch.linalg.solve(dense_damped_fisher(u, damping), u.mean(0))
 
 
 def block_grad(block):
@@ -53,14 +63,6 @@ def test_ratio_one_equals_dense_damped_natural_gradient_for_linear_blocks(method
         torch.testing.assert_close(block_grad(block), expected, rtol=1e-10, atol=1e-10 * expected.abs().max())
 
 
-def dense_damped_fisher(model, x, t, block, damping=ALPHA):
-    """F + αI of the block, F = UᵀU/N from one autograd pass per sample."""
-    params = [p for p in (block.weight, block.bias) if p is not None]
-    u = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-        F.cross_entropy(model(x[j:j + 1]), t[j:j + 1], reduction="sum"), params)]) for j in range(x.shape[0])])
-    return u.T @ u / x.shape[0] + damping * torch.eye(u.shape[1], dtype=u.dtype)
-
-
 @pytest.mark.parametrize("kl_clip", [1e-4, 1e3])
 def test_kl_clip_scales_the_step_to_the_trust_region(kl_clip):
     """ν = min(1, sqrt(κ / (lr² Σ_l Δ_lᵀ F̃_l Δ_l))) with the dense F̃ of the refresh batch, on the refresh
@@ -74,7 +76,8 @@ def test_kl_clip_scales_the_step_to_the_trust_region(kl_clip):
               fop_asdl.make_gradient_maker("hylo", models[1], cfg, compression_ratio=1.0, switch_policy="kis",
                                            kl_clip=kl_clip, lr=lambda: lr)]
     batches = [(torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))) for _ in range(2)]
-    fishers = [dense_damped_fisher(models[0], *batches[0], block) for block in (models[0][0], models[0][2])]
+    fishers = [dense_damped_fisher(per_sample_gradients(models[0], *batches[0], block))
+               for block in (models[0][0], models[0][2])]
     for x, t in batches:  # a refresh step, then a plain step with its factors
         for model, maker in zip(models, makers):
             step(maker, model, x, t)
