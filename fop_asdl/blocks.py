@@ -8,7 +8,7 @@ per unit.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from asdl.symmatrix import SymMatrix
@@ -103,9 +103,10 @@ def stacked(*vectors: BlockVector) -> BlockVector:
     return weight, bias
 
 
-def scaled(vec: BlockVector, factor: float) -> BlockVector:
-    """``factor`` · vec (ASDL's grad_scale), the very same tensors when it is 1."""
-    if factor == 1:
+def scaled(vec: BlockVector, factor: Union[float, Tensor]) -> BlockVector:
+    """``factor`` · vec (ASDL's grad_scale, kl_clip's ν), the very same tensors when a float factor is 1 (a
+    tensor is never compared: that would be a host sync)."""
+    if not isinstance(factor, Tensor) and factor == 1:
         return vec
     return vec[0] * factor, None if vec[1] is None else vec[1] * factor
 

@@ -17,7 +17,7 @@ from asdl.matrices import FISHER_MC
 from torch import Tensor, nn
 
 from .attention import attention_blocks
-from .blocks import BlockVector, divided, flat_block, has_inverse, matrix_tensors
+from .blocks import BlockVector, divided, flat_block, has_inverse, matrix_tensors, scaled
 from .capture import BlockCapture, Chunk
 from .chunks import summed_loss_backward, validate_micro_batch_size
 from .compat import _INVALID, KfacGradientMaker, eager_module, kept_requires_grad, reject_ddp, robust_update_inv
@@ -206,7 +206,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             if nu is not None and stats is not None:
                 # NaN stats: the owner had no curvature and wrote the plain gradient, which ν does not scale
                 factor = torch.where(torch.isnan(stats[-1]), torch.ones_like(nu), nu)
-                vector = (vector[0] * factor, None if vector[1] is None else vector[1] * factor)
+                vector = scaled(vector, factor)
             write_block(module, vector)
 
     # --- ASDL's curvature inside the step -------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import lowrank
+from .blocks import scaled
 from .capture import Chunk
 from .compat import reject_ddp
 from .halves import add_sums, half_sums
@@ -210,7 +211,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
     def _commit(self, plan: _Plan) -> None:
         for name, d in plan.grads.items():
             if plan.nu is not None and name in plan.preconditioned:
-                d = (d[0] * plan.nu, None if d[1] is None else d[1] * plan.nu)  # ν in place would scale V too
+                d = scaled(d, plan.nu)  # a new tensor: ν in place would scale V too
             write_block(self._modules[name], d)
         if plan.nu is not None:
             self.last_nu = plan.nu
