@@ -290,6 +290,31 @@ def test_resume_refuses_a_changed_config(tmp_path: Path, capsys) -> None:
     assert [json.loads(line)["command"].endswith("--resume") for line in lines] == [False, True]
 
 
+def test_resume_with_a_new_target_re_reports_without_training(tmp_path: Path, capsys) -> None:
+    """The paper's target (AdamW's best accuracy) is known only after runs: a new target_accuracy re-reports
+    finished runs from their records; it is refused where stop_at_target made it end runs."""
+    args = ["train", "--no-progress", "--out", str(tmp_path), "--set", *SLICE, "epochs=2",
+            "batch_sizes=[200]"]
+    assert main(args + ["target_accuracy=0.99"]) == 0
+    (summary_path,) = tmp_path.glob("b200/*/*/summary.json")
+    records = _records(summary_path.parent)
+    assert json.loads(summary_path.read_text())["epochs_to_target"] is None
+    target = records[-1]["test_accuracy"]
+    assert main(args + [f"target_accuracy={target}", "--resume"]) == 0
+    reached = next(r for r in records if r["test_accuracy"] >= target)
+    summary = json.loads(summary_path.read_text())
+    assert summary["target_accuracy"] == target and summary["epochs_to_target"] == reached["epoch"]
+    assert summary["train_seconds_to_target"] == reached["train_seconds_total"]
+    assert _records(summary_path.parent) == records  # reported again, not trained again
+    assert load_config(tmp_path / "config.yaml").target_accuracy == target
+
+    stopping = tmp_path / "stopping"
+    args[args.index(str(tmp_path))] = str(stopping)
+    assert main(args + ["stop_at_target=true", "target_accuracy=0.99"]) == 0
+    assert main(args + ["stop_at_target=true", f"target_accuracy={target}", "--resume"]) == 2
+    assert "target_accuracy" in capsys.readouterr().err
+
+
 def test_micro_batch_size_is_passed_only_when_set_and_useful(monkeypatch) -> None:
     seen = []
     monkeypatch.setattr(

@@ -32,6 +32,7 @@ __all__ = [
     "build_config",
     "apply_overrides",
     "field_docs",
+    "training_settings",
 ]
 
 #: The field that held per-method learning-rate grids before ``search_space``: still read, as
@@ -172,6 +173,13 @@ class ExperimentConfig:
 
     def epochs_for(self, batch_size: int) -> int:
         return self.epochs if isinstance(self.epochs, int) else self.epochs[batch_size]
+
+
+def training_settings(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """A config (as a dict) without what only changes the report: target_accuracy, unless stop_at_target
+    ends runs there. Resume compares these, so a study can be resumed with a target known only after
+    some of its runs (the paper's "AdamW's best accuracy"), and its finished runs are re-reported."""
+    return {k: v for k, v in values.items() if k != "target_accuracy" or values.get("stop_at_target")}
 
 
 def field_docs() -> Dict[str, str]:

@@ -17,7 +17,7 @@ from ..data import DatasetFileError
 from . import distributed
 from .batches import load_data
 from .compare import run_compare
-from .config import ConfigError, ExperimentConfig, build_config, field_docs, load_config
+from .config import ConfigError, ExperimentConfig, build_config, field_docs, load_config, training_settings
 from .environment import ENVIRONMENT, append_environment, describe_environment
 from .protocol import RunSpec
 from .report import plot_curves, results_markdown
@@ -188,12 +188,13 @@ def _train_point(config: ExperimentConfig, args: argparse.Namespace) -> RunSpec:
 
 
 def _save_config(config: ExperimentConfig, out: Path, resume: bool) -> None:
-    """Write ``out/config.yaml``; on resume, refuse a config that differs from the saved one."""
+    """Write ``out/config.yaml``; on resume, refuse a config that trains differently from the saved one."""
     path = out / CONFIG_FILE
     current = dataclasses.asdict(config)
     if resume and path.exists():
-        saved = dataclasses.asdict(build_config(yaml.safe_load(path.read_text())))
-        changed = sorted(k for k in current if current[k] != saved[k])
+        saved = training_settings(dataclasses.asdict(build_config(yaml.safe_load(path.read_text()))))
+        now = training_settings(current)
+        changed = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
         if changed:
             raise RunDirError(
                 f"{path} was written with other values of {', '.join(changed)}; resume with the "

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..data import ArrayDataset
 from .batches import AUGMENT_SEED_OFFSET, EpochBatches, augmentation
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import training_settings
 from .distributed import Topology
 from .protocol import (
     RunSpec,
@@ -189,8 +190,12 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for key, current in (("run", self.spec.describe()), ("config", dataclasses.asdict(self.spec.config))):
-            changed = sorted(k for k in set(current) | set(state[key]) if current.get(k) != state[key].get(k))
+        for key, current, saved in (
+            ("run", self.spec.describe(), state["run"]),
+            ("config", training_settings(dataclasses.asdict(self.spec.config)),
+             training_settings(state["config"])),
+        ):
+            changed = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))
             if changed:
                 raise RunDirError(
                     f"the checkpoint was written with other settings ({', '.join(changed)}); "
