@@ -33,6 +33,7 @@ __all__ = [
     "apply_overrides",
     "field_docs",
     "training_settings",
+    "changed_keys",
 ]
 
 #: The field that held per-method learning-rate grids before ``search_space``: still read, as
@@ -180,6 +181,12 @@ def training_settings(values: Mapping[str, Any]) -> Dict[str, Any]:
     ends runs there. Resume compares these, so a study can be resumed with a target known only after
     some of its runs (the paper's "AdamW's best accuracy"), and its finished runs are re-reported."""
     return {k: v for k, v in values.items() if k != "target_accuracy" or values.get("stop_at_target")}
+
+
+def changed_keys(current: Mapping[str, Any], saved: Mapping[str, Any]) -> List[str]:
+    """The keys whose values differ (a key missing on one side counts as changed), sorted: what resume
+    names when it refuses."""
+    return sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))
 
 
 def field_docs() -> Dict[str, str]:

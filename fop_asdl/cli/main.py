@@ -17,7 +17,15 @@ from ..data import DatasetFileError
 from . import distributed
 from .batches import load_data
 from .compare import run_compare
-from .config import ConfigError, ExperimentConfig, build_config, field_docs, load_config, training_settings
+from .config import (
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    changed_keys,
+    field_docs,
+    load_config,
+    training_settings,
+)
 from .environment import ENVIRONMENT, append_environment, describe_environment
 from .protocol import RunSpec
 from .report import plot_curves, results_markdown
@@ -192,9 +200,8 @@ def _save_config(config: ExperimentConfig, out: Path, resume: bool) -> None:
     path = out / CONFIG_FILE
     current = dataclasses.asdict(config)
     if resume and path.exists():
-        saved = training_settings(dataclasses.asdict(build_config(yaml.safe_load(path.read_text()))))
-        now = training_settings(current)
-        changed = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
+        saved = dataclasses.asdict(build_config(yaml.safe_load(path.read_text())))
+        changed = changed_keys(training_settings(current), training_settings(saved))
         if changed:
             raise RunDirError(
                 f"{path} was written with other values of {', '.join(changed)}; resume with the "

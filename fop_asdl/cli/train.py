@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..data import ArrayDataset
 from .batches import AUGMENT_SEED_OFFSET, EpochBatches, augmentation
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import training_settings
+from .config import changed_keys, training_settings
 from .distributed import Topology
 from .protocol import (
     RunSpec,
@@ -195,7 +195,7 @@ class Trainer:
             ("config", training_settings(dataclasses.asdict(self.spec.config)),
              training_settings(state["config"])),
         ):
-            changed = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))
+            changed = changed_keys(current, saved)
             if changed:
                 raise RunDirError(
                     f"the checkpoint was written with other settings ({', '.join(changed)}); "
