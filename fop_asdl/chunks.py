@@ -7,13 +7,14 @@ to one chunk, so that ASDL's own passes run unchanged on it.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Optional, Tuple
+import dataclasses
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["chunk_bounds", "sliced_calls", "summed_loss_backward", "concat_outputs", "detached",
-           "validate_micro_batch_size"]
+__all__ = ["PER_CLASS_ARGUMENTS", "chunk_bounds", "loss_arguments", "rows_per_sample", "sliced_calls", "summed_loss", "summed_loss_backward", "as_sum", "user_loss", "concat_outputs",
+           "detached", "validate_micro_batch_size"]
 
 
 def validate_micro_batch_size(micro_batch_size: Optional[int]) -> Optional[int]:
@@ -31,66 +32,141 @@ def chunk_bounds(batch_size: int, micro_batch_size: Optional[int]) -> List[Tuple
     return [(start, min(start + step, batch_size)) for start in range(0, batch_size, step)]
 
 
-def _narrow(value: Any, start: int, end: int, batch_size: int) -> Any:
-    if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch_size:
-        return value[start:end]
-    return value
+#: Loss arguments indexed by class, not by sample: never split.
+PER_CLASS_ARGUMENTS = ("weight", "pos_weight")
+
+
+def rows_per_sample(value: Any, batch_size: int, flattened: bool) -> Optional[int]:
+    """k when ``value`` is a tensor with k rows per sample (k = 1: one row per sample; with ``flattened``,
+    k·B rows in sample-major order, as ``t.view(-1)`` of (B, T) targets gives for a token-level loss),
+    None when it is not split along dim 0, 0 when its rows fit neither."""
+    if not isinstance(value, Tensor) or value.ndim == 0:
+        return None
+    rows = value.shape[0]
+    if rows == batch_size:
+        return 1
+    return rows // batch_size if flattened and rows % batch_size == 0 and rows > 0 else 0
+
+
+def _narrow(value: Any, start: int, end: int, batch_size: int, flattened: bool) -> Any:
+    k = rows_per_sample(value, batch_size, flattened)
+    return value[start * k:end * k] if k else value
+
+
+def loss_arguments(maker: Any) -> Iterator[Tuple[str, Any]]:
+    """(name, value) of the loss call's arguments that are split with the batch (positional ones named by
+    position)."""
+    for index, value in enumerate(maker._loss_fn_args):
+        yield f"#{index}", value
+    for key, value in maker._loss_fn_kwargs.items():
+        if key not in PER_CLASS_ARGUMENTS:
+            yield key, value
 
 
 @contextlib.contextmanager
 def sliced_calls(maker: Any, start: int, end: int, batch_size: int) -> Iterator[None]:
-    """Within the block, ``maker``'s registered model and loss calls see only samples [start, end)."""
+    """Within the block, ``maker``'s registered model and loss calls see only samples [start, end): every
+    tensor argument with one row per sample, and the loss's with k rows per sample (flattened tokens)."""
     if (start, end) == (0, batch_size):
         yield
         return
     saved = (maker._model_args, maker._model_kwargs, maker._loss_fn_args, maker._loss_fn_kwargs)
-    maker._model_args = tuple(_narrow(v, start, end, batch_size) for v in saved[0])
-    maker._model_kwargs = {k: _narrow(v, start, end, batch_size) for k, v in saved[1].items()}
-    maker._loss_fn_args = tuple(_narrow(v, start, end, batch_size) for v in saved[2])
-    maker._loss_fn_kwargs = {k: _narrow(v, start, end, batch_size) for k, v in saved[3].items()}
+    maker._model_args = tuple(_narrow(v, start, end, batch_size, False) for v in saved[0])
+    maker._model_kwargs = {k: _narrow(v, start, end, batch_size, False) for k, v in saved[1].items()}
+    maker._loss_fn_args = tuple(_narrow(v, start, end, batch_size, True) for v in saved[2])
+    maker._loss_fn_kwargs = {k: v if k in PER_CLASS_ARGUMENTS else _narrow(v, start, end, batch_size, True)
+                             for k, v in saved[3].items()}
     try:
         yield
     finally:
         maker._model_args, maker._model_kwargs, maker._loss_fn_args, maker._loss_fn_kwargs = saved
 
 
-def summed_loss_backward(maker: Any, grad_scaler: Optional[torch.amp.GradScaler] = None) -> None:
-    """``maker``'s model and loss calls with the loss summed over the samples, then its backward pass
-    (from the scaled loss with a ``grad_scaler``): sums of chunks and ranks add up, divided by the count
-    at the end. ``maker.loss`` stays the unscaled sum."""
-    maker._loss_reduction = "sum"
-    try:
+def summed_loss_backward(maker: Any, grad_scaler: Optional[torch.amp.GradScaler], samples: int) -> None:
+    """``maker``'s model and loss calls with the loss summed over the chunk's ``samples``, then its backward
+    pass (from the scaled loss with a ``grad_scaler``): sums of chunks and ranks add up, divided by the
+    loss's normalizer at the end (:mod:`fop_asdl.loss_normalizer`). ``maker.loss`` stays the unscaled sum."""
+    with summed_loss(maker):
         maker.forward()
-    finally:
-        maker._loss_reduction = None
-    loss = maker._loss
+    loss = maker._loss = as_sum(maker, maker._loss, samples)
     (loss if grad_scaler is None else grad_scaler.scale(loss)).backward()
 
 
-def detached(output: Any) -> Any:
-    """``output`` with every tensor (also inside tuples, lists and dicts) detached from its graph."""
+def as_sum(maker: Any, loss: Tensor, samples: int) -> Tensor:
+    """The chunk's loss as a sum: a loss call already sums; a loss repr (the model's own loss, which
+    cannot be asked to sum) is taken as a mean over the chunk's samples."""
+    return loss if maker._loss_fn is not None else loss * samples
+
+
+@contextlib.contextmanager
+def summed_loss(maker: Any) -> Iterator[None]:
+    """Within the block ``maker`` calls the loss with reduction='sum'. ASDL writes that into the registered
+    loss kwargs and leaves it there; they are restored, so the user's own reduction stays registered."""
+    kwargs = maker._loss_fn_kwargs
+    saved = dict(kwargs)
+    maker._loss_reduction = "sum"
+    try:
+        yield
+    finally:
+        maker._loss_reduction = None
+        kwargs.clear()
+        kwargs.update(saved)
+
+
+def user_loss(maker: Any) -> Tensor:
+    """The user's loss call, with the user's own reduction, on ``maker``'s last model output, without
+    autograd (the chunk's normalizer is read off it)."""
+    with torch.no_grad():
+        return maker._call_loss_fn().detach()
+
+
+def _map_structure(output: Any, leaf: Callable[[Tensor], Any]) -> Any:
+    """``output`` with ``leaf`` applied to every tensor inside tuples, lists, namedtuples, dicts (and their
+    subclasses, e.g. a ``ModelOutput``) and dataclasses; anything else as is."""
     if isinstance(output, Tensor):
-        return output.detach()
+        return leaf(output)
     if isinstance(output, (tuple, list)):
-        return type(output)(detached(o) for o in output)
+        parts = [_map_structure(o, leaf) for o in output]
+        return type(output)._make(parts) if hasattr(output, "_make") else type(output)(parts)
     if isinstance(output, dict):
-        return {key: detached(value) for key, value in output.items()}
+        return _rebuilt_dict(output, {key: _map_structure(value, leaf) for key, value in output.items()})
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return dataclasses.replace(output, **{f.name: _map_structure(getattr(output, f.name), leaf)
+                                              for f in dataclasses.fields(output) if f.init})
     return output
 
 
-def concat_outputs(outputs: List[Any]) -> Any:
-    """The outputs of all micro-batches as one batch (tensors joined along dim 0).
+def _rebuilt_dict(template: dict, values: dict) -> dict:
+    if type(template) is dict:
+        return values
+    return type(template)(**values) if dataclasses.is_dataclass(template) else type(template)(values)
 
-    A single chunk's output is returned as is. Tensors, and tuples/lists/dicts of tensors, are joined;
-    any other output type comes back as the list of per-chunk outputs.
+
+def detached(output: Any) -> Any:
+    """``output`` with every tensor (in any structure :func:`concat_outputs` joins) detached from its graph."""
+    return _map_structure(output, Tensor.detach)
+
+
+def concat_outputs(outputs: List[Any]) -> Any:
+    """The outputs of all micro-batches as one batch of the same structure (tensors joined along dim 0).
+
+    A single chunk's output is returned as is. Tensors inside tuples, lists, namedtuples, dicts (a
+    ``ModelOutput`` too) and dataclasses are joined; any other output type comes back as the list of
+    per-chunk outputs.
     """
     if len(outputs) == 1:
         return outputs[0]
     first = outputs[0]
     if isinstance(first, Tensor):
-        return torch.cat(outputs)
+        return torch.cat(outputs) if first.ndim > 0 else torch.stack(outputs)
     if isinstance(first, (tuple, list)):
-        return type(first)(concat_outputs(list(parts)) for parts in zip(*outputs))
+        parts = [concat_outputs(list(p)) for p in zip(*outputs)]
+        return type(first)._make(parts) if hasattr(first, "_make") else type(first)(parts)
     if isinstance(first, dict):
-        return {key: concat_outputs([o[key] for o in outputs]) for key in first}
+        return _rebuilt_dict(first, {key: concat_outputs([o[key] for o in outputs]) for key in first})
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(first, **{f.name: concat_outputs([getattr(o, f.name) for o in outputs])
+                                             for f in dataclasses.fields(first) if f.init})
+    if first is None:
+        return None
     return outputs

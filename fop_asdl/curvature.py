@@ -13,15 +13,17 @@ from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence
 
 import asdl
 import torch
+from asdl.grad_maker import DummyObject, GetFirstItem
 from asdl.matrices import FISHER_MC
 from torch import Tensor, nn
 
 from .attention import attention_blocks
 from .blocks import BlockVector, divided, flat_block, has_inverse, matrix_tensors, scaled
 from .capture import BlockCapture, Chunk
-from .chunks import summed_loss_backward, validate_micro_batch_size
+from .chunks import as_sum, summed_loss_backward, validate_micro_batch_size
 from .compat import _INVALID, KfacGradientMaker, eager_module, kept_requires_grad, reject_ddp, robust_update_inv
 from .halves import BlockSum, add_sums, half_sums
+from .loss_normalizer import BatchCounts
 from .projection import average_and_difference
 from .step import SteppedGradientMaker, ignoring_unsupported, make_sync, write_block
 from .sync import HalfSums
@@ -147,7 +149,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         if plan.update_curvature:
             self._curvature_chunk(capture, first)
         else:
-            summed_loss_backward(self, self.grad_scaler)
+            summed_loss_backward(self, self.grad_scaler, capture.chunk.size)
 
     def _accumulate(self, module: nn.Module, x: Tensor, grad_out: Tensor, chunk: Chunk,
                     previous: Optional[List[Optional[BlockSum]]]) -> List[Optional[BlockSum]]:
@@ -156,21 +158,23 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         return new if previous is None else [add_sums(a, b) for a, b in zip(previous, new)]
 
     def _finish(self, plan: CurvaturePlan, records: Dict[str, List[Optional[BlockSum]]],
-                counts: Tuple[Any, Any]) -> Dict[str, List[Tensor]]:
-        if plan.curvature and self.grad_scaler is not None and self.fisher_maker.is_fisher_emp:
-            # The empirical Fisher comes from the scaled loss's own gradients: its output-side factors carry
-            # the scale squared.
-            scale_squared = self.grad_scaler.scale(torch.ones((), device=self.device)) ** 2
+                counts: BatchCounts) -> Dict[str, List[Tensor]]:
+        if plan.curvature and self.fisher_maker.is_fisher_emp:
+            # The empirical Fisher comes from the backpropagated loss's own per-sample gradients: its
+            # output-side factors carry the square of that loss's scale against the user's per-sample terms
+            # (the GradScaler's scale s, and 1 / r for a loss normalised by more than its samples).
+            backprop_scale = 1.0 if self.grad_scaler is None else self.grad_scaler.scale(
+                torch.ones((), device=self.device))
+            square = (backprop_scale / counts.per_sample) ** 2
             for matrix in plan.curvature.values():
                 output_side = [matrix.kron.B] if matrix.has_kron else []
                 output_side += [matrix.unit.data] if matrix.has_unit else []
                 for tensor in output_side:
-                    tensor.div_(scale_squared)
+                    tensor.div_(square)
         sums = self._sync.reduce_block_sums({name: tuple(halves) for name, halves in records.items()})
-        n1, n2 = counts
-        plan.gradients = self._block_gradients(sums, n1, n2)
+        plan.gradients = self._block_gradients(sums, *counts.weights())
         plan.curvature = self._sync.reduce_curvature(plan.curvature) if plan.update_curvature else {}
-        self._scale_curvature(plan.curvature, n1 + n2)
+        self._scale_curvature(plan.curvature, counts.n)
         # g_avg = (S1 + S2)/n is non-finite whenever S1 or S2 is (inf - inf is NaN), so g_diff needs no check.
         return {"gradient": [t for g_avg, _ in plan.gradients.values() for t in g_avg if t is not None],
                 "curvature": [t for matrix in plan.curvature.values() for t in matrix_tensors(matrix)]}
@@ -240,6 +244,11 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         fisher_loop = fisher_maker._fisher_loop
 
         def loop_without_capture(closure):  # Monte-Carlo / exact Fisher backward passes: not the loss
+            if not isinstance(fisher_maker._logits, Tensor) or fisher_maker._logits.ndim == 0:
+                raise TypeError(f"{self.method_label}'s Fisher needs the model's logits as a tensor, but the model "
+                                f"output gives {_described(fisher_maker._logits)}; pass them to the loss call "
+                                f"(setup_loss_call(loss_fn, dummy_y['logits'], t)) or name them with "
+                                f"setup_logits_repr(dummy_y[...]).")
             if not bool(torch.isfinite(fisher_maker._logits).all()):  # sampling from NaN logits fails obscurely
                 raise FloatingPointError(f"{self.method_label} step aborted: NaN or Inf in the model output. "
                                          "Nothing was updated; lower the learning rate or raise the damping.")
@@ -250,32 +259,34 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
                 capture.active = True
 
         fisher_maker._fisher_loop = loop_without_capture
-        if self.grad_scaler is not None:  # ASDL backpropagates fisher_maker._loss: make that the scaled loss
-            call_loss = fisher_maker.call_loss
+        call_loss = fisher_maker.call_loss
 
-            def scaled_call_loss():
-                self._unscaled_loss = call_loss()
-                fisher_maker._loss = self.grad_scaler.scale(self._unscaled_loss)
-                return fisher_maker._loss
+        def summed_call_loss():  # ASDL backpropagates fisher_maker._loss: make that the summed, scaled loss
+            self._unscaled_loss = as_sum(self, call_loss(), capture.chunk.size)
+            scaler = self.grad_scaler
+            fisher_maker._loss = self._unscaled_loss if scaler is None else scaler.scale(self._unscaled_loss)
+            return fisher_maker._loss
 
-            fisher_maker.call_loss = scaled_call_loss
+        fisher_maker.call_loss = summed_call_loss
         seed = fisher_maker.config.seed
         if not first:
             fisher_maker.config.seed = None  # re-seeding each chunk would repeat the first chunk's draws
         scale = self.scale * (self.config.ema_decay if self.do_accumulate else 1.0)
+        user_logits, self._dummy_logits = self._dummy_logits, fisher_logits(self)
         try:
             with kept_requires_grad(self.model):
                 self.delegate_forward_and_backward(fisher_maker, data_size=1, scale=scale, accumulate=not first,
                                                    calc_loss_grad=True, calc_inv=False)
         finally:
+            self._dummy_logits = user_logits
             del fisher_maker._fisher_loop
             fisher_maker.__dict__.pop("call_loss", None)
             fisher_maker.config.seed = seed
-        if self.grad_scaler is not None:
-            self._loss = self._unscaled_loss
+        self._loss = self._unscaled_loss
 
     def _block_gradients(self, sums: Dict[str, HalfSums], n1, n2) -> BlockGradients:
-        """(g_avg, g_diff) per owned block (g_diff None for K-FAC), as (weight, bias) pairs without the
+        """(g_avg, g_diff) per owned block (g_diff None for K-FAC) from the sums over B1 and B2 divided by
+        their weights ``n1``, ``n2`` (:meth:`BatchCounts.weights`), as (weight, bias) pairs without the
         stacking dimension, Conv2d weights flattened to the (out, in·kh·kw) matrix ASDL's Kron acts on."""
         shapes = self._block_shapes()
         out = {}
@@ -379,3 +390,21 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         for name, module in self.named_modules_for_curvature:
             if not self._sync.owns(name) and hasattr(module, self._fisher_attr):
                 delattr(module, self._fisher_attr)
+
+
+def fisher_logits(maker: asdl.GradientMaker) -> DummyObject:
+    """The logits ASDL's Fisher samples from: those the user named with ``setup_logits_repr``, else the
+    first model-output argument of the loss call (``dummy_y["logits"]``, ``dummy_y.logits.view(-1, V)``:
+    what the loss compares with the targets), else ASDL's default (the output, or its first item)."""
+    ops = maker._dummy_logits._operators
+    user_named = not (len(ops) == 1 and isinstance(ops[0], GetFirstItem))
+    if user_named or maker._loss_fn is None:
+        return maker._dummy_logits
+    for value in (*maker._loss_fn_args, *maker._loss_fn_kwargs.values()):
+        if isinstance(value, DummyObject):
+            return value
+    return maker._dummy_logits
+
+
+def _described(value: Any) -> str:
+    return "a 0-d tensor (a loss?)" if isinstance(value, Tensor) else f"a {type(value).__name__}"

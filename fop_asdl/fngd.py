@@ -9,7 +9,7 @@ SGD's weight gradient costs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import asdl
 import torch
@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from . import smw
 from .capture import Chunk
 from .compat import eager_module, reject_ddp
+from .blocks import scaled
 from .halves import add_sums
+from .loss_normalizer import BatchCounts
 from .step import SteppedGradientMaker, make_sync, write_block
 
 __all__ = ["FNGDGradientMaker"]
@@ -144,8 +146,11 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             record.total = add_sums(record.total, part)
         return record
 
-    def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: Tuple[Any, Any]) -> Dict[str, List[Tensor]]:
-        scale = None if self.grad_scaler is None else self.grad_scaler.scale(torch.ones((), device=self.device))
+    def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: BatchCounts) -> Dict[str, List[Tensor]]:
+        # The rows carry the backpropagated loss's scale against the user's per-sample terms: the GradScaler's
+        # s, and 1 / r for a loss normalised by more than its samples (fop_asdl.loss_normalizer).
+        scaler = 1.0 if self.grad_scaler is None else self.grad_scaler.scale(torch.ones((), device=self.device))
+        scale = scaler / counts.per_sample
         computed = [name for name, _ in self.blocks if name in plan.compute and name in records]
         if computed:
             data = {name: tuple(torch.cat(part) for part in zip(*records[name].chunks)) for name in computed}
@@ -154,7 +159,8 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                 module = self._modules[name]
                 x, z = data.pop(name)
                 records[name].total = self._weighted_sum(module, x, z, plan.new_bank[name])
-        grads = {name: record.total for name, record in records.items()}
+        # d = Σ w_m u_m of the backpropagated rows; p.grad holds the user's d, times s with a GradScaler
+        grads = {name: scaled(record.total, counts.per_sample) for name, record in records.items()}
         plan.grads = self._summed_over_ranks(grads)
         return {"gradient": [t for d in plan.grads.values() for t in d if t is not None],
                 "coefficients": list(plan.new_bank.values())}
@@ -171,7 +177,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         """Nothing to undo: the bank changes only in :meth:`_commit`."""
 
     # --- FNGD proper ------------------------------------------------------------------------------------
-    def _coefficients(self, data: Dict[str, Tuple[Tensor, Tensor]], scale: Optional[Tensor],
+    def _coefficients(self, data: Dict[str, Tuple[Tensor, Tensor]], scale: Union[float, Tensor],
                       diagnostics: Dict[str, Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """This rank's w of every block in ``data``: Grams of the (local or global) batch, one batched solve;
         λ, mean c and max |c| of the blocks solved here go to ``diagnostics``."""
@@ -184,8 +190,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         weights: Dict[str, Tensor] = {}
         if names:
             grams = torch.stack([self._gram(self._modules[name], *sources[name]) for name in names])
-            if scale is not None:  # z carries the loss scale σ: K does σ², and λ must not
-                grams = grams / scale ** 2
+            grams = grams / scale ** 2  # z carries the loss scale σ: K does σ², and λ must not
             coef = smw.fngd_coefficients(grams, self.damping, damping_mode=self.damping_mode,
                                          scale_mode=self.scale_mode, min_damping=torch.finfo(grams.dtype).tiny)
             dead = torch.linalg.matrix_norm(grams) == 0  # K = 0: u = 0, so d = 0 whatever w; store w = 0

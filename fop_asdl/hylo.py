@@ -22,8 +22,9 @@ from .blocks import scaled
 from .capture import Chunk
 from .compat import reject_ddp
 from .halves import add_sums, half_sums
+from .loss_normalizer import BatchCounts
 from .lowrank_schedule import DEFAULT_SWITCH_THRESHOLD, SwitchPolicy, local_rows
-from .step import SteppedGradientMaker, make_sync, write_block
+from .step import SteppedGradientMaker, make_sync, shared_blocks, write_block
 from .trust_region import LearningRate, kl_clip_factor, validate_kl_clip
 
 __all__ = ["HyLoGradientMaker"]
@@ -123,6 +124,9 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.damping, self.target_damping = float(self.config.damping), target_damping
         self.damping_decay_updates, self.damping_warmup_steps = damping_decay_updates, damping_warmup_steps
         self._init_per_sample_step(model, micro_batch_size, grad_scaler)
+        #: Blocks captured between refreshes too: their weights have other uses (found by structure, and on
+        #: refreshes by a plain gradient beside the block's own).
+        self._shared_blocks = shared_blocks(model, self.blocks)
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False, costs=self._owner_costs())
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed((seed + self._sync.rank * _SEED_MIX) % 2 ** 64)
@@ -152,7 +156,9 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         return self.blocks
 
     def _captured_blocks(self, plan: _Plan) -> Sequence[Tuple[str, nn.Module]]:
-        return self.blocks if plan.refresh else ()
+        """All blocks on a refresh; between refreshes only those whose weights are shared with other uses
+        (tied weights), whose own part autograd cannot tell apart from the others'."""
+        return self.blocks if plan.refresh else self._shared_blocks
 
     def _begin_step(self, batch_size: int) -> _Plan:
         step = self.state["step"]
@@ -160,6 +166,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         plan = _Plan(refresh, self._method_of(step) if refresh else "kis")
         if refresh and plan.method == "kis":
             plan.generator_state = self.generator.get_state()
+        self._step_plan = plan  # read by _accumulate, which the capture calls
         return plan
 
     def _method_of(self, step: int) -> str:
@@ -174,6 +181,9 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                     previous: Optional[_Record]) -> _Record:
         record = previous if previous is not None else _Record([], [])
         self._once_per_pass(record.starts, chunk, module, "one row per sample and call")
+        record.grad = add_sums(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
+        if not self._step_plan.refresh:  # a shared block between refreshes: only its own gradient
+            return record
         bias = module.bias is not None
         if isinstance(module, nn.Conv2d):
             rows = lowrank.conv2d_rows(x, grad_out, module.kernel_size, module.stride, module.padding,
@@ -181,17 +191,20 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         else:
             rows = lowrank.linear_rows(x, grad_out, bias)
         record.rows.append(rows)
-        record.grad = add_sums(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
         return record
 
-    def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: Tuple[Any, Any]) -> Dict[str, List[Tensor]]:
-        n = counts[0] + counts[1]
+    def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: BatchCounts) -> Dict[str, List[Tensor]]:
+        plan.raw = self._mean_block_gradients(records, counts.normalizer)
         if plan.refresh:
-            plan.raw = self._mean_block_gradients(records, n)
-            plan.factors = self._refresh(plan.method, {name: records[name].rows for name in plan.raw})
-        else:
-            plan.raw = {name: (m.weight.grad, None if m.bias is None else m.bias.grad)
-                        for name, m in self.blocks if m.weight.grad is not None}
+            plan.factors = self._refresh(plan.method, {name: records[name].rows for name in plan.raw},
+                                         counts.per_sample)
+        else:  # the blocks that were not captured: autograd's gradient, already reduced and divided
+            for name, module in self.blocks:
+                if name not in plan.raw and module.weight.grad is not None:
+                    plan.raw[name] = (module.weight.grad, None if module.bias is None else module.bias.grad)
+                    module.weight.grad = None  # the commit writes the preconditioned one in its place
+                    if module.bias is not None:
+                        module.bias.grad = None
         norms = []  # V_lᵀ Δ_l of the preconditioned blocks, for kl_clip
         for name, v in plan.raw.items():
             stored = (plan.factors[name], self.damping) if name in plan.factors else self.factors.get(name)
@@ -209,6 +222,10 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                 "factors": [t for f in plan.factors.values() for t in (f.a, f.g, f.matrix)]}
 
     def _commit(self, plan: _Plan) -> None:
+        if plan.refresh:  # a weight used outside its block (e.g. functionally) has a plain gradient part here
+            found = [(name, m) for name, m in self.blocks if m.weight.grad is not None
+                     and (name, m) not in self._shared_blocks]
+            self._shared_blocks = self._shared_blocks + found
         for name, d in plan.grads.items():
             if plan.nu is not None and name in plan.preconditioned:
                 d = scaled(d, plan.nu)  # a new tensor: ν in place would scale V too
@@ -231,11 +248,13 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
 
     # --- HyLo proper ------------------------------------------------------------------------------------
     def _mean_block_gradients(self, records: Dict[str, _Record], n: Any) -> Dict[str, BlockVector]:
-        """The blocks' mean gradients V from the captured sums, over all ranks in one all-reduce."""
+        """The captured blocks' gradients V, their sums over all ranks in one all-reduce divided by the
+        loss's normalizer ``n``."""
         names = [name for name, _ in self.blocks if name in records]
-        if self._sync.world_size > 1:
-            if len(names) != len(self.blocks):
-                missing = sorted(set(self._modules) - set(names))
+        if self._sync.world_size > 1 and (names or self._step_plan.refresh):
+            captured = self.blocks if self._step_plan.refresh else self._shared_blocks
+            if len(names) != len(captured):
+                missing = sorted({name for name, _ in captured} - set(names))
                 raise ValueError(f"fop_asdl: blocks {missing} took no part in the loss on rank {self._sync.rank}; "
                                  f"with several ranks HyLo needs every block on every refresh (ignore them).")
             flat = torch.cat([t.reshape(-1) for name in names for t in records[name].grad if t is not None])
@@ -251,17 +270,20 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             out = {name: records[name].grad for name in names}
         return {name: (w / n, None if b is None else b / n) for name, (w, b) in out.items()}
 
-    def _refresh(self, method: str, chunks: Dict[str, List[Tuple[Tensor, Tensor]]]
+    def _refresh(self, method: str, chunks: Dict[str, List[Tuple[Tensor, Tensor]]], per_sample: Any
                  ) -> Dict[str, lowrank.LowRankFactors]:
-        """Every block's new factors: select locally, one all-gather, owners build M, owners broadcast M."""
+        """Every block's new factors: select locally, one all-gather, owners build M, owners broadcast M.
+        ``per_sample`` is r of :class:`~fop_asdl.loss_normalizer.BatchCounts`."""
         world, names = self._sync.world_size, list(chunks)
-        inv_scale = None if self.grad_scaler is None else 1.0 / self.grad_scaler.scale(
-            torch.ones((), device=self.device))
+        # G carries the backpropagated loss's scale σ against the user's per-sample terms (the GradScaler's
+        # s, and 1 / r for a loss normalised by more than its samples); K would carry σ² against a fixed α.
+        scaler = 1.0 if self.grad_scaler is None else self.grad_scaler.scale(torch.ones((), device=self.device))
+        inv_scale = per_sample / scaler
         local: Dict[str, lowrank.LocalFactors] = {}
         for name in names:
             a, g = (torch.cat(part) for part in zip(*chunks[name]))
-            if inv_scale is not None:  # G carries the loss scale σ, K would carry σ² against a fixed α
-                g = g * inv_scale.to(g.dtype)
+            if not (isinstance(inv_scale, float) and inv_scale == 1.0):
+                g = g * (inv_scale.to(g.dtype) if isinstance(inv_scale, Tensor) else inv_scale)
             rank, total = local_rows(self.compression_ratio, a.shape[0]), world * a.shape[0]
             if method == "kis":
                 local[name] = lowrank.kis_select(a, g, rank, self.generator, probability=self.kis_probability,

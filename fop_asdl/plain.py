@@ -1,6 +1,6 @@
-"""SGD's gradient maker (the full-batch mean gradient in ``p.grad``) with micro-batches, a GradScaler and,
-on several ranks, one all-reduce of the gradients: what ``make_gradient_maker("sgd", ...)`` returns when
-any of these is asked for, so that all three methods scale the same way."""
+"""SGD's gradient maker: the gradient of the user's loss on the whole batch in ``p.grad``, also with
+micro-batches, a GradScaler and, on several ranks, one all-reduce of the gradients: what
+``make_gradient_maker("sgd", ...)`` returns, so that every method of the switch scales the same way."""
 from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
@@ -9,9 +9,10 @@ import asdl
 import torch
 from torch import Tensor, nn
 
-from .chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward,
+from .chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward, user_loss,
                      validate_micro_batch_size)
 from .compat import batch_size_of, reject_ddp
+from .loss_normalizer import LossNormalizer
 from .step import make_sync
 
 __all__ = ["PlainGradientMaker"]
@@ -29,35 +30,47 @@ class PlainGradientMaker(asdl.GradientMaker):
         self._sync = make_sync(model, [], "auto", two_gradients=False)
 
     def forward_and_backward(self) -> Tuple[Any, Tensor]:
+        """The gradient of the user's loss on the whole batch in ``p.grad`` (replacing what was there, as
+        every maker of the switch does); on any error every ``p.grad`` is as before."""
         if self._model_fn is None:
             raise RuntimeError("forward_and_backward() needs setup_model_call(model, x, ...) first.")
-        if self._loss_fn is None:
-            raise RuntimeError("forward_and_backward() needs setup_loss_call(loss_fn, dummy_y, t, ...) first.")
+        if self._loss_fn is None and self._dummy_loss is None:
+            raise RuntimeError("forward_and_backward() needs setup_loss_call(loss_fn, dummy_y, t, ...) or "
+                               "setup_loss_repr(dummy_y[...]) first.")
         batch_size = batch_size_of(self._model_args, self._model_kwargs)
         params = [p for p in self.model.parameters() if p.requires_grad]
         saved = [p.grad for p in params]
         for p in params:
             p.grad = None
         try:
+            bounds = chunk_bounds(batch_size, self.micro_batch_size)
+            if len(bounds) == 1 and self._sync.world_size == 1:  # autograd of the user's own loss
+                self.forward()
+                loss = self._loss
+                (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
+                self._loss = loss.detach()
+                return self._model_output, self._loss
+            normalizer = LossNormalizer(self._loss_fn, self._loss_fn_kwargs)
             loss_sum: Optional[Tensor] = None
             outputs: List[Any] = []
-            for start, end in chunk_bounds(batch_size, self.micro_batch_size):
+            for start, end in bounds:
                 with sliced_calls(self, start, end, batch_size):
-                    summed_loss_backward(self, self.grad_scaler)
-                loss = self._loss.detach()
+                    summed_loss_backward(self, self.grad_scaler, end - start)
+                    loss = self._loss.detach()
+                    normalizer.add(loss, user_loss(self) if normalizer.needs_user_loss else None, end - start)
                 loss_sum = loss if loss_sum is None else loss_sum + loss
                 # A chunk's output must not keep its graph (and the block inputs the hooks hold) alive while
                 # the next chunks run: that would make memory grow with the batch, not the micro-batch.
                 outputs.append(detached(self._model_output) if self.micro_batch_size else self._model_output)
-            (n, _), loss_sum = self._sync.reduce_counts_and_others((batch_size, 0), loss_sum, params)
+            (n, _), loss_sum, terms = self._sync.reduce_counts_and_others((batch_size, 0), loss_sum, params,
+                                                                          normalizer.terms())
+            total = normalizer.resolve(n, terms)
         except BaseException:
             for p, grad in zip(params, saved):
                 p.grad = grad
             raise
-        for p, grad in zip(params, saved):
+        for p in params:
             if p.grad is not None:
-                p.grad.div_(n)
-                if grad is not None:  # like loss.backward(), add to what the user left in p.grad
-                    p.grad += grad
-        self._model_output, self._loss = concat_outputs(outputs), loss_sum / n
+                p.grad.div_(total)
+        self._model_output, self._loss = concat_outputs(outputs), loss_sum / total
         return self._model_output, self._loss

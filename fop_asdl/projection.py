@@ -85,14 +85,14 @@ class FOPCoefficients:
         return eta2 * self.A, 2.0 * eta2 * self.beta * self.D, eta2 * self.beta * self.beta * self.E
 
 
-def average_and_difference(sum1: Tensor, sum2: Tensor, n1: int, n2: int,
+def average_and_difference(sum1: Tensor, sum2: Tensor, n1: Union[float, Tensor], n2: Union[float, Tensor],
                            scale: float = 1.0) -> Tuple[Tensor, Tensor]:
     """(g_avg, g_diff) from the summed per-sample gradients of B1 and B2 (step 1), both times ``scale``.
 
     g_i = sum_i / n_i; g_avg = (n1 g1 + n2 g2) / n is the full-batch mean gradient also for odd n.
     """
     g_avg = (sum1 + sum2).mul_(scale / (n1 + n2))
-    g_diff = torch.add(sum1 * (scale / n1), sum2, alpha=-scale / n2)
+    g_diff = (sum1 * (scale / n1)).sub_(sum2 * (scale / n2))  # counts may be device tensors: no alpha= sync
     return g_avg, g_diff
 
 

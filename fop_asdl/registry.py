@@ -7,13 +7,11 @@ import asdl
 import torch
 from torch import nn
 
-from .compat import reject_ddp
 from .fngd import FNGDGradientMaker
 from .fop import FOPGradientMaker
 from .hylo import HyLoGradientMaker
 from .kfac import ScalableKfacGradientMaker
 from .plain import PlainGradientMaker
-from .sync import several_ranks
 
 __all__ = ["GRADIENT_MAKERS", "make_gradient_maker"]
 
@@ -22,9 +20,6 @@ def _sgd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], micro_b
          grad_scaler: Optional[torch.amp.GradScaler] = None, **kwargs: Any) -> asdl.GradientMaker:
     if kwargs:
         raise TypeError(f"the 'sgd' gradient maker takes only micro_batch_size and grad_scaler, got {sorted(kwargs)}.")
-    reject_ddp(model)
-    if micro_batch_size is None and grad_scaler is None and not several_ranks():
-        return asdl.GradientMaker(model)
     return PlainGradientMaker(model, micro_batch_size=micro_batch_size, grad_scaler=grad_scaler)
 
 

@@ -43,14 +43,15 @@ from torch import Tensor, nn
 
 from .attention import attention_blocks
 from .capture import BlockCapture, Chunk
-from .chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward,
-                     validate_micro_batch_size)
+from .chunks import (chunk_bounds, concat_outputs, detached, loss_arguments, rows_per_sample, sliced_calls,
+                     summed_loss_backward, user_loss, validate_micro_batch_size)
 from .compat import batch_size_of, eager_module, full_precision
 from .halves import supports_half_gradients
+from .loss_normalizer import BatchCounts, LossNormalizer
 from .sync import LocalSync, several_ranks
 
-__all__ = ["SteppedGradientMaker", "ignoring_unsupported", "linear_conv_blocks", "make_sync", "supports_per_sample",
-           "user_ignores", "write_block"]
+__all__ = ["SteppedGradientMaker", "ignoring_unsupported", "linear_conv_blocks", "make_sync", "shared_blocks",
+           "supports_per_sample", "user_ignores", "write_block"]
 
 BlockVector = Tuple[Tensor, Optional[Tensor]]
 
@@ -142,15 +143,16 @@ class SteppedGradientMaker:
 
     def _chunk_backward(self, capture: BlockCapture, plan: Any, first: bool) -> None:
         """One micro-batch's forward and backward pass (the registered calls already sliced to it)."""
-        summed_loss_backward(self, self.grad_scaler)
+        summed_loss_backward(self, self.grad_scaler, capture.chunk.size)
 
     def _accumulate(self, module: nn.Module, x: Tensor, grad_out: Tensor, chunk: Chunk,
                     previous: Optional[Any]) -> Any:
         """A block's record after one more call: ``grad_out`` is the gradient of the summed (scaled) loss."""
         raise NotImplementedError
 
-    def _finish(self, plan: Any, records: Dict[str, Any], counts: Tuple[Any, Any]) -> Dict[str, List[Tensor]]:
-        """Reduce the records, prepare the commit in ``plan``; the tensors to check, by group name."""
+    def _finish(self, plan: Any, records: Dict[str, Any], counts: BatchCounts) -> Dict[str, List[Tensor]]:
+        """Reduce the records (sums over this process's samples of the summed loss), prepare the commit in
+        ``plan``; the tensors to check, by group name. ``counts`` says what the sums are divided by."""
         raise NotImplementedError
 
     def _commit(self, plan: Any) -> None:
@@ -171,25 +173,29 @@ class SteppedGradientMaker:
         plan = None
         try:
             plan = self._begin_step(batch_size)
-            records, counts, loss_sum, output = self._local_pass(batch_size, plan)
+            records, counts, loss_sum, output, normalizer = self._local_pass(batch_size, plan)
             with full_precision(self.device.type):
                 block_params = {p for _, m in self._captured_blocks(plan) for p in m.parameters()}
-                others = [p for p in params if p not in block_params]
-                (n1, n2), loss_sum = self._sync.reduce_counts_and_others(counts, loss_sum, others)
-                n = n1 + n2
-                for p in others:
+                # Parameters outside blocks, and the uses outside blocks of a block's shared parameter (a tied
+                # embedding and LM head): autograd's gradient, which the commit adds to the blocks' results.
+                plain = [p for p in params if p not in block_params or p.grad is not None]
+                (n1, n2), loss_sum, terms = self._sync.reduce_counts_and_others(counts, loss_sum, plain,
+                                                                                normalizer.terms())
+                batch = BatchCounts(n1, n2, normalizer.resolve(n1 + n2, terms))
+                for p in plain:
                     if p.grad is not None:
-                        p.grad.div_(n)
-                groups = self._finish(plan, records, (n1, n2))
+                        p.grad.div_(batch.normalizer)
+                loss = loss_sum / batch.normalizer
+                groups = self._finish(plan, records, batch)
                 del records
-                finite = self._check_finite(loss_sum, others, groups)
+                finite = self._check_finite(loss, plain, groups)
         except BaseException:
             for p, grad in zip(params, saved_grads):
                 p.grad = grad
             if plan is not None:
                 self._roll_back(plan)
             raise
-        self._model_output, self._loss = output, loss_sum / n
+        self._model_output, self._loss = output, loss
         self.last_step_skipped = not finite
         if not finite:  # only with a grad_scaler: its step() sees the NaN and skips, update() lowers the scale
             self._roll_back(plan)
@@ -206,35 +212,41 @@ class SteppedGradientMaker:
     def _check_ready(self) -> int:
         if self._model_fn is None:
             raise RuntimeError("forward_and_backward() needs setup_model_call(model, x, ...) first.")
-        if self._loss_fn is None:
-            raise RuntimeError(f"forward_and_backward() needs setup_loss_call(loss_fn, dummy_y, t, ...) first "
-                               f"({self.method_label} calls the loss with reduction='sum', not a loss repr).")
-        if not has_reduction(self._loss_fn):
+        if self._loss_fn is None and self._dummy_loss is None:
+            raise RuntimeError("forward_and_backward() needs setup_loss_call(loss_fn, dummy_y, t, ...) or "
+                               "setup_loss_repr(dummy_y[...]) first.")
+        if self._loss_fn is not None and not has_reduction(self._loss_fn):
             raise TypeError(f"The loss function {getattr(self._loss_fn, '__name__', self._loss_fn)!r} has no "
-                            f"'reduction' argument; the step calls it with reduction='sum'. Use e.g. "
-                            f"torch.nn.functional.cross_entropy or a function with a reduction parameter.")
+                            f"'reduction' argument; the step calls it with reduction='sum' (and the user's own "
+                            f"to divide exactly as the user does). Use e.g. torch.nn.functional.cross_entropy or "
+                            f"a function with a reduction parameter.")
         batch_size = batch_size_of(self._model_args, self._model_kwargs)
         fewest, why = self._min_local_batch()
         if batch_size < fewest:
             raise ValueError(f"{why} and needs at least {fewest} samples; got a batch of {batch_size}.")
-        for where, values in (("model", (*self._model_args, *self._model_kwargs.values())),
-                              ("loss", (*self._loss_fn_args, *self._loss_fn_kwargs.values()))):
-            for value in values:
-                if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] != batch_size:
-                    raise ValueError(f"A tensor argument of the {where} call has {value.shape[0]} rows but the "
-                                     f"batch has {batch_size}; the step splits every tensor argument along "
-                                     f"dim 0.")
+        for value in (*self._model_args, *self._model_kwargs.values()):
+            if rows_per_sample(value, batch_size, flattened=False) == 0:
+                raise ValueError(f"A tensor argument of the model call has {value.shape[0]} rows but the batch "
+                                 f"has {batch_size}; the step splits every tensor argument along dim 0.")
+        for name, value in loss_arguments(self):
+            if rows_per_sample(value, batch_size, flattened=True) == 0:
+                raise ValueError(f"The loss call's tensor argument {name} has {value.shape[0]} rows, neither the "
+                                 f"batch's {batch_size} nor a multiple of it (k rows per sample, sample-major, "
+                                 f"as t.view(-1) of (B, T) targets); the step splits it with the batch.")
         return batch_size
 
     def _local_pass(self, batch_size: int, plan: Any):
         """This process's records: one forward and one backward pass per micro-batch (one in all by default).
 
         Every pass backpropagates the loss *summed* over its samples, so gradients and loss of the chunks
-        (and of the ranks) simply add up. Returns (records by block name, (n1, n2) here, loss sum, output).
+        (and of the ranks) simply add up; the user's own loss on each chunk's output gives the normalizer
+        (:mod:`fop_asdl.loss_normalizer`). Returns (records by block name, (n1, n2) here, loss sum, output,
+        normalizer).
         """
         split = self._local_split(batch_size)
         captured = self._captured_blocks(plan)
         capture = BlockCapture([m for _, m in captured], self._accumulate)
+        normalizer = LossNormalizer(self._loss_fn, self._loss_fn_kwargs)
         loss_sum = None
         outputs = []
         with capture, self._pass_context(plan):
@@ -242,14 +254,15 @@ class SteppedGradientMaker:
                 capture.set_chunk(Chunk(start, end - start, min(max(split - start, 0), end - start)))
                 with sliced_calls(self, start, end, batch_size):
                     self._chunk_backward(capture, plan, index == 0)
-                loss = self._loss.detach()
+                    loss = self._loss.detach()
+                    normalizer.add(loss, user_loss(self) if normalizer.needs_user_loss else None, end - start)
                 loss_sum = loss if loss_sum is None else loss_sum + loss
                 # A chunk's output must not keep its graph (and the block inputs the hooks hold) alive while
                 # the next chunks run: that would make memory grow with the batch, not the micro-batch.
                 outputs.append(detached(self._model_output) if self.micro_batch_size else self._model_output)
         names = {m: name for name, m in captured}
         records = {names[m]: record for m, record in capture.take_records().items()}
-        return records, (split, batch_size - split), loss_sum, concat_outputs(outputs)
+        return records, (split, batch_size - split), loss_sum, concat_outputs(outputs), normalizer
 
     def _check_finite(self, loss_sum: Tensor, others: Sequence[nn.Parameter],
                       groups: Dict[str, List[Tensor]]) -> bool:
@@ -278,11 +291,14 @@ class SteppedGradientMaker:
 
 
 def write_block(module: nn.Module, vec: BlockVector) -> None:
-    """Put a block vector (weight, bias or None), in any shape of the same size, into the module's grads."""
-    weight, bias = vec
-    module.weight.grad = weight.reshape(module.weight.shape).contiguous()
-    if bias is not None:
-        module.bias.grad = bias.reshape(module.bias.shape).contiguous()
+    """Add a block vector (weight, bias or None), in any shape of the same size, to the module's grads: the
+    step starts from None, so a parameter gets the sum of its uses (a shared weight's other blocks, and its
+    plain gradient from uses outside blocks)."""
+    for param, value in ((module.weight, vec[0]), (module.bias, vec[1])):
+        if value is None:
+            continue
+        value = value.reshape(param.shape)
+        param.grad = value.contiguous() if param.grad is None else param.grad + value
 
 
 def user_ignores(name: str, module: nn.Module, ignore_modules: Optional[Sequence[Any]]) -> bool:
@@ -334,6 +350,17 @@ def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, l
         warnings.warn(f"fop_asdl: no {label} curvature for " + ", ".join(unsupported)
                       + "; their parameters receive the plain full-batch gradient g_avg.", UserWarning)
     return dataclasses.replace(config, ignore_modules=ignore)
+
+
+def shared_blocks(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
+    """The blocks with a parameter that another module of ``model`` holds too (a tied embedding and LM
+    head): autograd's gradient of such a parameter mixes the uses, so a method must capture the block to
+    tell its own part apart."""
+    holders: Dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            holders[id(param)] = holders.get(id(param), 0) + 1
+    return [(name, m) for name, m in blocks if any(holders.get(id(p), 0) > 1 for p in m.parameters(recurse=False))]
 
 
 def supports_per_sample(module: nn.Module) -> bool:

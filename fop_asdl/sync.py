@@ -38,10 +38,12 @@ class LocalSync:
     def owns(self, name: str) -> bool:
         return True
 
-    def reduce_counts_and_others(self, counts: Tuple[int, int], loss_sum: Tensor, others: Sequence[nn.Parameter]
-                                 ) -> Tuple[Tuple, Tensor]:
-        """The global counts (n1, n2) and loss sum; the ``p.grad`` of ``others`` become global sums too."""
-        return counts, loss_sum
+    def reduce_counts_and_others(self, counts: Tuple[int, int], loss_sum: Tensor, others: Sequence[nn.Parameter],
+                                 terms: Sequence[Tensor] = ()) -> Tuple[Tuple, Tensor, Tuple[Tensor, ...]]:
+        """The global counts (n1, n2), loss sum and loss-normalizer ``terms``
+        (:class:`~fop_asdl.loss_normalizer.LossNormalizer`); the ``p.grad`` of ``others`` become global sums
+        too."""
+        return counts, loss_sum, tuple(terms)
 
     def reduce_block_sums(self, sums: Dict[str, HalfSums]) -> Dict[str, HalfSums]:
         """Global (S1, S2) of the owned blocks (after :meth:`reduce_counts_and_others`)."""

@@ -28,9 +28,10 @@ def test_bench_dist_two_ranks(tmp_path):
             assert m["n_steps"] == 1
             assert m["nominal_bytes_per_rank"] > 0 and m["wire_bytes_per_rank"] > 0
             assert m["step_seconds_median"] > 0 and m["step_seconds_mean"] > 0
-    # DDP-style SGD moves every gradient once: exactly one all-reduce of all parameters (+ count and loss)
+    # DDP-style SGD moves every gradient once: exactly one all-reduce of all parameters (+ the two counts,
+    # the loss and the loss's two normalizer terms: 5 float32 scalars, 2·S·(W−1)/W = S bytes at W = 2)
     sgd = result["methods"]["sgd"]["plain"]["nominal_bytes_per_rank"]
-    assert abs(sgd - result["ddp_allreduce_bytes_per_rank"]) <= 16
+    assert abs(sgd - result["ddp_allreduce_bytes_per_rank"]) <= 5 * 4
     assert 1.0 <= result["ratios"]["fop/sgd_plain_nominal_bytes_per_rank"] <= 1.51
 
 

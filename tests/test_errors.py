@@ -108,7 +108,7 @@ def test_batch_of_one_is_refused_by_fop_only(trained):
 
 def test_rows_that_do_not_match_the_batch_are_refused(trained):
     model, maker, x, t = trained
-    with pytest.raises(ValueError, match="rows but the batch has"):
+    with pytest.raises(ValueError, match="rows, neither the batch's"):
         step(maker, model, x, t[:-1])
 
 

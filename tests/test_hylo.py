@@ -298,7 +298,8 @@ def test_ranks_equal_one_process_and_move_the_bytes_of_section_4(tmp_path, world
     assert not clip or float(maker.last_nu) < 1  # the ranks had to agree on an active bound
     widths = [(m.weight[0].numel() + (m.bias is not None), m.weight.shape[0]) for _, m in maker.blocks]
     traffic = refresh_traffic(widths, w.BATCH, world_size, method, element_size=8)
-    grad_bytes = 8 * (2 + 1 + sum(p.numel() for p in model.parameters()))  # counts, loss, every gradient
+    # counts, loss, the loss's normalizer terms (fop_asdl.loss_normalizer), every gradient
+    grad_bytes = 8 * (2 + 1 + 2 + sum(p.numel() for p in model.parameters()))
     flag_bytes = 4 * 3  # the finiteness check: loss, gradient, factors
     for rank in range(world_size):
         result = torch.load(tmp_path / f"out.{rank}", weights_only=False)

@@ -97,3 +97,26 @@ def test_requires_grad_flags_are_restored(image_batch):
         step(maker, model, x, t)
     assert [p.requires_grad for p in model.parameters()] == before
     assert model[0].bias.grad is None and model[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["sgd", "kfac", "fop", "fngd", "hylo"])
+@pytest.mark.parametrize("micro_batch_size", [None, 4])
+def test_every_maker_replaces_what_was_in_p_grad(image_batch, name, micro_batch_size):
+    """One p.grad semantics on the whole switch: a stale gradient (say of ones, left without zero_grad) is
+    replaced, never added to."""
+    x, t = image_batch
+    grads = []
+    for stale in (False, True):
+        torch.manual_seed(0)
+        model = conv_bn_ln_net().double().eval()  # eval: BatchNorm's statistics do not depend on the chunks
+        options = {"fngd": dict(iters_per_epoch=1), "hylo": dict(switch_policy="kis")}.get(name, {})
+        maker = fop_asdl.make_gradient_maker(name, model, config(), micro_batch_size=micro_batch_size, **options)
+        if stale:
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            step(maker, model, x, t)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for clean, after_stale in zip(*grads):
+        torch.testing.assert_close(after_stale, clean, rtol=0, atol=0)

@@ -70,17 +70,20 @@ class ShardedSync(LocalSync):
         return [name for name in self._blocks if self.assignment[name] == rank]
 
     # --- gradients ------------------------------------------------------------------------------
-    def reduce_counts_and_others(self, counts: Tuple[int, int], loss_sum: Tensor, others: Sequence[nn.Parameter]):
+    def reduce_counts_and_others(self, counts: Tuple[int, int], loss_sum: Tensor, others: Sequence[nn.Parameter],
+                                 terms: Sequence[Tensor] = ()):
         device, dtype = self.comm.device, self._dtype
         grads = [p for p in others if p.grad is not None]
         head = torch.tensor([counts[0], counts[1]], dtype=dtype, device=device)
-        small = torch.cat([head, loss_sum.reshape(1).to(dtype)] + [p.grad.reshape(-1) for p in grads])
-        self.comm.all_reduce(small)  # one all-reduce: counts, loss, gradients outside blocks (DDP's share)
-        offset = 3
+        scalars = [torch.as_tensor(t, dtype=dtype, device=device).reshape(1) for t in (loss_sum, *terms)]
+        small = torch.cat([head, *scalars] + [p.grad.reshape(-1) for p in grads])
+        # one all-reduce: counts, loss, the loss's normalizer, gradients outside blocks (DDP's share)
+        self.comm.all_reduce(small)
+        offset = 3 + len(terms)
         for p in grads:
             p.grad.copy_(small[offset:offset + p.numel()].view_as(p.grad))
             offset += p.numel()
-        return (small[0], small[1]), small[2]
+        return (small[0], small[1]), small[2], tuple(small[3:3 + len(terms)])
 
     def reduce_block_sums(self, sums: Dict[str, HalfSums]) -> Dict[str, HalfSums]:
         if not sums:

@@ -1,0 +1,131 @@
+"""Shared parameters on every maker: a parameter used by several modules (a tied embedding and LM head, one
+weight in two layers) receives the sum of the contributions of all its uses, each use treated by its own
+block: preconditioned where that block has curvature, the plain gradient where it has none. Checked in the
+damped limit (F̃⁻¹ → 1/λ), where each use's contribution is known from autograd alone."""
+import asdl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fop_asdl
+from fop_asdl.compat import kron_damping
+
+METHODS = ["sgd", "kfac", "fop", "fngd", "hylo"]
+LAMBDA = 1e16
+V, H, B, T = 7, 5, 6, 3
+
+
+class TiedLM(nn.Module):
+    """A GPT-style tie: the LM head's weight is the token embedding's (``head.weight = emb.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, H)
+        self.mix = nn.Linear(H, H)
+        self.head = nn.Linear(H, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens, weight_for=None):
+        """``weight_for`` = (embedding's, head's) weight: the test's way to see each use's part alone."""
+        if weight_for is None:
+            return self.head(torch.tanh(self.mix(self.emb(tokens))))
+        h = torch.tanh(self.mix(F.embedding(tokens, weight_for[0])))
+        return F.linear(h, weight_for[1])
+
+
+class TwinLinear(nn.Module):
+    """One square weight in two Linear layers: both uses are preconditioned blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(H, H)
+        self.second = nn.Linear(H, H)
+        self.second.weight = self.first.weight
+        self.out = nn.Linear(H, V)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+def token_ce(y, t, reduction="mean"):
+    return F.cross_entropy(y.flatten(0, 1), t.flatten(), reduction=reduction)
+
+
+def make(name, model, micro_batch_size=None):
+    config = asdl.PreconditioningConfig(damping=LAMBDA, curvature_upd_interval=1, preconditioner_upd_interval=1)
+    options = {"fop": dict(beta=0.0, eta=None), "fngd": dict(iters_per_epoch=1, damping_mode="fixed"),
+               "hylo": dict(switch_policy="kis", compression_ratio=1.0)}.get(name, {})
+    return fop_asdl.make_gradient_maker(name, model, None if name == "sgd" else config,
+                                        micro_batch_size=micro_batch_size, **options)
+
+
+def run(gm, model, x, t, loss_fn):
+    gm.setup_loss_call(loss_fn, gm.setup_model_call(model, x), t)
+    return gm.forward_and_backward()
+
+
+def scale_of(gm, name, param, module):
+    """λ, or for a K-FAC/FOP bias d_B of the π-split (ASDL applies (B + d_B I)⁻¹ to it alone)."""
+    if name == "sgd":
+        return 1.0
+    if name in ("kfac", "fop") and param is getattr(module, "bias", None):
+        return kron_damping(module.fisher.kron, LAMBDA)[1]
+    return LAMBDA
+
+
+@pytest.mark.filterwarnings("ignore:fop_asdl")
+@pytest.mark.parametrize("micro_batch_size", [None, 4])
+@pytest.mark.parametrize("name", METHODS)
+def test_tied_embedding_and_head_get_both_parts(name, micro_batch_size):
+    """The head is a block, the embedding is not: p.grad = (head's part) / λ + (embedding's part)."""
+    torch.manual_seed(0)
+    model = TiedLM().double()
+    gen = torch.Generator().manual_seed(1)
+    x, t = torch.randint(0, V, (B, T), generator=gen), torch.randint(0, V, (B, T), generator=gen)
+    w = model.emb.weight
+    via_head = torch.autograd.grad(token_ce(model(x, (w.detach(), w)), t), w)[0]
+    via_emb = torch.autograd.grad(token_ce(model(x, (w, w.detach())), t), w)[0]
+    gm = make(name, model, micro_batch_size)
+    run(gm, model, x, t, token_ce)
+    scale = 1.0 if name == "sgd" else LAMBDA
+    expected = via_head / scale + via_emb
+    torch.testing.assert_close(w.grad, expected, rtol=1e-6, atol=1e-12)
+    assert via_emb.norm() > 0.1 * via_head.norm()  # both parts matter: dropping one would fail
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 4])
+@pytest.mark.parametrize("name", METHODS)
+def test_a_weight_in_two_blocks_gets_the_full_gradient_in_the_damped_limit(name, micro_batch_size):
+    """Every use preconditioned: the damped limit is autograd's gradient, so no use was dropped."""
+    torch.manual_seed(0)
+    model = TwinLinear().double()
+    gen = torch.Generator().manual_seed(2)
+    x, t = torch.randn(B, H, generator=gen, dtype=torch.float64), torch.randint(0, V, (B,), generator=gen)
+    expected = torch.autograd.grad(F.cross_entropy(model(x), t), list(model.parameters()))
+    gm = make(name, model, micro_batch_size)
+    run(gm, model, x, t, F.cross_entropy)
+    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    for p, g in zip(model.parameters(), expected):
+        scale = scale_of(gm, name, p, owners[id(p)])
+        torch.testing.assert_close(p.grad * scale, g, rtol=1e-6, atol=1e-9 * float(g.abs().max()))
+
+
+@pytest.mark.filterwarnings("ignore:fop_asdl")
+@pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo"])
+def test_hylo_and_the_others_keep_both_parts_between_curvature_steps(name):
+    """Between curvature updates (HyLo captures nothing there but the shared blocks) the tie stays exact."""
+    torch.manual_seed(0)
+    model = TiedLM().double()
+    config = asdl.PreconditioningConfig(damping=LAMBDA, curvature_upd_interval=3, preconditioner_upd_interval=3)
+    options = {"fop": dict(beta=0.0, eta=None), "fngd": dict(iters_per_epoch=1, damping_mode="fixed"),
+               "hylo": dict(switch_policy="kis", compression_ratio=1.0)}.get(name, {})
+    gm = fop_asdl.make_gradient_maker(name, model, config, **options)
+    gen = torch.Generator().manual_seed(1)
+    w = model.emb.weight
+    for _ in range(2):  # a curvature (refresh) step, then a plain one
+        x, t = torch.randint(0, V, (B, T), generator=gen), torch.randint(0, V, (B, T), generator=gen)
+        via_head = torch.autograd.grad(token_ce(model(x, (w.detach(), w)), t), w)[0]
+        via_emb = torch.autograd.grad(token_ce(model(x, (w, w.detach())), t), w)[0]
+        run(gm, model, x, t, token_ce)
+        torch.testing.assert_close(w.grad, via_head / LAMBDA + via_emb, rtol=1e-6, atol=1e-12)
