@@ -5,11 +5,11 @@ builds FOP, K-FAC, FNGD, HyLo or SGD by name. Importing the package applies the 
 ``compat``.
 """
 from .compat import KfacGradientMaker
-from .fngd import FNGDGradientMaker
-from .fop import FOPGradientMaker
-from .hylo import HyLoGradientMaker
-from .kfac import ScalableKfacGradientMaker
-from .projection import FOPCoefficients, FOPOptions, average_and_difference, fop_coefficients
+from .methods.fngd import FNGDGradientMaker
+from .methods.fop import FOPGradientMaker
+from .methods.hylo import HyLoGradientMaker
+from .methods.kfac import ScalableKfacGradientMaker
+from .methods.fop_math import FOPCoefficients, FOPOptions, average_and_difference, fop_coefficients
 from .registry import GRADIENT_MAKERS, make_gradient_maker
 
 __all__ = [

@@ -18,7 +18,7 @@ import torch
 from asdl.symmatrix import Kron, SymMatrix, UnitWise
 from torch import nn
 
-from .attention import attention_blocks
+from .engine.attention import attention_blocks
 
 __all__ = ["KfacGradientMaker", "eager_module", "robust_update_inv", "kron_damping", "batch_size_of",
            "full_precision"]
@@ -275,7 +275,7 @@ class KfacGradientMaker(asdl.KfacGradientMaker):
         reject_ddp(model)
         if self.single_process_only:
             reject_multi_process()
-        with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.attention)
+        with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.engine.attention)
             super().__init__(model, config, *args, **kwargs)
         self._fallback_warned: set = set()
 

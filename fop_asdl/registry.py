@@ -7,11 +7,11 @@ import asdl
 import torch
 from torch import nn
 
-from .fngd import FNGDGradientMaker
-from .fop import FOPGradientMaker
-from .hylo import HyLoGradientMaker
-from .kfac import ScalableKfacGradientMaker
-from .plain import PlainGradientMaker
+from .methods.fngd import FNGDGradientMaker
+from .methods.fop import FOPGradientMaker
+from .methods.hylo import HyLoGradientMaker
+from .methods.kfac import ScalableKfacGradientMaker
+from .methods.sgd import PlainGradientMaker
 
 __all__ = ["GRADIENT_MAKERS", "make_gradient_maker"]
 

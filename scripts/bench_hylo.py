@@ -9,7 +9,7 @@ interleaved round robin by cycle so that drift in machine load hits all alike; a
 the timed region, the weights are copied back. A step is zero_grad, setup_model_call, setup_loss_call,
 forward_and_backward and opt.step(), timed with time.perf_counter. ``hylo`` is the paper's mix, KID in
 ``--kid-share`` of the epochs: mean = share·mean(hylo_kid) + (1 − share)·mean(hylo_kis).
-Peak memory: :class:`fop_asdl.memory.LiveTensorBytes` over one refresh/curvature step and one plain step
+Peak memory: :class:`fop_asdl.diagnostics.memory.LiveTensorBytes` over one refresh/curvature step and one plain step
 of each method, after the timing (it slows the operators, so it is never timed). Prints a table, writes JSON.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 
 from bench_common import baseline_maker, restore, timed_step
 from fop_asdl import make_gradient_maker
-from fop_asdl.memory import LiveTensorBytes
+from fop_asdl.diagnostics.memory import LiveTensorBytes
 from fop_asdl.models import SmallCNN, resnet18_cifar
 
 MODELS = {"small_cnn": (lambda: SmallCNN(in_channels=1, image_size=28), (1, 28, 28)),

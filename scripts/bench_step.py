@@ -20,7 +20,7 @@ beside it, which other load on the machine inflates less), and peak memory in tw
   default allocator: what a user whose job is killed for memory meets. It includes the interpreter,
   torch and the model (the same for every method, so ratios understate relative differences).
 * ``live_peak_mib`` (plain / curvature): the peak bytes of tensors created during one step and still
-  referenced, counted tensor by tensor with :class:`fop_asdl.memory.LiveTensorBytes` in one more,
+  referenced, counted tensor by tensor with :class:`fop_asdl.diagnostics.memory.LiveTensorBytes` in one more,
   untimed cycle (CUDA: ``max_memory_allocated`` minus the bytes allocated before the step).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from torch import nn
 
 from bench_common import asdl_step
 from fop_asdl import make_gradient_maker
-from fop_asdl.memory import LiveTensorBytes
+from fop_asdl.diagnostics.memory import LiveTensorBytes
 from fop_asdl.models import SmallCNN, resnet18_cifar
 
 warnings.filterwarnings("ignore", message="Using a non-full backward hook")

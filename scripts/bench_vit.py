@@ -3,13 +3,13 @@
 Protocol. Fashion-MNIST-shaped random inputs (1x28x28, 10 classes) under a fixed seed: a speed benchmark, the
 losses mean nothing. AdamW updates every parameter from the plain gradient; "kfac" and "fop" are the paper's
 transformer protocol: the maker preconditions the Linear/Conv blocks (attention projections included,
-LayerNorm ignored), SGD momentum updates those, AdamW the rest (fop_asdl.hybrid). Curvature and inverses are
+LayerNorm ignored), SGD momentum updates those, AdamW the rest (fop_asdl.optim.hybrid). Curvature and inverses are
 refreshed every ``--interval`` steps; a *cycle* is one curvature step and interval-1 plain steps, and the step
 time reported is the mean over ``--cycles`` cycles after one unmeasured warm-up cycle (the median of the plain
 steps and of the curvature steps are listed too). Each method runs in a fresh subprocess, so its figures are
 its own: ``peak_rss`` is the process's peak resident set (``resource.getrusage``; it includes torch itself and
 the allocator's cached blocks), ``live_peak`` the largest live tensor bytes during one extra cycle counted by
-``fop_asdl.memory.LiveTensorBytes`` (weights and state that existed before it are not counted; that cycle is
+``fop_asdl.diagnostics.memory.LiveTensorBytes`` (weights and state that existed before it are not counted; that cycle is
 not timed, the counter slows operators down).
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ def worker(method: str, batch: int, args: argparse.Namespace) -> Dict[str, Any]:
 
     from bench_common import timed_step
     from fop_asdl import make_gradient_maker
-    from fop_asdl.hybrid import HybridOptimizer, other_parameters, preconditioned_parameters
-    from fop_asdl.memory import LiveTensorBytes
+    from fop_asdl.optim.hybrid import HybridOptimizer, other_parameters, preconditioned_parameters
+    from fop_asdl.diagnostics.memory import LiveTensorBytes
     from fop_asdl.models import VisionTransformer
 
     torch.set_num_threads(args.threads)

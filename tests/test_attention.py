@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fop_asdl import make_gradient_maker
-from fop_asdl.attention import AttentionRouting
+from fop_asdl.engine.attention import AttentionRouting
 
 from conftest import step
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fop_asdl import FOPGradientMaker, make_gradient_maker
-from fop_asdl.capture import BlockCapture, Chunk
-from fop_asdl.halves import half_sums
+from fop_asdl.engine.capture import BlockCapture, Chunk
+from fop_asdl.engine.sub_batches import half_sums
 
 from conftest import step
 from test_maker_dense import DAMPING, N, N1, dense_fop

@@ -16,7 +16,7 @@ from torch import nn
 
 import fop_asdl
 import fngd_worker as w
-from fop_asdl import smw
+from fop_asdl.methods import fngd_math as smw
 from fop_asdl.models import SmallCNN
 
 from conftest import config, step, subset_accuracy

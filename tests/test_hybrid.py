@@ -11,7 +11,7 @@ from torch import nn
 from fop_asdl import make_gradient_maker
 from fop_asdl.cli.config import ConfigError, build_config
 from fop_asdl.cli.protocol import RunSpec, build_gradient_maker, build_optimizer
-from fop_asdl.hybrid import HybridOptimizer, other_parameters, preconditioned_parameters
+from fop_asdl.optim.hybrid import HybridOptimizer, other_parameters, preconditioned_parameters
 from fop_asdl.models import VisionTransformer, build_model
 
 from conftest import step

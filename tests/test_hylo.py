@@ -14,8 +14,8 @@ from torch import nn
 
 import fop_asdl
 import hylo_worker as w
-from fop_asdl import lowrank as lr
-from fop_asdl.lowrank_schedule import refresh_traffic
+from fop_asdl.methods import hylo_math as lr
+from fop_asdl.methods.hylo_schedule import refresh_traffic
 from fop_asdl.models import SmallCNN
 
 from conftest import config, step, subset_accuracy
@@ -168,7 +168,7 @@ def test_epochs_policy_uses_kid_in_its_windows():
 
 @pytest.mark.parametrize("threshold, third_epoch", [(0.0, "kid"), (float("inf"), "kis")])
 def test_gradient_policy_follows_warm_up_history_eq10_and_lr_decay(threshold, third_epoch):
-    policy = fop_asdl.lowrank_schedule.SwitchPolicy("gradient", threshold=threshold, kid_warmup_epochs=1,
+    policy = fop_asdl.methods.hylo_schedule.SwitchPolicy("gradient", threshold=threshold, kid_warmup_epochs=1,
                                                     kid_epochs_after_lr_decay=1)
     model, maker, opt = w.build(switch_policy=policy)
     blocks = [p for _, m in maker.blocks for p in m.parameters()]
@@ -298,7 +298,7 @@ def test_ranks_equal_one_process_and_move_the_bytes_of_section_4(tmp_path, world
     assert not clip or float(maker.last_nu) < 1  # the ranks had to agree on an active bound
     widths = [(m.weight[0].numel() + (m.bias is not None), m.weight.shape[0]) for _, m in maker.blocks]
     traffic = refresh_traffic(widths, w.BATCH, world_size, method, element_size=8)
-    # counts, loss, the loss's normalizer terms (fop_asdl.loss_normalizer), every gradient
+    # counts, loss, the loss's normalizer terms (fop_asdl.engine.loss), every gradient
     grad_bytes = 8 * (2 + 1 + 2 + sum(p.numel() for p in model.parameters()))
     flag_bytes = 4 * 3  # the finiteness check: loss, gradient, factors
     for rank in range(world_size):

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fop_asdl.lowrank import (LowRankFactors, apply_factors, conv2d_patch_sums, conv2d_rows, exact_sngd,
+from fop_asdl.methods.hylo_math import (LowRankFactors, apply_factors, conv2d_patch_sums, conv2d_rows, exact_sngd,
                               kernel, kid_factors, kid_select, kis_factors, kis_probabilities, kis_select,
                               linear_rows, precondition)
-from fop_asdl.lowrank_schedule import SwitchPolicy, local_rows, refresh_traffic
+from fop_asdl.methods.hylo_schedule import SwitchPolicy, local_rows, refresh_traffic
 
 D = torch.float64
 ALPHA = 0.1

@@ -1,12 +1,12 @@
 """Per-step live memory: FOP's plain and curvature steps hold no more tensor bytes than K-FAC's.
 
-Counted with :class:`fop_asdl.memory.LiveTensorBytes` (tensor by tensor, no allocator in between), on
+Counted with :class:`fop_asdl.diagnostics.memory.LiveTensorBytes` (tensor by tensor, no allocator in between), on
 the CIFAR ResNet-32 (BatchNorm, residual adds) at batch 32: 1.11x K-FAC's plain-step peak when the capture
 kept every block input (and the per-half sums) alive to the end of the step, 1.005x since.
 """
 import torch
 from fop_asdl import make_gradient_maker
-from fop_asdl.memory import LiveTensorBytes
+from fop_asdl.diagnostics.memory import LiveTensorBytes
 from fop_asdl.models import resnet32_cifar
 
 from conftest import config, step

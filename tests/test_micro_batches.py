@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fop_asdl
-from fop_asdl.chunks import chunk_bounds, concat_outputs
+from fop_asdl.engine.chunks import chunk_bounds, concat_outputs
 
 from conftest import config, conv_ln_net, step
 

@@ -37,7 +37,7 @@ def test_parameter_counts() -> None:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_only_preconditioned_layers_hold_parameters(name: str) -> None:
-    # The ViT's attention layers hold their packed projections (blocks through fop_asdl.attention), and its
+    # The ViT's attention layers hold their packed projections (blocks through fop_asdl.engine.attention), and its
     # root the class token and position embedding (AdamW's in the paper's protocol).
     allowed = PRECONDITIONED + ((nn.LayerNorm, nn.MultiheadAttention, VisionTransformer) if name == "vit" else ())
     for module in build_model(name).modules():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fop_asdl.projection import FOPOptions, average_and_difference, fop_coefficients
+from fop_asdl.methods.fop_math import FOPOptions, average_and_difference, fop_coefficients
 
 DTYPE = torch.float64
 

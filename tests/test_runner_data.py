@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fop_asdl.augment import crop_flip, sample_crop_flip
+from fop_asdl.data.augment import crop_flip, sample_crop_flip
 from fop_asdl.cli import main
 from fop_asdl.data import RemoteFile, download_dataset, load_dataset, long_tail_counts, long_tail_indices
 
@@ -85,7 +85,7 @@ def test_crop_flip_moves_and_mirrors_pixels_and_pads_with_fill() -> None:
 
 
 def _params(top: int, left: int, flip: bool):
-    from fop_asdl.augment import CropFlip
+    from fop_asdl.data.augment import CropFlip
     return CropFlip(torch.tensor([top]), torch.tensor([left]), torch.tensor([flip]))
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from fop_asdl import smw
-from fop_asdl.smw import (choose_gram_strategy, conv2d_gram, conv2d_weighted_sum, fngd_coefficients,
+from fop_asdl.methods import fngd_math as smw
+from fop_asdl.methods.fngd_math import (choose_gram_strategy, conv2d_gram, conv2d_weighted_sum, fngd_coefficients,
                           gram_costs, linear_gram, linear_weighted_sum)
 
 DTYPE = torch.float64

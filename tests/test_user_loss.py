@@ -2,7 +2,7 @@
 elements, targets not ignored, class weights), the returned loss is the user's loss on the whole batch and
 the gradient autograd's of it (for the preconditioning makers in the damped limit, where F̃⁻¹ → 1/λ), with
 and without micro-batches. FOP's halves: g1, g2 are r times the halves' summed-loss mean gradients
-(r = n / N, fop_asdl.loss_normalizer), so that their weighted mean is the user's gradient."""
+(r = n / N, fop_asdl.engine.loss), so that their weighted mean is the user's gradient."""
 import asdl
 import pytest
 import torch

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..augment import crop_flip, sample_crop_flip
+from ..data.augment import crop_flip, sample_crop_flip
 from ..data import NORMALIZATION, ArrayDataset, base_dataset, load_dataset
 from .config import ConfigError, ExperimentConfig
 from .distributed import Topology

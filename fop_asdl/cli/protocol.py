@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import make_gradient_maker
 from ..data import DATASETS, ArrayDataset
-from ..hybrid import HybridOptimizer, other_parameters, preconditioned_parameters
+from ..optim.hybrid import HybridOptimizer, other_parameters, preconditioned_parameters
 from ..models import build_model
 from .config import ConfigError, ExperimentConfig
 from .methods import HYPERPARAMETERS, METHODS, PRECONDITIONED

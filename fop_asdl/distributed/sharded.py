@@ -14,9 +14,9 @@ import torch
 from asdl.symmatrix import SymMatrix
 from torch import Tensor, nn
 
-from ..blocks import matrix_tensors
-from ..halves import add_sums, first_half_size
-from ..sync import HalfSums, LocalSync, Vector
+from ..curvature.products import matrix_tensors
+from ..engine.sub_batches import add_sums, first_half_size
+from .sync import HalfSums, LocalSync, Vector
 from .assignment import assign_owners, block_cost
 from .comm import Communicator
 

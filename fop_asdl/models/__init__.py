@@ -1,7 +1,7 @@
 """Models built only from layers ASDL's K-FAC preconditions (``nn.Linear``, ``nn.Conv2d`` with groups=1,
 ``nn.BatchNorm2d``, ``nn.LayerNorm``), so FOP and K-FAC precondition every parameter and the comparison with SGD is fair; and a
-small ViT, whose attention projections are blocks through :mod:`fop_asdl.attention` and whose class token and
-position embedding are not (the paper's protocol updates them with AdamW, :mod:`fop_asdl.hybrid`).
+small ViT, whose attention projections are blocks through :mod:`fop_asdl.engine.attention` and whose class token and
+position embedding are not (the paper's protocol updates them with AdamW, :mod:`fop_asdl.optim.hybrid`).
 
 Activations use ``F.relu`` and residual sums are out-of-place (``out = out + shortcut``): ASDL's hooks save
 each layer's input and hook its output, and in-place ops on those tensors can corrupt what they capture.

@@ -9,7 +9,7 @@ then commit or roll back.
    formed); anything it changes must be undone by ``_roll_back(plan)``;
 3. one forward and one backward pass per micro-batch inside ``self._pass_context(plan)``, each run by
    ``self._chunk_backward(capture, plan, first)`` (default: the summed loss's backward), while a
-   :class:`~fop_asdl.capture.BlockCapture` calls ``self._accumulate(module, x, grad_out, chunk, previous)``
+   :class:`~fop_asdl.engine.capture.BlockCapture` calls ``self._accumulate(module, x, grad_out, chunk, previous)``
    for every block in ``self._step_blocks``, with ``chunk.split`` rows of B1 (``self._local_split``);
 4. the counts, the loss and the plain gradients of all parameters outside blocks are reduced over ranks
    and divided by the global count;
@@ -45,10 +45,10 @@ from .attention import attention_blocks
 from .capture import BlockCapture, Chunk
 from .chunks import (chunk_bounds, concat_outputs, detached, loss_arguments, rows_per_sample, sliced_calls,
                      summed_loss_backward, user_loss, validate_micro_batch_size)
-from .compat import batch_size_of, eager_module, full_precision
-from .halves import supports_half_gradients
-from .loss_normalizer import BatchCounts, LossNormalizer
-from .sync import LocalSync, several_ranks
+from ..compat import batch_size_of, eager_module, full_precision
+from .sub_batches import supports_half_gradients
+from .loss import BatchCounts, LossNormalizer
+from ..distributed.sync import LocalSync, several_ranks
 
 __all__ = ["SteppedGradientMaker", "ignoring_unsupported", "linear_conv_blocks", "make_sync", "shared_blocks",
            "supports_per_sample", "user_ignores", "write_block"]
@@ -75,7 +75,7 @@ class SteppedGradientMaker:
     def _init_per_sample_step(self, model: nn.Module, micro_batch_size: Optional[int],
                               grad_scaler: Optional[torch.amp.GradScaler]) -> None:
         """The set-up FNGD and HyLo share: the step's attributes, ``self.blocks`` (their per-sample Linear and
-        Conv2d blocks, the attention projections among them: :mod:`fop_asdl.attention`) and ``self._modules``,
+        Conv2d blocks, the attention projections among them: :mod:`fop_asdl.engine.attention`) and ``self._modules``,
         the same by name."""
         self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
         self.grad_scaler = grad_scaler
@@ -240,7 +240,7 @@ class SteppedGradientMaker:
 
         Every pass backpropagates the loss *summed* over its samples, so gradients and loss of the chunks
         (and of the ranks) simply add up; the user's own loss on each chunk's output gives the normalizer
-        (:mod:`fop_asdl.loss_normalizer`). Returns (records by block name, (n1, n2) here, loss sum, output,
+        (:mod:`fop_asdl.engine.loss`). Returns (records by block name, (n1, n2) here, loss sum, output,
         normalizer).
         """
         split = self._local_split(batch_size)
@@ -321,7 +321,7 @@ def make_sync(model: nn.Module, named_modules: Sequence[Tuple[str, nn.Module]], 
         raise ValueError(f"sub_batches must be 'auto', 'ranks' or 'halves', got {sub_batches!r}.")
     if not several_ranks():
         return LocalSync()
-    from .distributed.sharded import ShardedSync  # the library's single-process path never imports it
+    from ..distributed.sharded import ShardedSync  # the library's single-process path never imports it
 
     dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.get_default_dtype())
     return ShardedSync(named_modules, sub_batches, two_gradients, dtype, costs)
@@ -364,7 +364,7 @@ def shared_blocks(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]]) -> 
 
 
 def supports_per_sample(module: nn.Module) -> bool:
-    """Whether the per-sample math of FNGD (:mod:`fop_asdl.smw`) and HyLo (:mod:`fop_asdl.lowrank`) covers
+    """Whether the per-sample math of FNGD (:mod:`fop_asdl.methods.fngd_math`) and HyLo (:mod:`fop_asdl.methods.hylo_math`) covers
     this layer: Linear, and Conv2d without groups, string padding or a non-zero padding mode."""
     if isinstance(module, nn.Linear):
         return True

@@ -2,7 +2,7 @@
 
 Per Linear/Conv2d block the damped empirical-Fisher natural gradient is a weighted sum of the per-sample
 gradients, d = Σ_m w_m u_m (SMW, spec §2.1). In the coefficient epochs every step forms the block's Gram K,
-its damping λ and the weights w (:mod:`fop_asdl.smw`) and stores w in a bank under the iteration index b of
+its damping λ and the weights w (:mod:`fop_asdl.methods.fngd_math`) and stores w in a bank under the iteration index b of
 the epoch; later epochs reuse bank[block][b] (by position in the batch) and only form d, which costs what
 SGD's weight gradient costs.
 """
@@ -15,13 +15,13 @@ import asdl
 import torch
 from torch import Tensor, nn
 
-from . import smw
-from .capture import Chunk
-from .compat import eager_module, reject_ddp
-from .blocks import scaled
-from .halves import add_sums
-from .loss_normalizer import BatchCounts
-from .step import SteppedGradientMaker, make_sync, write_block
+from . import fngd_math
+from ..engine.capture import Chunk
+from ..compat import eager_module, reject_ddp
+from ..curvature.products import scaled
+from ..engine.sub_batches import add_sums
+from ..engine.loss import BatchCounts
+from ..engine.step import SteppedGradientMaker, make_sync, write_block
 
 __all__ = ["FNGDGradientMaker"]
 
@@ -89,9 +89,9 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         for name, value, low in (("iters_per_epoch", iters_per_epoch, 1), ("coefficient_epochs", coefficient_epochs, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
-        for name, value, allowed in (("damping_mode", damping_mode, smw.DAMPING_MODES),
-                                     ("scale_mode", scale_mode, smw.SCALE_MODES),
-                                     ("conv_gram", conv_gram, smw.GRAM_STRATEGIES),
+        for name, value, allowed in (("damping_mode", damping_mode, fngd_math.DAMPING_MODES),
+                                     ("scale_mode", scale_mode, fngd_math.SCALE_MODES),
+                                     ("conv_gram", conv_gram, fngd_math.GRAM_STRATEGIES),
                                      ("coefficient_scope", coefficient_scope, COEFFICIENT_SCOPES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
@@ -148,7 +148,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
 
     def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: BatchCounts) -> Dict[str, List[Tensor]]:
         # The rows carry the backpropagated loss's scale against the user's per-sample terms: the GradScaler's
-        # s, and 1 / r for a loss normalised by more than its samples (fop_asdl.loss_normalizer).
+        # s, and 1 / r for a loss normalised by more than its samples (fop_asdl.engine.loss).
         scaler = 1.0 if self.grad_scaler is None else self.grad_scaler.scale(torch.ones((), device=self.device))
         scale = scaler / counts.per_sample
         computed = [name for name, _ in self.blocks if name in plan.compute and name in records]
@@ -191,7 +191,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         if names:
             grams = torch.stack([self._gram(self._modules[name], *sources[name]) for name in names])
             grams = grams / scale ** 2  # z carries the loss scale σ: K does σ², and λ must not
-            coef = smw.fngd_coefficients(grams, self.damping, damping_mode=self.damping_mode,
+            coef = fngd_math.fngd_coefficients(grams, self.damping, damping_mode=self.damping_mode,
                                          scale_mode=self.scale_mode, min_damping=torch.finfo(grams.dtype).tiny)
             dead = torch.linalg.matrix_norm(grams) == 0  # K = 0: u = 0, so d = 0 whatever w; store w = 0
             w = torch.where(dead[:, None], torch.zeros_like(coef.w), coef.w)
@@ -209,17 +209,17 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
     def _gram(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
         bias = module.bias is not None
         if isinstance(module, nn.Conv2d):
-            return smw.conv2d_gram(x, z, module.weight.shape, module.stride, module.padding, module.dilation,
+            return fngd_math.conv2d_gram(x, z, module.weight.shape, module.stride, module.padding, module.dilation,
                                    bias=bias, strategy=self.conv_gram)
-        return smw.linear_gram(x, z, bias, strategy=self.conv_gram)
+        return fngd_math.linear_gram(x, z, bias, strategy=self.conv_gram)
 
     @staticmethod
     def _weighted_sum(module: nn.Module, x: Tensor, z: Tensor, w: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         bias = module.bias is not None
         if isinstance(module, nn.Conv2d):
-            return smw.conv2d_weighted_sum(x, z, w, module.weight.shape, module.stride, module.padding,
+            return fngd_math.conv2d_weighted_sum(x, z, w, module.weight.shape, module.stride, module.padding,
                                            module.dilation, bias=bias)
-        return smw.linear_weighted_sum(x, z, w, bias)
+        return fngd_math.linear_weighted_sum(x, z, w, bias)
 
     def _summed_over_ranks(self, grads: Dict[str, Tuple[Tensor, Optional[Tensor]]]
                            ) -> Dict[str, Tuple[Tensor, Optional[Tensor]]]:
@@ -264,7 +264,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
 
 
 def _as_rows(module: nn.Module, x: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
-    """A Linear's input with any token dimensions folded into one (M, T, I), as :mod:`fop_asdl.smw` takes it."""
+    """A Linear's input with any token dimensions folded into one (M, T, I), as :mod:`fop_asdl.methods.fngd_math` takes it."""
     if isinstance(module, nn.Linear) and x.dim() > 3:
         return x.reshape(x.shape[0], -1, x.shape[-1]), z.reshape(z.shape[0], -1, z.shape[-1])
     return x, z

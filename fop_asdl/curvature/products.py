@@ -97,7 +97,7 @@ def has_inverse(matrix: Any) -> bool:
 
 
 def stacked(*vectors: BlockVector) -> BlockVector:
-    """Stack unstacked block vectors along a new dim 0 (the k of :mod:`fop_asdl.blocks`)."""
+    """Stack unstacked block vectors along a new dim 0 (the k of :mod:`fop_asdl.curvature.products`)."""
     weight = torch.stack([v[0] for v in vectors])
     bias = None if vectors[0][1] is None else torch.stack([v[1] for v in vectors])
     return weight, bias

@@ -1,6 +1,6 @@
 """The two sub-batch gradient sums of a curvature block (FOP, K-FAC) from its input and output gradient.
 
-:class:`fop_asdl.capture.BlockCapture` hands each block's input x and the gradient at its output; the
+:class:`fop_asdl.engine.capture.BlockCapture` hands each block's input x and the gradient at its output; the
 block's weight and bias gradients are formed here, separately for the first ⌈n/2⌉ samples (B1) and the
 rest (B2): the same arithmetic autograd would have done once, split in two. The full batch goes through
 the model once, so BatchNorm sees full-batch statistics and g_avg is exactly the full-batch gradient.

@@ -1,7 +1,7 @@
 """HyLoGradientMaker: hybrid low-rank natural gradient (Mu et al., SC22; HYLO_SPEC) on the shared step.
 
 Per Linear/Conv2d block, on a refresh step (every ``config.curvature_upd_interval`` steps) the capture hands
-each block's input and output gradient to :mod:`fop_asdl.lowrank`: per-sample rows (A, G), r_loc of them kept
+each block's input and output gradient to :mod:`fop_asdl.methods.hylo_math`: per-sample rows (A, G), r_loc of them kept
 by KIS or KID, one all-gather of every block's kept rows (and KID's Y_i), the owner's r×r matrix M,
 broadcast. Every step then preconditions the block's current mean gradient with the stored (stale) factors,
 V ↦ (1/α)[V − c Uˢᵀ M Uˢ V]; between refreshes nothing is captured (the blocks' gradients come from
@@ -17,15 +17,15 @@ import asdl
 import torch
 from torch import Tensor, nn
 
-from . import lowrank
-from .blocks import scaled
-from .capture import Chunk
-from .compat import reject_ddp
-from .halves import add_sums, half_sums
-from .loss_normalizer import BatchCounts
-from .lowrank_schedule import DEFAULT_SWITCH_THRESHOLD, SwitchPolicy, local_rows
-from .step import SteppedGradientMaker, make_sync, shared_blocks, write_block
-from .trust_region import LearningRate, kl_clip_factor, validate_kl_clip
+from . import hylo_math
+from ..curvature.products import scaled
+from ..engine.capture import Chunk
+from ..compat import reject_ddp
+from ..engine.sub_batches import add_sums, half_sums
+from ..engine.loss import BatchCounts
+from .hylo_schedule import DEFAULT_SWITCH_THRESHOLD, SwitchPolicy, local_rows
+from ..engine.step import SteppedGradientMaker, make_sync, shared_blocks, write_block
+from ..engine.trust_region import LearningRate, kl_clip_factor, validate_kl_clip
 
 __all__ = ["HyLoGradientMaker"]
 
@@ -51,7 +51,7 @@ class _Plan:
     raw: Dict[str, BlockVector] = dataclasses.field(default_factory=dict)      # mean gradients V
     grads: Dict[str, BlockVector] = dataclasses.field(default_factory=dict)    # what p.grad gets
     preconditioned: Set[str] = dataclasses.field(default_factory=set)        # blocks with factors
-    factors: Dict[str, lowrank.LowRankFactors] = dataclasses.field(default_factory=dict)
+    factors: Dict[str, hylo_math.LowRankFactors] = dataclasses.field(default_factory=dict)
     nu: Optional[Tensor] = None                 # kl_clip's ν, applied at the commit
 
 
@@ -66,15 +66,15 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         compression_ratio: ρ; r_loc = max(1, ⌊ρ·rows⌋) rows kept per rank (1.0: exact SNGD with KIS).
         switch_policy: ``"gradient"`` (eq. 10 with KID warm-up and after LR decays; needs
             ``iters_per_epoch`` and :meth:`on_epoch_start`), ``"epochs"`` (``kid_windows``), ``"kid"``,
-            ``"kis"``, or a :class:`~fop_asdl.lowrank_schedule.SwitchPolicy`.
+            ``"kis"``, or a :class:`~fop_asdl.methods.hylo_schedule.SwitchPolicy`.
         switch_threshold: η of eq. 10 (not reported by the paper; 0.5, see README).
         kid_windows: half-open KID epoch windows of ``"epochs"``, e.g. ((0, 10), (35, 40)).
         iters_per_epoch: T, steps per epoch (epoch = step // T).
-        kernel_scaling, conv_reduction, kis_probability, kis_reweight, kid_skeleton: see :mod:`fop_asdl.lowrank`.
+        kernel_scaling, conv_reduction, kis_probability, kis_reweight, kid_skeleton: see :mod:`fop_asdl.methods.hylo_math`.
         target_damping: α_T of the authors' schedule α ← (1−κ)α + κα_T, once per refresh from step
             ``damping_warmup_steps``, κ = min(1, 2|log10(α_0/α_T)|/``damping_decay_updates``). None: constant α.
         seed: KIS's generator; rank r draws from a stream derived from (seed, r), stored in the state.
-        kl_clip, lr: the trust region of :mod:`fop_asdl.trust_region`, as for K-FAC and FOP: the
+        kl_clip, lr: the trust region of :mod:`fop_asdl.engine.trust_region`, as for K-FAC and FOP: the
             preconditioned blocks scaled together by ν = min(1, sqrt(κ / (lr² Σ_l V_lᵀ Δ_l))), where
             V_lᵀ Δ_l = ‖Δ_l‖²_F̃ because Δ_l = F̃_l⁻¹ V_l with the stored factors; ``last_nu`` holds ν.
         micro_batch_size, grad_scaler: as for the other makers (refresh rows span the whole local batch).
@@ -108,8 +108,8 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
         local_rows(compression_ratio, 1)  # validates ρ
-        for name, value, allowed in (("kernel_scaling", kernel_scaling, lowrank.SCALINGS),
-                                     ("conv_reduction", conv_reduction, lowrank.REDUCTIONS),
+        for name, value, allowed in (("kernel_scaling", kernel_scaling, hylo_math.SCALINGS),
+                                     ("conv_reduction", conv_reduction, hylo_math.REDUCTIONS),
                                      ("kis_probability", kis_probability, ("norm_sq", "norm")),
                                      ("kid_skeleton", kid_skeleton, ("norm_sort", "pivoted_qr"))):
             if value not in allowed:
@@ -131,7 +131,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed((seed + self._sync.rank * _SEED_MIX) % 2 ** 64)
         #: Per block: the stored operator and the α it was built with (precondition must use that α).
-        self.factors: Dict[str, Tuple[lowrank.LowRankFactors, float]] = {}
+        self.factors: Dict[str, Tuple[hylo_math.LowRankFactors, float]] = {}
         self.method: Optional[str] = None  # what built the stored factors
         self.lr_decay_epochs: List[int] = []
         self.epoch_grad_norms: List[Union[Tensor, float]] = []  # ‖Δ_e‖ of completed epochs ("gradient")
@@ -186,10 +186,10 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             return record
         bias = module.bias is not None
         if isinstance(module, nn.Conv2d):
-            rows = lowrank.conv2d_rows(x, grad_out, module.kernel_size, module.stride, module.padding,
+            rows = hylo_math.conv2d_rows(x, grad_out, module.kernel_size, module.stride, module.padding,
                                        module.dilation, bias=bias, conv_reduction=self.conv_reduction)
         else:
-            rows = lowrank.linear_rows(x, grad_out, bias)
+            rows = hylo_math.linear_rows(x, grad_out, bias)
         record.rows.append(rows)
         return record
 
@@ -211,7 +211,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             if stored is None:
                 plan.grads[name] = v
                 continue
-            plan.grads[name] = delta = lowrank.precondition(v[0], v[1], stored[0], stored[1])
+            plan.grads[name] = delta = hylo_math.precondition(v[0], v[1], stored[0], stored[1])
             plan.preconditioned.add(name)
             if self.kl_clip is not None:
                 norms.append(sum((a * b).sum() for a, b in zip(v, delta) if a is not None))
@@ -271,25 +271,25 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         return {name: (w / n, None if b is None else b / n) for name, (w, b) in out.items()}
 
     def _refresh(self, method: str, chunks: Dict[str, List[Tuple[Tensor, Tensor]]], per_sample: Any
-                 ) -> Dict[str, lowrank.LowRankFactors]:
+                 ) -> Dict[str, hylo_math.LowRankFactors]:
         """Every block's new factors: select locally, one all-gather, owners build M, owners broadcast M.
-        ``per_sample`` is r of :class:`~fop_asdl.loss_normalizer.BatchCounts`."""
+        ``per_sample`` is r of :class:`~fop_asdl.engine.loss.BatchCounts`."""
         world, names = self._sync.world_size, list(chunks)
         # G carries the backpropagated loss's scale σ against the user's per-sample terms (the GradScaler's
         # s, and 1 / r for a loss normalised by more than its samples); K would carry σ² against a fixed α.
         scaler = 1.0 if self.grad_scaler is None else self.grad_scaler.scale(torch.ones((), device=self.device))
         inv_scale = per_sample / scaler
-        local: Dict[str, lowrank.LocalFactors] = {}
+        local: Dict[str, hylo_math.LocalFactors] = {}
         for name in names:
             a, g = (torch.cat(part) for part in zip(*chunks[name]))
             if not (isinstance(inv_scale, float) and inv_scale == 1.0):
                 g = g * (inv_scale.to(g.dtype) if isinstance(inv_scale, Tensor) else inv_scale)
             rank, total = local_rows(self.compression_ratio, a.shape[0]), world * a.shape[0]
             if method == "kis":
-                local[name] = lowrank.kis_select(a, g, rank, self.generator, probability=self.kis_probability,
+                local[name] = hylo_math.kis_select(a, g, rank, self.generator, probability=self.kis_probability,
                                             reweight=self.kis_reweight)
             else:
-                local[name] = lowrank.kid_select(a, g, rank, self.damping, kernel_scaling=self.kernel_scaling,
+                local[name] = hylo_math.kid_select(a, g, rank, self.damping, kernel_scaling=self.kernel_scaling,
                                             total_rows=total, skeleton=self.kid_skeleton)
         packed = torch.cat([t.reshape(-1) for name in names for t in (local[name].a, local[name].g, local[name].y)
                             if t is not None])
@@ -308,10 +308,10 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                 continue
             a, g = rows[name][0].flatten(0, 1), rows[name][1].flatten(0, 1)
             if method == "kis":
-                f = lowrank.kis_factors(a, g, self.damping, kernel_scaling=self.kernel_scaling,
+                f = hylo_math.kis_factors(a, g, self.damping, kernel_scaling=self.kernel_scaling,
                                    total_rows=self._total_rows(chunks[name]), reweighted=self.kis_reweight)
             else:
-                f = lowrank.kid_factors(a, g, list(rows[name][2]), kernel_scaling=self.kernel_scaling,
+                f = hylo_math.kid_factors(a, g, list(rows[name][2]), kernel_scaling=self.kernel_scaling,
                                    total_rows=self._total_rows(chunks[name]))
             matrices[name] = ((f.matrix, None), None)
         shapes = {name: (torch.Size([rows[name][0].shape[0] * rows[name][0].shape[1]] * 2), None)
@@ -320,9 +320,9 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         factors = {}
         for name in names:
             a, g = rows[name][0].flatten(0, 1), rows[name][1].flatten(0, 1)
-            scale = lowrank.prefactor(method, a.shape[0], kernel_scaling=self.kernel_scaling,
+            scale = hylo_math.prefactor(method, a.shape[0], kernel_scaling=self.kernel_scaling,
                                  total_rows=self._total_rows(chunks[name]), reweighted=self.kis_reweight)
-            factors[name] = lowrank.LowRankFactors(a, g, shared[name][0][0].to(a.dtype), scale)
+            factors[name] = hylo_math.LowRankFactors(a, g, shared[name][0][0].to(a.dtype), scale)
         return factors
 
     def _total_rows(self, chunks: List[Tuple[Tensor, Tensor]]) -> int:
@@ -362,7 +362,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self._check_rank_state(state_dict, "each rank keeps its own KIS generator", "factors",
                                state_dict["factors"], self._modules)
         dev = self.device
-        self.factors = {name: (lowrank.LowRankFactors(f["a"].to(dev), f["g"].to(dev), f["matrix"].to(dev), f["scale"]),
+        self.factors = {name: (hylo_math.LowRankFactors(f["a"].to(dev), f["g"].to(dev), f["matrix"].to(dev), f["scale"]),
                                float(f["damping"])) for name, f in state_dict["factors"].items()}
         self.generator.set_state(state_dict["generator"])
         self.damping, self.method = float(state_dict["damping"]), state_dict["method"]

@@ -1,8 +1,8 @@
-"""ASDL's Kronecker-factored curvature on the shared step (:mod:`fop_asdl.step`): the base of FOP and K-FAC.
+"""ASDL's Kronecker-factored curvature on the shared step (:mod:`fop_asdl.engine.step`): the base of FOP and K-FAC.
 
 ASDL's Fisher pass runs inside the step's forward/backward passes (one per micro-batch), writing into fresh
 matrices that are summed over chunks and ranks and committed (EMA, inverses) only once the step is known to
-be finite. The per-block gradient sums come from :mod:`fop_asdl.halves`. Subclasses say what a block's
+be finite. The per-block gradient sums come from :mod:`fop_asdl.engine.sub_batches`. Subclasses say what a block's
 preconditioned gradient is (:meth:`CurvatureStepMaker._precondition`).
 """
 from __future__ import annotations
@@ -17,17 +17,17 @@ from asdl.grad_maker import DummyObject, GetFirstItem
 from asdl.matrices import FISHER_MC
 from torch import Tensor, nn
 
-from .attention import attention_blocks
-from .blocks import BlockVector, divided, flat_block, has_inverse, matrix_tensors, scaled
-from .capture import BlockCapture, Chunk
-from .chunks import as_sum, summed_loss_backward, validate_micro_batch_size
-from .compat import _INVALID, KfacGradientMaker, eager_module, kept_requires_grad, reject_ddp, robust_update_inv
-from .halves import BlockSum, add_sums, half_sums
-from .loss_normalizer import BatchCounts
-from .projection import average_and_difference
-from .step import SteppedGradientMaker, ignoring_unsupported, make_sync, write_block
-from .sync import HalfSums
-from .trust_region import LearningRate, kl_clip_factor, validate_kl_clip
+from ..engine.attention import attention_blocks
+from .products import BlockVector, divided, flat_block, has_inverse, matrix_tensors, scaled
+from ..engine.capture import BlockCapture, Chunk
+from ..engine.chunks import as_sum, summed_loss_backward, validate_micro_batch_size
+from ..compat import _INVALID, KfacGradientMaker, eager_module, kept_requires_grad, reject_ddp, robust_update_inv
+from ..engine.sub_batches import BlockSum, add_sums, half_sums
+from ..engine.loss import BatchCounts
+from ..methods.fop_math import average_and_difference
+from ..engine.step import SteppedGradientMaker, ignoring_unsupported, make_sync, write_block
+from ..distributed.sync import HalfSums
+from ..engine.trust_region import LearningRate, kl_clip_factor, validate_kl_clip
 
 __all__ = ["BlockGradients", "CurvatureStepMaker", "CurvaturePlan"]
 
@@ -63,7 +63,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             scaled loss, so ``p.grad`` holds scaled results for ``scaler.step(optimizer)`` to unscale. A step
             with NaN/Inf then does not raise: it commits nothing, fills the blocks' ``p.grad`` with NaN so that
             ``scaler.step`` skips it, and sets ``last_step_skipped``.
-        kl_clip: trust-region bound κ (:mod:`fop_asdl.trust_region`): the preconditioned block gradients are
+        kl_clip: trust-region bound κ (:mod:`fop_asdl.engine.trust_region`): the preconditioned block gradients are
             scaled together by ν = min(1, sqrt(κ / (lr² Σ_l ‖Δ_l‖²_F̃))). None: off (the paper's method).
         lr: the optimizer's learning rate for kl_clip, a float or a zero-argument callable returning the
             current one (e.g. ``lambda: optimizer.param_groups[0]["lr"]``, so a scheduler is followed).
@@ -102,7 +102,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         self.last_step_skipped = False
         reject_ddp(model)
         model = eager_module(model)
-        with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.attention)
+        with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.engine.attention)
             config = ignoring_unsupported(model, config, self.method_label)
             super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
                              grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift)

@@ -8,11 +8,11 @@ import torch
 from asdl.matrices import FISHER_MC
 from torch import Tensor, nn
 
-from .blocks import BlockVector, apply_inverse, apply_metric, gram, has_inverse, scaled, stacked
-from .compat import kron_damping
-from .curvature import BlockGradients, CurvatureStepMaker
-from .projection import FOPOptions, fop_coefficients
-from .trust_region import LearningRate
+from ..curvature.products import BlockVector, apply_inverse, apply_metric, gram, has_inverse, scaled, stacked
+from ..compat import kron_damping
+from ..curvature.kron_step import BlockGradients, CurvatureStepMaker
+from .fop_math import FOPOptions, fop_coefficients
+from ..engine.trust_region import LearningRate
 
 __all__ = ["FOPGradientMaker", "STAT_KEYS"]
 
@@ -29,14 +29,14 @@ class FOPGradientMaker(CurvatureStepMaker):
     damping and update intervals come from ``config`` exactly as for K-FAC; with ``beta=0.0, eta=None``
     the result is K-FAC's.
 
-    Args beyond ``asdl.KfacGradientMaker``'s (see :class:`fop_asdl.projection.FOPOptions`):
+    Args beyond ``asdl.KfacGradientMaker``'s (see :class:`fop_asdl.methods.fop_math.FOPOptions`):
         beta: float for a fixed β, or ``"adaptive"`` for β* = D/E per block (eq. 16).
         beta_range: clamp of the adaptive β*.
         eta: ``"adaptive"`` for η* per block (eq. 17), or None for η = 1.
         eta_range: clamp of η*.
         projection_metric: ``"undamped"`` (F) or ``"damped"`` (F̃) for the projection of step 2.
         eps: guard for the denominators.
-    and those of every :class:`~fop_asdl.curvature.CurvatureStepMaker` (documented there): ``micro_batch_size``,
+    and those of every :class:`~fop_asdl.curvature.kron_step.CurvatureStepMaker` (documented there): ``micro_batch_size``,
     ``sub_batches``, ``grad_scaler``, ``kl_clip``, ``lr`` and ``ema_bias_correction``.
 
     Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its

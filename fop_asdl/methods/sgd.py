@@ -9,11 +9,11 @@ import asdl
 import torch
 from torch import Tensor, nn
 
-from .chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward, user_loss,
+from ..engine.chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward, user_loss,
                      validate_micro_batch_size)
-from .compat import batch_size_of, reject_ddp
-from .loss_normalizer import LossNormalizer
-from .step import make_sync
+from ..compat import batch_size_of, reject_ddp
+from ..engine.loss import LossNormalizer
+from ..engine.step import make_sync
 
 __all__ = ["PlainGradientMaker"]
 

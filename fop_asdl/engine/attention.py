@@ -238,7 +238,7 @@ def _batch_first_call(forward: Callable[..., Tensor], names: Tuple[str, ...], *a
 
 class AttentionRouting:
     """The attention layers and sequence-first transformer modules of a model, and the step-time
-    re-parametrisation of :mod:`fop_asdl.attention`."""
+    re-parametrisation of :mod:`fop_asdl.engine.attention`."""
 
     def __init__(self, model: nn.Module):
         self.attentions = [_RoutedAttention(name, m) for name, m in model.named_modules()

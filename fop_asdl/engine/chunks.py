@@ -85,7 +85,7 @@ def sliced_calls(maker: Any, start: int, end: int, batch_size: int) -> Iterator[
 def summed_loss_backward(maker: Any, grad_scaler: Optional[torch.amp.GradScaler], samples: int) -> None:
     """``maker``'s model and loss calls with the loss summed over the chunk's ``samples``, then its backward
     pass (from the scaled loss with a ``grad_scaler``): sums of chunks and ranks add up, divided by the
-    loss's normalizer at the end (:mod:`fop_asdl.loss_normalizer`). ``maker.loss`` stays the unscaled sum."""
+    loss's normalizer at the end (:mod:`fop_asdl.engine.loss`). ``maker.loss`` stays the unscaled sum."""
     with summed_loss(maker):
         maker.forward()
     loss = maker._loss = as_sum(maker, maker._loss, samples)

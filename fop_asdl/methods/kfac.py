@@ -7,14 +7,14 @@ from typing import Any, Dict, Optional, Tuple
 import asdl
 from torch import Tensor, nn
 
-from .blocks import BlockVector, apply_inverse, gram, has_inverse, scaled, stacked
-from .curvature import BlockGradients, CurvatureStepMaker
+from ..curvature.products import BlockVector, apply_inverse, gram, has_inverse, scaled, stacked
+from ..curvature.kron_step import BlockGradients, CurvatureStepMaker
 
 __all__ = ["ScalableKfacGradientMaker"]
 
 
 class ScalableKfacGradientMaker(CurvatureStepMaker):
-    """K-FAC as a :class:`~fop_asdl.curvature.CurvatureStepMaker`: only the mean gradient is formed and
+    """K-FAC as a :class:`~fop_asdl.curvature.kron_step.CurvatureStepMaker`: only the mean gradient is formed and
     communicated, and each block gets F̃⁻¹ g. Its gradients equal ``asdl.KfacGradientMaker``'s."""
 
     method_label = "K-FAC"

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .attention import routing_of
+from ..engine.attention import routing_of
 
 __all__ = ["preconditioned_parameters", "other_parameters", "HybridOptimizer"]
 

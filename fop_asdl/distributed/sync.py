@@ -14,7 +14,7 @@ import torch
 from asdl.symmatrix import SymMatrix
 from torch import Tensor, nn
 
-from .halves import first_half_size
+from ..engine.sub_batches import first_half_size
 
 __all__ = ["HalfSums", "LocalSync", "Vector", "several_ranks"]
 
@@ -41,7 +41,7 @@ class LocalSync:
     def reduce_counts_and_others(self, counts: Tuple[int, int], loss_sum: Tensor, others: Sequence[nn.Parameter],
                                  terms: Sequence[Tensor] = ()) -> Tuple[Tuple, Tensor, Tuple[Tensor, ...]]:
         """The global counts (n1, n2), loss sum and loss-normalizer ``terms``
-        (:class:`~fop_asdl.loss_normalizer.LossNormalizer`); the ``p.grad`` of ``others`` become global sums
+        (:class:`~fop_asdl.engine.loss.LossNormalizer`); the ``p.grad`` of ``others`` become global sums
         too."""
         return counts, loss_sum, tuple(terms)
 

@@ -1,0 +1,1 @@
+"""Optimizers that sit beside the gradient makers (the paper's hybrid SGD + AdamW protocol)."""
