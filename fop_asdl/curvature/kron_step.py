@@ -18,14 +18,14 @@ from asdl.matrices import FISHER_MC
 from torch import Tensor, nn
 
 from ..engine.attention import attention_blocks
-from .products import BlockVector, divided, flat_block, has_inverse, matrix_tensors, scaled
+from .products import has_inverse, matrix_tensors
 from ..engine.capture import BlockCapture, Chunk
 from ..engine.chunks import as_sum, summed_loss_backward, validate_micro_batch_size
 from ..compat import _INVALID, KfacGradientMaker, eager_module, kept_requires_grad, reject_ddp, robust_update_inv
-from ..engine.sub_batches import BlockSum, add_sums, half_sums
+from ..engine.sub_batches import average_and_difference, half_sums
+from ..engine.vectors import BlockVector, add, divided, flat_block, scaled, write_block
 from ..engine.loss import BatchCounts
-from ..methods.fop_math import average_and_difference
-from ..engine.step import SteppedGradientMaker, ignoring_unsupported, make_sync, write_block
+from ..engine.step import SteppedGradientMaker, ignoring_unsupported, make_sync
 from ..distributed.sync import HalfSums
 from ..engine.trust_region import LearningRate, kl_clip_factor, validate_kl_clip
 
@@ -152,12 +152,12 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             summed_loss_backward(self, self.grad_scaler, capture.chunk.size)
 
     def _accumulate(self, module: nn.Module, x: Tensor, grad_out: Tensor, chunk: Chunk,
-                    previous: Optional[List[Optional[BlockSum]]]) -> List[Optional[BlockSum]]:
+                    previous: Optional[List[Optional[BlockVector]]]) -> List[Optional[BlockVector]]:
         new = half_sums(module, x, grad_out, chunk.split)
         # Chunks of a micro-batched step, and modules called more than once (shared weights), add up.
-        return new if previous is None else [add_sums(a, b) for a, b in zip(previous, new)]
+        return new if previous is None else [add(a, b) for a, b in zip(previous, new)]
 
-    def _finish(self, plan: CurvaturePlan, records: Dict[str, List[Optional[BlockSum]]],
+    def _finish(self, plan: CurvaturePlan, records: Dict[str, List[Optional[BlockVector]]],
                 counts: BatchCounts) -> Dict[str, List[Tensor]]:
         if plan.curvature and self.fisher_maker.is_fisher_emp:
             # The empirical Fisher comes from the backpropagated loss's own per-sample gradients: its
@@ -294,7 +294,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             name, (sum1, sum2) = sums.popitem()
             sum1, sum2 = (flat_block(s, shapes[name]) for s in (sum1, sum2))
             if not self.two_gradients:
-                total = add_sums(sum1, sum2)
+                total = add(sum1, sum2)
                 out[name] = (divided(total, n1 + n2), None)
                 continue
             w_avg, w_diff = average_and_difference(sum1[0], sum2[0], n1, n2)

@@ -51,10 +51,7 @@ from .loss import BatchCounts, LossNormalizer
 from ..distributed.sync import LocalSync, several_ranks
 
 __all__ = ["SteppedGradientMaker", "ignoring_unsupported", "linear_conv_blocks", "make_sync", "shared_blocks",
-           "supports_per_sample", "user_ignores", "write_block"]
-
-BlockVector = Tuple[Tensor, Optional[Tensor]]
-
+           "supports_per_sample", "user_ignores"]
 
 class SteppedGradientMaker:
     """The shared step (see the module docstring); mixed into an ``asdl.GradientMaker`` subclass."""
@@ -288,17 +285,6 @@ class SteppedGradientMaker:
         raise FloatingPointError(f"{self.method_label} step aborted: NaN or Inf in the {', '.join(what)}. Nothing "
                                  f"was updated (gradients and the method's state are as before the step); lower "
                                  f"the learning rate or raise the damping.")
-
-
-def write_block(module: nn.Module, vec: BlockVector) -> None:
-    """Add a block vector (weight, bias or None), in any shape of the same size, to the module's grads: the
-    step starts from None, so a parameter gets the sum of its uses (a shared weight's other blocks, and its
-    plain gradient from uses outside blocks)."""
-    for param, value in ((module.weight, vec[0]), (module.bias, vec[1])):
-        if value is None:
-            continue
-        value = value.reshape(param.shape)
-        param.grad = value.contiguous() if param.grad is None else param.grad + value
 
 
 def user_ignores(name: str, module: nn.Module, ignore_modules: Optional[Sequence[Any]]) -> bool:

@@ -18,10 +18,10 @@ from torch import Tensor, nn
 from . import fngd_math
 from ..engine.capture import Chunk
 from ..compat import eager_module, reject_ddp
-from ..curvature.products import scaled
-from ..engine.sub_batches import add_sums
 from ..engine.loss import BatchCounts
-from ..engine.step import SteppedGradientMaker, make_sync, write_block
+from ..engine.step import SteppedGradientMaker, make_sync
+from ..distributed.packing import pack_vectors, unpack_vectors
+from ..engine.vectors import BlockVector, add, scaled, shapes_of, write_block
 
 __all__ = ["FNGDGradientMaker"]
 
@@ -143,7 +143,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             record.chunks.append((x, grad_out))
         else:  # sharing step: Σ w_m u_m chunk by chunk, nothing kept
             part = self._weighted_sum(module, x, grad_out, w[chunk.start:chunk.start + chunk.size])
-            record.total = add_sums(record.total, part)
+            record.total = add(record.total, part)
         return record
 
     def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: BatchCounts) -> Dict[str, List[Tensor]]:
@@ -232,18 +232,12 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         if missing:
             raise ValueError(f"fop_asdl: blocks {missing} took no part in the loss on rank {self._sync.rank}; "
                              f"with several ranks FNGD needs every block in every step (ignore them).")
-        flat = torch.cat([t.reshape(-1) for name in names for t in grads[name] if t is not None])
+        layout = [shapes_of(grads[name]) for name in names]
+        flat = pack_vectors([grads[name] for name in names], layout, grads[names[0]][0].dtype, self.device)
         self._sync.sum_over_ranks(flat)
         if self.coefficient_scope == "local":
             flat = flat / world
-        out, offset = {}, 0
-        for name in names:
-            parts = []
-            for t in grads[name]:
-                parts.append(None if t is None else flat[offset:offset + t.numel()].view_as(t))
-                offset += 0 if t is None else t.numel()
-            out[name] = (parts[0], parts[1])
-        return out
+        return dict(zip(names, unpack_vectors(flat, layout)[0]))
 
     # --- state --------------------------------------------------------------------------------------------
     def bank_bytes(self) -> int:

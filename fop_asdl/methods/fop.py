@@ -8,7 +8,8 @@ import torch
 from asdl.matrices import FISHER_MC
 from torch import Tensor, nn
 
-from ..curvature.products import BlockVector, apply_inverse, apply_metric, gram, has_inverse, scaled, stacked
+from ..curvature.products import apply_inverse, apply_metric, gram, has_inverse
+from ..engine.vectors import BlockVector, scaled, stacked
 from ..compat import kron_damping
 from ..curvature.kron_step import BlockGradients, CurvatureStepMaker
 from .fop_math import FOPOptions, fop_coefficients

@@ -18,18 +18,18 @@ import torch
 from torch import Tensor, nn
 
 from . import hylo_math
-from ..curvature.products import scaled
 from ..engine.capture import Chunk
 from ..compat import reject_ddp
-from ..engine.sub_batches import add_sums, half_sums
+from ..engine.sub_batches import half_sums
 from ..engine.loss import BatchCounts
 from .hylo_schedule import DEFAULT_SWITCH_THRESHOLD, SwitchPolicy, local_rows
-from ..engine.step import SteppedGradientMaker, make_sync, shared_blocks, write_block
+from ..engine.step import SteppedGradientMaker, make_sync, shared_blocks
+from ..distributed.packing import pack, pack_vectors, unpack, unpack_vectors
+from ..engine.vectors import BlockVector, add, scaled, shapes_of, write_block
 from ..engine.trust_region import LearningRate, kl_clip_factor, validate_kl_clip
 
 __all__ = ["HyLoGradientMaker"]
 
-BlockVector = Tuple[Tensor, Optional[Tensor]]
 _NOMINAL_LOCAL_BATCH = 128  # the paper's per-GPU batch (ResNet-32), for the owners' cost balance only
 _SEED_MIX = 0x9E3779B97F4A7C15  # rank r draws from seed + r·φ·2⁶⁴ (mod 2⁶⁴): one seed, a stream per rank
 
@@ -181,7 +181,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                     previous: Optional[_Record]) -> _Record:
         record = previous if previous is not None else _Record([], [])
         self._once_per_pass(record.starts, chunk, module, "one row per sample and call")
-        record.grad = add_sums(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
+        record.grad = add(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
         if not self._step_plan.refresh:  # a shared block between refreshes: only its own gradient
             return record
         bias = module.bias is not None
@@ -257,15 +257,11 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                 missing = sorted({name for name, _ in captured} - set(names))
                 raise ValueError(f"fop_asdl: blocks {missing} took no part in the loss on rank {self._sync.rank}; "
                                  f"with several ranks HyLo needs every block on every refresh (ignore them).")
-            flat = torch.cat([t.reshape(-1) for name in names for t in records[name].grad if t is not None])
+            layout = [shapes_of(records[name].grad) for name in names]
+            flat = pack_vectors([records[name].grad for name in names], layout, records[names[0]].grad[0].dtype,
+                                self.device)
             self._sync.sum_over_ranks(flat)
-            out, offset = {}, 0
-            for name in names:
-                parts = []
-                for t in records[name].grad:
-                    parts.append(None if t is None else flat[offset:offset + t.numel()].view_as(t))
-                    offset += 0 if t is None else t.numel()
-                out[name] = (parts[0], parts[1])
+            out = dict(zip(names, unpack_vectors(flat, layout)[0]))
         else:
             out = {name: records[name].grad for name in names}
         return {name: (w / n, None if b is None else b / n) for name, (w, b) in out.items()}
@@ -291,17 +287,11 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             else:
                 local[name] = hylo_math.kid_select(a, g, rank, self.damping, kernel_scaling=self.kernel_scaling,
                                             total_rows=total, skeleton=self.kid_skeleton)
-        packed = torch.cat([t.reshape(-1) for name in names for t in (local[name].a, local[name].g, local[name].y)
-                            if t is not None])
+        tensors = {name: [t for t in (local[name].a, local[name].g, local[name].y) if t is not None] for name in names}
+        packed = pack(t for name in names for t in tensors[name])
         gathered = self._sync.all_gather(packed)  # (world, size): every rank's rows of every block
-        rows, offset = {}, 0
-        for name in names:
-            parts = []
-            for t in (local[name].a, local[name].g, local[name].y):
-                if t is not None:
-                    parts.append(gathered[:, offset:offset + t.numel()].reshape(world, *t.shape))
-                    offset += t.numel()
-            rows[name] = parts
+        shares = iter(unpack(gathered, [t.shape for name in names for t in tensors[name]])[0])  # (world, ...)
+        rows = {name: [next(shares) for _ in tensors[name]] for name in names}
         matrices: Dict[str, Tuple[BlockVector, None]] = {}
         for name in names:
             if not self._sync.owns(name):

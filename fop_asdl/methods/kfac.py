@@ -7,7 +7,8 @@ from typing import Any, Dict, Optional, Tuple
 import asdl
 from torch import Tensor, nn
 
-from ..curvature.products import BlockVector, apply_inverse, gram, has_inverse, scaled, stacked
+from ..curvature.products import apply_inverse, gram, has_inverse
+from ..engine.vectors import BlockVector, scaled, stacked
 from ..curvature.kron_step import BlockGradients, CurvatureStepMaker
 
 __all__ = ["ScalableKfacGradientMaker"]
