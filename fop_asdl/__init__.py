@@ -4,7 +4,7 @@
 builds FOP, K-FAC, FNGD, HyLo or SGD by name. Importing the package applies the ASDL 0.1a5 fixes in
 ``compat``.
 """
-from .compat import KfacGradientMaker
+from .curvature.asdl_kfac import KfacGradientMaker
 from .methods.fngd import FNGDGradientMaker
 from .methods.fop import FOPGradientMaker
 from .methods.hylo import HyLoGradientMaker

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional
 
 import asdl
-import torch
 from torch import nn
 
 from .methods.fngd import FNGDGradientMaker
@@ -16,44 +15,13 @@ from .methods.sgd import PlainGradientMaker
 __all__ = ["GRADIENT_MAKERS", "make_gradient_maker"]
 
 
-def _sgd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], micro_batch_size: Optional[int] = None,
-         grad_scaler: Optional[torch.amp.GradScaler] = None, **kwargs: Any) -> asdl.GradientMaker:
-    if kwargs:
-        raise TypeError(f"the 'sgd' gradient maker takes only micro_batch_size and grad_scaler, got {sorted(kwargs)}.")
-    return PlainGradientMaker(model, micro_batch_size=micro_batch_size, grad_scaler=grad_scaler)
-
-
-def _fop(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
-    return FOPGradientMaker(model, config if config is not None else asdl.PreconditioningConfig(), **kwargs)
-
-
-def _kfac(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
-    """K-FAC on the shared step machinery: ASDL's curvature and inverses, its gradients, with FOP's
-    guarantees (a clear ``FloatingPointError`` before ASDL samples from a NaN output, nothing changed by a
-    failed step, micro-batches, GradScaler, several ranks, ``kl_clip``). ASDL's own path with only the
-    compat fixes stays available as ``fop_asdl.KfacGradientMaker``."""
-    return ScalableKfacGradientMaker(model, config if config is not None else asdl.PreconditioningConfig(),
-                                     **kwargs)
-
-
-def _fngd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
-    if "kl_clip" in kwargs:
-        raise TypeError("FNGD does not take kl_clip: after its coefficient epochs it reuses stored weights, so "
-                        "its step is not F̃⁻¹g for any F̃ of the batch and has no Fisher norm to bound; lower "
-                        "the learning rate, or use 'kfac', 'fop' or 'hylo', which take kl_clip.")
-    return FNGDGradientMaker(model, config, **kwargs)
-
-
-def _hylo(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
-    return HyLoGradientMaker(model, config, **kwargs)
-
-
+#: name -> maker class; each takes (model, config=None, **its options). Adding a method is one line here.
 GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
-    "fngd": _fngd,
-    "fop": _fop,
-    "hylo": _hylo,
-    "kfac": _kfac,
-    "sgd": _sgd,
+    "fngd": FNGDGradientMaker,
+    "fop": FOPGradientMaker,
+    "hylo": HyLoGradientMaker,
+    "kfac": ScalableKfacGradientMaker,
+    "sgd": PlainGradientMaker,
 }
 
 

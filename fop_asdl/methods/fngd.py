@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from . import fngd_math
 from ..engine.capture import Chunk
-from ..compat import eager_module, reject_ddp
-from ..engine.loss import BatchCounts
-from ..engine.step import SteppedGradientMaker, make_sync
+from ..engine.loss import BatchCounts, loss_scale
+from ..distributed import make_sync
+from ..engine.per_sample import PerSampleStepMaker
 from ..distributed.packing import pack_vectors, unpack_vectors
 from ..engine.vectors import BlockVector, add, scaled, shapes_of, write_block
 
@@ -47,7 +47,7 @@ class _Plan:
     diagnostics: Dict[str, Dict[str, Tensor]] = dataclasses.field(default_factory=dict)
 
 
-class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
+class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     """FNGD behind ASDL's gradient-maker interface: ``p.grad`` of every Linear/Conv2d block holds Σ_m w_m u_m,
     every other trainable parameter (BatchNorm, LayerNorm, embeddings, ignored layers) the mean gradient.
 
@@ -79,9 +79,12 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                  iters_per_epoch: Optional[int] = None, alpha: float = 0.1, damping_mode: str = "frobenius",
                  coefficient_epochs: int = 1, scale_mode: str = "ngd", conv_gram: str = "auto",
                  coefficient_scope: str = "local", micro_batch_size: Optional[int] = None,
-                 grad_scaler: Optional[torch.amp.GradScaler] = None):
-        reject_ddp(model)
-        model = eager_module(model)
+                 grad_scaler: Optional[torch.amp.GradScaler] = None, kl_clip: Optional[float] = None):
+        if kl_clip is not None:
+            raise TypeError("FNGD does not take kl_clip: after its coefficient epochs it reuses stored weights, so "
+                            "its step is not F̃⁻¹g for any F̃ of the batch and has no Fisher norm to bound; lower "
+                            "the learning rate, or use 'kfac', 'fop' or 'hylo', which take kl_clip.")
+        model = self._init_step(model, micro_batch_size, grad_scaler)
         if iters_per_epoch is None:
             raise TypeError("FNGD reuses the coefficients of iteration b of its coefficient epochs in every later "
                             "epoch, so it needs iters_per_epoch=T (the number of steps per epoch, e.g. "
@@ -104,7 +107,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.iters_per_epoch, self.coefficient_epochs = iters_per_epoch, coefficient_epochs
         self.damping, self.damping_mode, self.scale_mode = float(damping), damping_mode, scale_mode
         self.conv_gram, self.coefficient_scope = conv_gram, coefficient_scope
-        self._init_per_sample_step(model, micro_batch_size, grad_scaler)
+        self._init_per_sample_step(model)
         self._names = {m: name for name, m in self.blocks}
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
         #: bank[block][b]: this rank's w of iteration b (its slice of the global batch in "global" scope).
@@ -149,8 +152,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
     def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: BatchCounts) -> Dict[str, List[Tensor]]:
         # The rows carry the backpropagated loss's scale against the user's per-sample terms: the GradScaler's
         # s, and 1 / r for a loss normalised by more than its samples (fop_asdl.engine.loss).
-        scaler = 1.0 if self.grad_scaler is None else self.grad_scaler.scale(torch.ones((), device=self.device))
-        scale = scaler / counts.per_sample
+        scale = counts.backprop_scale(loss_scale(self.grad_scaler, self.device))
         computed = [name for name, _ in self.blocks if name in plan.compute and name in records]
         if computed:
             data = {name: tuple(torch.cat(part) for part in zip(*records[name].chunks)) for name in computed}

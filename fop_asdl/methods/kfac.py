@@ -23,11 +23,12 @@ class ScalableKfacGradientMaker(CurvatureStepMaker):
     #: The squared F̃-norm of the step, g_avgᵀ F̃⁻¹ g_avg (FOP's kl_base with β = 0, η = 1).
     stat_keys = ("kl_base",)
 
-    def __init__(self, model: nn.Module, config: asdl.PreconditioningConfig, **kwargs: Any):
+    def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *args: Any,
+                 **kwargs: Any):
         foreign = {"beta", "beta_range", "eta", "eta_range", "projection_metric", "eps"} & set(kwargs)
         if foreign:
             raise TypeError(f"K-FAC takes no FOP options, got {sorted(foreign)}.")
-        super().__init__(model, config, **kwargs)
+        super().__init__(model, config, *args, **kwargs)
 
     def _precondition(self, gradients: BlockGradients) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
         results: Dict[str, Tuple[BlockVector, Optional[Tensor]]] = {}
