@@ -149,7 +149,7 @@ class ExperimentConfig:
     """FNGD's α of the damping λ = α‖K‖_F (it forms coefficients in epoch 1 and reuses them after)."""
     kl_clip: Optional[float] = None
     """kfac, fop, hylo: trust-region bound κ on the step's squared Fisher norm (make_gradient_maker(...,
-    kl_clip=κ, lr=<the run's current lr>)); null: off. 0.01-0.02 lets FOP run at K-FAC's lr (README)."""
+    kl_clip=κ, lr=<the run's current lr>)); null: off. 0.01-0.02 lets FOP run at K-FAC's lr (docs/methods/fop.md)."""
     ema_bias_correction: bool = False
     """kfac/fop: divide the curvature EMA by 1 − (1 − ema_decay)^k after k updates (as Adam does), so the
     first steps are not preconditioned by a fraction of the curvature (make_gradient_maker(...,

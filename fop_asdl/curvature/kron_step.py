@@ -74,7 +74,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         ema_bias_correction: ASDL's EMA starts from zero, so after k updates each factor holds (1 − (1 − d)^k)
             of its scale (0.05 A and 0.05 B after the first at ``ema_decay`` d = 0.05). True divides every
             factor by that, as Adam does, so the first steps are preconditioned by the curvature itself. The
-            count k of each block is kept in ``state_dict()``. Measured harmful at low damping (README).
+            count k of each block is kept in ``state_dict()``. Measured harmful at low damping (docs/results.md).
 
     Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its
     inverses and the per-sub-batch gradients are computed in the parameters' precision.

@@ -56,7 +56,8 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         config: ``damping`` is λ for ``damping_mode="fixed"``; ``ignore_modules`` as for K-FAC.
         iters_per_epoch: T, steps per epoch; step t is iteration t mod T of epoch t div T (required).
         alpha: α of λ = α‖K‖_F for ``damping_mode="frobenius"`` (eq. 14 as printed, K without 1/M). The
-            default 0.1 keeps mean |c| below about 0.03 on the small CNN and ResNet-32 at batch 128 (README).
+            default 0.1 keeps mean |c| at 0.001-0.005 and max |c| below 0.04 on the small CNN and ResNet-32 at
+            batch 128 (docs/methods/fngd.md).
         damping_mode: ``"frobenius"`` (per block, per coefficient step) or ``"fixed"``.
         coefficient_epochs: epochs that form coefficients; later ones reuse the last epoch's.
         scale_mode: ``"ngd"`` (w = (1 − c)/(λM), the exact damped NGD direction) or ``"sgd_like"``

@@ -68,7 +68,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         switch_policy: ``"gradient"`` (eq. 10 with KID warm-up and after LR decays; needs
             ``iters_per_epoch`` and :meth:`on_epoch_start`), ``"epochs"`` (``kid_windows``), ``"kid"``,
             ``"kis"``, or a :class:`~fop_asdl.methods.hylo_schedule.SwitchPolicy`.
-        switch_threshold: η of eq. 10 (not reported by the paper; 0.5, see README).
+        switch_threshold: η of eq. 10 (not reported by the paper; 0.5, see docs/methods/hylo.md).
         kid_windows: half-open KID epoch windows of ``"epochs"``, e.g. ((0, 10), (35, 40)).
         iters_per_epoch: T, steps per epoch (epoch = step // T).
         kernel_scaling, conv_reduction, kis_probability, kis_reweight, kid_skeleton: see :mod:`fop_asdl.methods.hylo_math`.
