@@ -1,23 +1,22 @@
-"""Validation of an :class:`~fop_asdl.cli.config.ExperimentConfig`: types from the annotations, then every
-value, so an impossible experiment fails before any data is loaded, with a message naming the field."""
+"""Validation of an experiment's settings (:class:`~.experiment.ExperimentSettings`): types from the
+annotations, then every value, so an impossible experiment fails before any data is loaded, with a message
+naming the field. :class:`~.config.ExperimentConfig` runs it whenever a config is built."""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import torch
 
 from ..data import DATASETS
 from ..models import MODELS
 from .errors import ConfigError
+from .experiment import ExperimentSettings
 from .methods import HYPERPARAMETERS, METHODS, RANGES, in_range
 from .search import SEARCH_MODES, method_points, point_text
 from .warmup import WARMUP_UNITS
-
-if TYPE_CHECKING:
-    from .config import ExperimentConfig
 
 __all__ = ["check_config"]
 
@@ -25,14 +24,14 @@ SCHEDULES = ("plateau", "cosine", "constant")
 AUGMENTATIONS = ("auto", "none", "crop_flip")
 
 
-def check_config(config: "ExperimentConfig") -> None:
+def check_config(config: ExperimentSettings) -> None:
     """Raise :class:`ConfigError` for the first wrong type or impossible value."""
     _check_types(config)
     _check_values(config)
     _check_search(config)
 
 
-def _check_types(config: "ExperimentConfig") -> None:
+def _check_types(config: ExperimentSettings) -> None:
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -81,7 +80,7 @@ def _one_of(value: Any, choices: Sequence[str], name: str) -> None:
     _require(value in choices, name, f"unknown value {value!r}; choose one of {', '.join(sorted(choices))}.")
 
 
-def _check_values(c: "ExperimentConfig") -> None:
+def _check_values(c: ExperimentSettings) -> None:
     _one_of(c.dataset, list(DATASETS), "dataset")
     _require(c.imbalance >= 1, "imbalance", f"must be >= 1 (largest / smallest class), got {c.imbalance}.")
     _require(
@@ -166,7 +165,7 @@ def _check_values(c: "ExperimentConfig") -> None:
     _require(c.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {c.eval_batch_size}.")
 
 
-def _check_search(c: "ExperimentConfig") -> None:
+def _check_search(c: ExperimentSettings) -> None:
     """Known methods and hyperparameters, valid values, distinct trials, and the same number of trials for
     every method of the study (the equal-budget rule)."""
     _one_of(c.search, SEARCH_MODES, "search")
