@@ -79,6 +79,23 @@ class TokenNet(nn.Module):
         return self.head(self.body(self.embed(x)).mean(1))
 
 
+class TiedTokenNet(nn.Module):
+    """(batch, tokens) ids -> an Embedding whose weight the output head shares (GPT-2's tie), a Linear, the
+    mean over tokens and the tied head: one parameter with a block's use and a plain use."""
+
+    VOCAB = 7
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(self.VOCAB, 5)
+        self.mix = nn.Linear(5, 5)
+        self.head = nn.Linear(5, self.VOCAB, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.emb(tokens))).mean(1))
+
+
 def config(**kwargs) -> asdl.PreconditioningConfig:
     base = dict(damping=1e-2, ema_decay=0.1, curvature_upd_interval=2, preconditioner_upd_interval=2)
     base.update(kwargs)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import fop_asdl
 
-from conftest import TokenNet, config, conv_ln_net, step, train
+from conftest import TiedTokenNet, TokenNet, config, conv_ln_net, step, train
 
 STEPS = 5  # interval 2: curvature on steps 0, 2, 4; EMA on
 LOCAL = 4  # samples per rank
@@ -19,11 +19,17 @@ LOCAL = 4  # samples per rank
 def global_batch(i: int, world_size: int, shape=(1, 6, 6)):
     gen = torch.Generator().manual_seed(1000 + i)
     n = LOCAL * world_size
+    if shape == "ids":  # token ids of TiedTokenNet
+        return (torch.randint(0, TiedTokenNet.VOCAB, (n, 3), generator=gen),
+                torch.randint(0, TiedTokenNet.VOCAB, (n,), generator=gen))
     return torch.randn(n, *shape, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
 
 
 #: The networks the equivalence runs train, and their input shapes (per sample).
-NETS = {"conv_ln": (conv_ln_net, (1, 6, 6)), "tokens": (TokenNet, (5, 3))}
+NETS = {"conv_ln": (conv_ln_net, (1, 6, 6)), "tokens": (TokenNet, (5, 3)), "tied": (TiedTokenNet, "ids")}
+#: The makers of the tied-weights run, with the options they need on this tiny net.
+TIED_MAKERS = {"sgd": {}, "kfac": {}, "fop": {"sub_batches": "halves"}, "fngd": {"iters_per_epoch": 2, "coefficient_scope": "global"},
+               "hylo": {"iters_per_epoch": 2, "switch_policy": "kis", "compression_ratio": 1.0}}
 
 
 def local_rows(rank: int, world_size: int) -> torch.Tensor:
@@ -44,7 +50,9 @@ def single_process_order(mode: str, world_size: int) -> torch.Tensor:
 def build(name: str, net: str = "conv_ln", **kwargs):
     torch.manual_seed(0)
     model = NETS[net][0]().double()
-    maker = fop_asdl.make_gradient_maker(name, model, config(), fisher_type="fisher_emp", **kwargs)
+    if name in ("kfac", "fop"):
+        kwargs.setdefault("fisher_type", "fisher_emp")
+    maker = fop_asdl.make_gradient_maker(name, model, config(), **kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     return model, maker, opt
 
@@ -108,6 +116,21 @@ def attention_equivalence(rank: int, world_size: int, store: str, out: str) -> N
         model, maker, opt = build(name, "tokens", **({"sub_batches": "halves"} if name == "fop" else {}))
         assert any(n.endswith("q_proj") for n, _ in maker.named_modules_for_curvature)
         results[name] = train(model, maker, opt, range(STEPS), rank_batches(rank, world_size, "tokens"))
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def tied_equivalence(rank: int, world_size: int, store: str, out: str) -> None:
+    """Every maker on TiedTokenNet (a weight used by a block and outside it): per-step grads."""
+    import warnings
+
+    init(rank, world_size, store)
+    results = {}
+    for name, options in TIED_MAKERS.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the Embedding gets the plain gradient: said once per maker
+            model, maker, opt = build(name, "tied", **options)
+            results[name] = train(model, maker, opt, range(STEPS), rank_batches(rank, world_size, "tied"))
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 

@@ -48,6 +48,17 @@ def test_sharded_fop_and_kfac_equal_single_process_training(sharded_runs):
                         torch.testing.assert_close(rank[key]["stats"][block][stat], value, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:fop_asdl")
+def test_tied_weights_on_ranks_equal_single_process_training(tmp_path):
+    """A weight shared by a block (the head) and a plain use (the embedding): every maker on 2 ranks."""
+    spawn(w.tied_equivalence, 2, str(tmp_path / "store"), str(tmp_path / "out"))
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(2)]
+    for name, options in w.TIED_MAKERS.items():
+        expected, _, _, _ = w.run_single(name, "halves", 2, net="tied", **options)
+        for rank in ranks:
+            assert_close_lists(rank[name], expected)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_attention_blocks_equal_single_process_training(tmp_path, world_size):
     """A torch TransformerEncoderLayer's q/k/v/out projections as sharded FOP and K-FAC blocks."""
