@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from fop_asdl.models import MLP, MODELS, SmallCNN, VisionTransformer, build_model, resnet18_cifar, resnet32_cifar
+from fop_asdl.models import (MLP, MODELS, PixelGPT, SmallCNN, VisionTransformer, build_model, resnet18_cifar,
+                             resnet32_cifar)
 
 PRECONDITIONED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm)
 
@@ -22,6 +23,8 @@ def n_params(model: nn.Module) -> int:
     ("resnet32", {"num_classes": 100}, (2, 3, 32, 32), 100),
     ("mixer", {}, (2, 1, 28, 28), 10),
     ("mixer", {"in_channels": 3, "image_size": 32, "patch": 8, "num_classes": 100}, (2, 3, 32, 32), 100),
+    ("gpt", {}, (2, 1, 28, 28), 10),
+    ("gpt", {"in_channels": 3, "image_size": 32, "num_classes": 100}, (2, 3, 32, 32), 100),
 ])
 def test_output_shape(name: str, kwargs: dict, input_shape: tuple, n_classes: int) -> None:
     model = build_model(name, **kwargs)
@@ -39,7 +42,9 @@ def test_parameter_counts() -> None:
 def test_only_preconditioned_layers_hold_parameters(name: str) -> None:
     # The ViT's attention layers hold their packed projections (blocks through fop_asdl.engine.attention), and its
     # root the class token and position embedding (AdamW's in the paper's protocol).
-    allowed = PRECONDITIONED + ((nn.LayerNorm, nn.MultiheadAttention, VisionTransformer) if name == "vit" else ())
+    # The GPT's token and position embeddings are nn.Embedding (its LM head shares the token embedding's weight).
+    allowed = PRECONDITIONED + {"vit": (nn.MultiheadAttention, VisionTransformer),
+                                "gpt": (nn.MultiheadAttention, nn.Embedding)}.get(name, ())
     for module in build_model(name).modules():
         if any(True for _ in module.parameters(recurse=False)):
             assert isinstance(module, allowed), type(module)
@@ -73,3 +78,36 @@ def test_resnet32_structure() -> None:
     assert [model.blocks[i].conv1.out_channels for i in (0, 5, 10)] == [16, 32, 64]
     x = torch.randn(2, 3, 32, 32)
     assert model.blocks[:6](model.bn1(model.conv1(x))).shape == (2, 32, 16, 16)
+
+
+def test_gpt_ties_its_head_to_the_token_embedding_and_is_causal() -> None:
+    torch.manual_seed(0)
+    model = PixelGPT()
+    assert model.head.weight is model.token_embed.weight
+    tokens = model.pixel_tokens(torch.randn(3, 1, 28, 28))
+    assert tokens.shape == (3, 49) and 0 <= int(tokens.min()) and int(tokens.max()) < model.levels
+    changed = tokens.clone()
+    changed[:, 30:] = (changed[:, 30:] + 1) % model.levels  # later tokens only
+    before, after = model.hidden(tokens), model.hidden(changed)
+    torch.testing.assert_close(before[:, :30], after[:, :30])  # position t sees tokens up to t
+    assert not torch.allclose(before[:, 30:], after[:, 30:])
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    assert model.token_embed.weight.grad[model.levels:].abs().sum() > 0  # the class rows, through the head
+
+
+@pytest.mark.filterwarnings("ignore:fop_asdl")
+@pytest.mark.parametrize("method", ["sgd", "kfac"])
+def test_the_runner_trains_the_gpt(tmp_path, method: str) -> None:
+    """``model: gpt`` end to end in the runner: one epoch on the packaged subset, finite, above chance."""
+    import json
+
+    from fop_asdl.cli import main
+
+    code = main(["train", "--method", method, "--batch-size", "100", "--lr", "0.05" if method == "sgd" else "0.02",
+                 "--no-progress", "--out", str(tmp_path), "--set", "model=gpt", "subset_size=600", "epochs=2",
+                 "target_accuracy=0.3"])
+    assert code == 0
+    (run_dir,) = (tmp_path / "b100" / method).iterdir()
+    records = [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
+    assert all(r["train_loss"] == r["train_loss"] for r in records)  # finite (not NaN)
+    assert records[-1]["test_accuracy"] > 0.2  # 10 classes: chance is 0.1

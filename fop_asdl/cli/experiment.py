@@ -47,8 +47,9 @@ class ExperimentSettings:
 
     # --- model ---
     model: str = "small_cnn"
-    """small_cnn, mlp, resnet18 (CIFAR ResNet-18), resnet32 (CIFAR ResNet-32 of the long-tail papers) or vit
-    (a small ViT, fop_asdl.models.VisionTransformer)."""
+    """small_cnn, mlp, resnet18 (CIFAR ResNet-18), resnet32 (CIFAR ResNet-32 of the long-tail papers), mixer,
+    vit (a small ViT, fop_asdl.models.VisionTransformer) or gpt (a GPT-style causal decoder with a tied
+    embedding and LM head on pixel tokens, fop_asdl.models.PixelGPT)."""
 
     # --- the sweep ---
     methods: List[str] = field(default_factory=lambda: ["sgd", "adamw", "kfac", "fop"])

@@ -150,6 +150,7 @@ def build_model_for(config: ExperimentConfig, data: ArrayDataset) -> nn.Module:
         "mlp": {"in_features": channels * height * width, "num_classes": classes},
         "small_cnn": {"in_channels": channels, "image_size": height, "num_classes": classes},
         "vit": {"in_channels": channels, "image_size": height, "num_classes": classes},
+        "gpt": {"in_channels": channels, "image_size": height, "num_classes": classes},
     }.get(config.model, {"in_channels": channels, "num_classes": classes})
     return build_model(config.model, **kwargs)
 

@@ -80,8 +80,9 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
                  iters_per_epoch: Optional[int] = None, alpha: float = 0.1, damping_mode: str = "frobenius",
                  coefficient_epochs: int = 1, scale_mode: str = "ngd", conv_gram: str = "auto",
                  coefficient_scope: str = "local", micro_batch_size: Optional[int] = None,
-                 grad_scaler: Optional[torch.amp.GradScaler] = None, kl_clip: Optional[float] = None):
-        if kl_clip is not None:
+                 grad_scaler: Optional[torch.amp.GradScaler] = None, kl_clip: Optional[float] = None,
+                 lr: Any = None):
+        if kl_clip is not None or lr is not None:  # lr is read only by kl_clip
             raise TypeError("FNGD does not take kl_clip: after its coefficient epochs it reuses stored weights, so "
                             "its step is not F̃⁻¹g for any F̃ of the batch and has no Fisher norm to bound; lower "
                             "the learning rate, or use 'kfac', 'fop' or 'hylo', which take kl_clip.")
