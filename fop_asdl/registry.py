@@ -7,6 +7,7 @@ import asdl
 import torch
 from torch import nn
 
+from .methods import smw_ng
 from .methods.fngd import FNGDGradientMaker
 from .methods.fop import FOPGradientMaker
 from .methods.hylo import HyLoGradientMaker
@@ -54,6 +55,7 @@ GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
     "hylo": _hylo,
     "kfac": _kfac,
     "sgd": _sgd,
+    "smw_ng": smw_ng.build,
 }
 
 
