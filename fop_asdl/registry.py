@@ -7,7 +7,7 @@ import asdl
 import torch
 from torch import nn
 
-from .methods import diag_ng, seng, smw_ng
+from .methods import diag_ng, kbfgs, seng, smw_ng
 from .methods.fngd import FNGDGradientMaker
 from .methods.fop import FOPGradientMaker
 from .methods.hylo import HyLoGradientMaker
@@ -58,6 +58,7 @@ GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
     "smw_ng": smw_ng.build,
     "seng": seng.build,
     "diag_ng": diag_ng.build,
+    "kbfgs": kbfgs.build,
 }
 
 
