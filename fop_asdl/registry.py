@@ -7,7 +7,7 @@ import asdl
 import torch
 from torch import nn
 
-from .methods import diag_ng, kbfgs, seng, smw_ng
+from .methods import diag_ng, kbfgs, kron_psgd, seng, smw_ng
 from .methods.fngd import FNGDGradientMaker
 from .methods.fop import FOPGradientMaker
 from .methods.hylo import HyLoGradientMaker
@@ -59,6 +59,7 @@ GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
     "seng": seng.build,
     "diag_ng": diag_ng.build,
     "kbfgs": kbfgs.build,
+    "kron_psgd": kron_psgd.build,
 }
 
 
