@@ -48,6 +48,9 @@ def truncated_positions(p: Tensor, z: Tensor, rank: Optional[int]) -> Tuple[Tens
     Σ_k ẑ_mk p̂_mkᵀ. Unchanged when ``rank`` is None or not below S."""
     if rank is None or rank >= p.shape[1]:
         return p, z
+    # The SVD raises on a NaN or Inf; with zeros there the step's own finiteness check (the exact rows reach
+    # the direction) is what reports such a batch, or skips it under a GradScaler.
+    z = torch.where(torch.isfinite(z), z, 0.0)
     left, values, right = torch.linalg.svd(z, full_matrices=False)  # z_m = left diag(values) right
     return left[:, :, :rank].transpose(1, 2) @ p, values[:, :rank, None] * right[:, :rank]
 
