@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import asdl
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -124,12 +125,15 @@ class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         if not plan.lookahead:
             record.grad = add_sums(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
         if plan.update:
-            p, z = self._rows(module, x, grad_out)
-            record.positions = p.shape[0] // x.shape[0]
-            record.a_sum = _added(record.a_sum, p.sum(0))
-            record.z_sum = _added(record.z_sum, z.sum(0))
             if not plan.lookahead:
+                p = self._rows(module, x, grad_out)
                 record.a = _added(record.a, p.T @ p)
+            conv = isinstance(module, nn.Conv2d)
+            rows = grad_out.numel() // grad_out.shape[1 if conv else -1]
+            record.positions = rows // x.shape[0]
+            record.a_sum = _added(record.a_sum, _input_sum(module, x, rows))
+            record.z_sum = _added(record.z_sum, grad_out.sum((0, 2, 3)) if conv
+                                  else grad_out.reshape(rows, -1).sum(0))
         return record
 
     def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: BatchCounts) -> Dict[str, List[Tensor]]:
@@ -235,15 +239,12 @@ class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         return names
 
     @staticmethod
-    def _rows(module: nn.Module, x: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
-        """The block's (ã, z) rows over samples × positions."""
-        conv = None
-        if isinstance(module, nn.Conv2d):
-            conv = (module.kernel_size, module.stride, module.padding, module.dilation)
-        elif x.dim() > 3:
+    def _rows(module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+        """The block's ã rows over samples × positions (a Conv2d's unfolded patches)."""
+        if x.dim() > 3 and not isinstance(module, nn.Conv2d):
             x, z = x.flatten(1, -2), z.flatten(1, -2)
-        p, z = seng_math.block_rows(x, z, conv, module.bias is not None)
-        return p.reshape(-1, p.shape[-1]), z.reshape(-1, z.shape[-1])
+        p, _ = seng_math.block_rows(x, z, _conv(module), module.bias is not None)
+        return p.reshape(-1, p.shape[-1])
 
     def _dampings(self, module: nn.Module, positions: int) -> Tuple[float, float]:
         """(λ_A, λ_G): √λ each; a Conv2d with S output pixels √(λS) and √(λ/S) (ASDL's split)."""
@@ -267,6 +268,26 @@ class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.factors = {name: (f["A"].to(dev).clone(), f["H_a"].to(dev).clone(), f["H_g"].to(dev).clone())
                         for name, f in state_dict["factors"].items()}
         self.state["step"] = int(state_dict["step"])
+
+
+def _conv(module: nn.Module) -> Optional[Tuple[Any, Any, Any, Any]]:
+    if not isinstance(module, nn.Conv2d):
+        return None
+    return module.kernel_size, module.stride, module.padding, module.dilation
+
+
+def _input_sum(module: nn.Module, x: Tensor, rows: int) -> Tensor:
+    """Σ ã over the ``rows`` (samples × positions), without unfolding the batch: unfold is linear, so a
+    Conv2d's patches of Σ_m x_m are the sums of its patches."""
+    conv = _conv(module)
+    if conv is None:
+        total = x.reshape(-1, x.shape[-1]).sum(0)
+    else:
+        kernel, stride, padding, dilation = conv
+        total = F.unfold(x.sum(0, keepdim=True), kernel, dilation=dilation, padding=padding, stride=stride)[0].sum(1)
+    if module.bias is None:
+        return total
+    return torch.cat([total, total.new_full((1,), rows)])
 
 
 def _added(total: Optional[Tensor], part: Tensor) -> Tensor:

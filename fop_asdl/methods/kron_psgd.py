@@ -170,7 +170,8 @@ class KronPsgdGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
     def state_dict(self) -> Dict[str, Any]:
         """Step, the probes' generator and every block's (Q_l, Q_r) (the same on every rank)."""
         return {"step": self.state["step"], "generator": self.generator.get_state(),
-                "factors": {name: {"Q_l": q_l.clone(), "Q_r": q_r.clone()} for name, (q_l, q_r) in self.factors.items()}}
+                "factors": {name: {"Q_l": q_l.clone(), "Q_r": q_r.clone()}
+                            for name, (q_l, q_r) in self.factors.items()}}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         unknown = set(state_dict["factors"]) - set(self._modules)
