@@ -48,7 +48,7 @@ class _Record:
 class _Plan:
     update: bool
     batch_size: int
-    autocast: Tuple[bool, torch.dtype]
+    autocast: bool                   # the step's passes run under autocast
     lookahead: bool = False          # the capture is on the lookahead pass
     grads: Dict[str, Vector] = dataclasses.field(default_factory=dict)
     factors: Dict[str, Tuple[Tensor, Tensor, Tensor]] = dataclasses.field(default_factory=dict)  # A, H_a, H_g
@@ -112,8 +112,7 @@ class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         return self.blocks
 
     def _begin_step(self, batch_size: int) -> _Plan:
-        kind = self.device.type
-        autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        autocast = torch.is_autocast_enabled(self.device.type)
         self._step_plan = _Plan(self.state["step"] % self.interval == 0, batch_size, autocast)
         return self._step_plan
 
@@ -170,16 +169,25 @@ class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                 "curvature": [t for f in plan.factors.values() for t in f]}
 
     def _update_inverses(self, plan: _Plan, sums: Dict[str, Tuple[Tensor, ...]], counts: BatchCounts) -> None:
-        """The lookahead pass, then one BFGS step of every block's H_g (pair (s, y)) and H_a (Hessian action)."""
+        """The lookahead pass, then one BFGS step of every block's H_g (pair (s, y)) and H_a (Hessian action).
+
+        The pair is a difference of two passes' means: both must be in full precision, or under bf16/fp16
+        autocast rounding is all it measures. The lookahead always is; under autocast the step's own means
+        are taken again by one more full-precision pass at θ."""
         sigma = backprop_scale(self.grad_scaler, self.device)
         rate = float(self._lr() if callable(self._lr) else self._lr)
-        ahead, moved = self._lookahead(plan, rate / sigma)
-        parts = iter(summed_over_ranks(self._sync, [t for name in sums for t in (ahead[name].a_sum,
-                                                                                 ahead[name].z_sum)]))
+        passes = [self._lookahead(plan, step) for step in ([None] if plan.autocast else []) + [rate / sigma]]
+        moved = passes[-1][1]
+        parts = iter(summed_over_ranks(self._sync, [t for records, _ in passes for name in sums
+                                                    for t in (records[name].a_sum, records[name].z_sum)]))
+        measured = [{name: (next(parts), next(parts)) for name in sums} for _ in passes]
         for name, (a_mean, z_sum, positions) in sums.items():
             module = self._modules[name]
             a, h_a, h_g = plan.factors[name]
-            a_ahead, z_ahead = next(parts) / (counts.n * positions), next(parts)
+            rows = counts.n * positions
+            if plan.autocast:
+                a_mean, z_sum = measured[0][name][0] / rows, measured[0][name][1]
+            a_ahead, z_ahead = measured[-1][name][0] / rows, measured[-1][name][1]
             weights = _matrix(module, module.weight.detach(), None if module.bias is None else module.bias.detach())
             s = moved[name] @ a_ahead - weights @ a_mean  # h̄⁺ − h̄
             y = (z_ahead - z_sum) / (positions * sigma * counts.normalizer)  # ḡ⁺ − ḡ, per sample
@@ -188,10 +196,10 @@ class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             plan.factors[name] = (a, kbfgs_math.hessian_action_update(h_a, a, damping_a, a_mean),
                                   kbfgs_math.bfgs_inverse_update(h_g, s, y))
 
-    def _lookahead(self, plan: _Plan, step: Any) -> Tuple[Dict[str, _Record], Dict[str, Tensor]]:
-        """The blocks' sums of a second pass on this batch with every trainable parameter moved by −step·p.grad
-        (the preconditioned one for blocks), and the blocks' moved [W | b]; parameters, their gradients and
-        BatchNorm statistics are put back bit for bit afterwards."""
+    def _lookahead(self, plan: _Plan, step: Optional[float]) -> Tuple[Dict[str, _Record], Dict[str, Tensor]]:
+        """The blocks' sums of one more full-precision pass on this batch with every trainable parameter moved
+        by −step·p.grad (the preconditioned one for blocks; not moved for None), and the blocks' moved
+        [W | b]; parameters, their gradients and BatchNorm statistics are put back bit for bit afterwards."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         moves = {}
         for name, delta in plan.grads.items():
@@ -206,13 +214,13 @@ class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                         move = moves.get(p)
                         if p.grad is not None:
                             move = p.grad if move is None else move + p.grad
-                        if move is not None:
+                        if move is not None and step is not None:
                             p.sub_(step * move.view_as(p))
                         p.grad = None
                     moved = {name: _matrix(m, m.weight, m.bias).clone() for name, m in self.blocks
                              if name in plan.grads}
                 plan.lookahead = True
-                with torch.autocast(self.device.type, dtype=plan.autocast[1], enabled=plan.autocast[0]):
+                with torch.autocast(self.device.type, enabled=False):
                     return self._local_pass(plan.batch_size, plan)[0], moved
             finally:
                 plan.lookahead = False
