@@ -9,12 +9,14 @@ forward/backward and one preconditioning.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import asdl
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..compat import reject_ddp
 from ..engine.capture import BlockCapture, Chunk
@@ -105,7 +107,9 @@ class KronPsgdGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         """SGD's pass; on an update step the gradient is taken with ``create_graph`` and differentiated once
         more against the probes: H_sum v of the chunk's summed (scaled) loss."""
         size = capture.chunk.size
-        with summed_loss(self):
+        # Fused attention kernels have no double backward (CPU flash attention): the math one on update steps.
+        kernel = sdpa_kernel(SDPBackend.MATH) if plan.update else contextlib.nullcontext()
+        with summed_loss(self), kernel:
             self.forward()
         loss = self._loss = as_sum(self, self._loss, size)
         scaled = loss if self.grad_scaler is None else self.grad_scaler.scale(loss)

@@ -28,6 +28,20 @@ def bn_net() -> nn.Module:
                          nn.Linear(3 * 3 * 3, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
 
 
+class TokenNet(nn.Module):
+    """(batch, tokens, 3) → a Linear embedding, a torch TransformerEncoderLayer (its attention projections are
+    blocks), the mean over tokens, a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.body = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(self.embed(x)).mean(1))
+
+
 BLOCKS = (0, 3, 5)  # net's Conv2d, Linear + bias, Linear
 
 

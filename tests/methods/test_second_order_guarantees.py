@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fop_asdl
 import second_order_worker as w
 
-from second_order_helpers import METHODS, batch, bn_net, build, config, net, options, step, train
+from second_order_helpers import METHODS, TokenNet, batch, bn_net, build, config, net, options, step, train
 
 HERE = Path(__file__).parent
 
@@ -45,6 +45,28 @@ def test_micro_batched_step_equals_the_one_pass_step(name):
         for a, b in zip(a_step, b_step):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
     assert full_state.keys() == chunked_state.keys()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_attention_projections_are_blocks_and_micro_batches_agree(name):
+    """A TransformerEncoderLayer: its q/k/v/out projections are blocks (token Linear rows); Kronecker PSGD's
+    double backward runs through attention (math kernel)."""
+    def tokens(i):
+        gen = torch.Generator().manual_seed(200 + i)
+        return torch.randn(6, 5, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen)
+
+    runs = []
+    for micro in (None, 4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, maker, opt = build(name, TokenNet, config(**w.CONFIG),
+                                      **({} if micro is None else {"micro_batch_size": micro}))
+        assert {"body.self_attn.q_proj", "body.self_attn.out_proj"} <= {n for n, _ in maker.blocks}
+        runs.append(train(model, maker, opt, range(3), tokens))
+    for a_step, b_step in zip(*runs):
+        for a, b in zip(a_step, b_step):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11 * float(b.abs().max()))
+            assert torch.isfinite(a).all()
 
 
 @pytest.mark.parametrize("name", METHODS)
