@@ -155,10 +155,10 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, name):
         assert torch.equal(p.detach(), q)
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
-    """Each rank trains on its 4 of 8 samples per step; every rank's p.grad equals one process's on all 8,
-    and every rank holds the same (replicated) state. Prints the nominal bytes per step."""
-    world = 2
+@pytest.mark.parametrize("world", [2, 3])
+def test_gloo_ranks_equal_one_process(tmp_path, world):
+    """Each rank trains on its 4 samples per step; every rank's p.grad equals one process's on all 4·W, and
+    every rank holds the same (replicated) state. Prints the nominal bytes per step."""
     mp.start_processes(w.distributed, args=(world, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=world,
                        join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(world)]
