@@ -4,12 +4,13 @@
 builds FOP, K-FAC, FNGD, HyLo or SGD by name. Importing the package applies the ASDL 0.1a5 fixes in
 ``compat``.
 """
-from .compat import KfacGradientMaker
+from .curvature.asdl_kfac import KfacGradientMaker
 from .methods.fngd import FNGDGradientMaker
 from .methods.fop import FOPGradientMaker
 from .methods.hylo import HyLoGradientMaker
 from .methods.kfac import ScalableKfacGradientMaker
-from .methods.fop_math import FOPCoefficients, FOPOptions, average_and_difference, fop_coefficients
+from .engine.sub_batches import average_and_difference
+from .methods.fop_math import FOPCoefficients, FOPOptions, fop_coefficients
 from .registry import GRADIENT_MAKERS, make_gradient_maker
 
 __all__ = [

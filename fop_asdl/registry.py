@@ -4,62 +4,34 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional
 
 import asdl
-import torch
 from torch import nn
 
-from .methods import diag_ng, kbfgs, kron_psgd, seng, smw_ng
+from .methods.diag_ng import DiagNgGradientMaker
 from .methods.fngd import FNGDGradientMaker
 from .methods.fop import FOPGradientMaker
 from .methods.hylo import HyLoGradientMaker
+from .methods.kbfgs import KronBfgsGradientMaker
 from .methods.kfac import ScalableKfacGradientMaker
+from .methods.kron_psgd import KronPsgdGradientMaker
+from .methods.seng import SengGradientMaker
 from .methods.sgd import PlainGradientMaker
+from .methods.smw_ng import SmwNgGradientMaker
 
 __all__ = ["GRADIENT_MAKERS", "make_gradient_maker"]
 
 
-def _sgd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], micro_batch_size: Optional[int] = None,
-         grad_scaler: Optional[torch.amp.GradScaler] = None, **kwargs: Any) -> asdl.GradientMaker:
-    if kwargs:
-        raise TypeError(f"the 'sgd' gradient maker takes only micro_batch_size and grad_scaler, got {sorted(kwargs)}.")
-    return PlainGradientMaker(model, micro_batch_size=micro_batch_size, grad_scaler=grad_scaler)
-
-
-def _fop(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
-    return FOPGradientMaker(model, config if config is not None else asdl.PreconditioningConfig(), **kwargs)
-
-
-def _kfac(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
-    """K-FAC on the shared step machinery: ASDL's curvature and inverses, its gradients, with FOP's
-    guarantees (a clear ``FloatingPointError`` before ASDL samples from a NaN output, nothing changed by a
-    failed step, micro-batches, GradScaler, several ranks, ``kl_clip``). ASDL's own path with only the
-    compat fixes stays available as ``fop_asdl.KfacGradientMaker``."""
-    return ScalableKfacGradientMaker(model, config if config is not None else asdl.PreconditioningConfig(),
-                                     **kwargs)
-
-
-def _fngd(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
-    if "kl_clip" in kwargs:
-        raise TypeError("FNGD does not take kl_clip: after its coefficient epochs it reuses stored weights, so "
-                        "its step is not F̃⁻¹g for any F̃ of the batch and has no Fisher norm to bound; lower "
-                        "the learning rate, or use 'kfac', 'fop' or 'hylo', which take kl_clip.")
-    return FNGDGradientMaker(model, config, **kwargs)
-
-
-def _hylo(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **kwargs: Any) -> asdl.GradientMaker:
-    return HyLoGradientMaker(model, config, **kwargs)
-
-
+#: name -> maker class; each takes (model, config=None, **its options). Adding a method is one line here.
 GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
-    "fngd": _fngd,
-    "fop": _fop,
-    "hylo": _hylo,
-    "kfac": _kfac,
-    "sgd": _sgd,
-    "smw_ng": smw_ng.build,
-    "seng": seng.build,
-    "diag_ng": diag_ng.build,
-    "kbfgs": kbfgs.build,
-    "kron_psgd": kron_psgd.build,
+    "fngd": FNGDGradientMaker,
+    "fop": FOPGradientMaker,
+    "hylo": HyLoGradientMaker,
+    "kfac": ScalableKfacGradientMaker,
+    "sgd": PlainGradientMaker,
+    "diag_ng": DiagNgGradientMaker,
+    "kbfgs": KronBfgsGradientMaker,
+    "kron_psgd": KronPsgdGradientMaker,
+    "seng": SengGradientMaker,
+    "smw_ng": SmwNgGradientMaker,
 }
 
 

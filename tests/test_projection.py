@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fop_asdl.methods.fop_math import FOPOptions, average_and_difference, fop_coefficients
+from fop_asdl.engine.sub_batches import average_and_difference
+from fop_asdl.methods.fop_math import FOPOptions, fop_coefficients
 
 DTYPE = torch.float64
 

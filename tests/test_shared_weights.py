@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fop_asdl
-from fop_asdl.compat import kron_damping
+from fop_asdl.curvature.inverses import kron_damping
 
 METHODS = ["sgd", "kfac", "fop", "fngd", "hylo"]
 LAMBDA = 1e16

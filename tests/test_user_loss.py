@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fop_asdl
-from fop_asdl.compat import kron_damping
+from fop_asdl.curvature.inverses import kron_damping
 
 METHODS = ["sgd", "kfac", "fop", "fngd", "hylo"]
 LAMBDA = 1e16  # the damped limit: F̃⁻¹ g = g / λ up to |A| / √λ (K-FAC damps each factor by ~√λ)

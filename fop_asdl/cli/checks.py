@@ -1,23 +1,22 @@
-"""Validation of an :class:`~fop_asdl.cli.config.ExperimentConfig`: types from the annotations, then every
-value, so an impossible experiment fails before any data is loaded, with a message naming the field."""
+"""Validation of an experiment's settings (:class:`~.experiment.ExperimentSettings`): types from the
+annotations, then every value, so an impossible experiment fails before any data is loaded, with a message
+naming the field. :class:`~.config.ExperimentConfig` runs it whenever a config is built."""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import torch
 
 from ..data import DATASETS
 from ..models import MODELS
 from .errors import ConfigError
-from .methods import HYPERPARAMETERS, METHODS, RANGES, in_range
+from .experiment import ExperimentSettings
+from .methods import METHODS, in_range, searchable
 from .search import SEARCH_MODES, method_points, point_text
 from .warmup import WARMUP_UNITS
-
-if TYPE_CHECKING:
-    from .config import ExperimentConfig
 
 __all__ = ["check_config"]
 
@@ -25,14 +24,14 @@ SCHEDULES = ("plateau", "cosine", "constant")
 AUGMENTATIONS = ("auto", "none", "crop_flip")
 
 
-def check_config(config: "ExperimentConfig") -> None:
+def check_config(config: ExperimentSettings) -> None:
     """Raise :class:`ConfigError` for the first wrong type or impossible value."""
     _check_types(config)
     _check_values(config)
     _check_search(config)
 
 
-def _check_types(config: "ExperimentConfig") -> None:
+def _check_types(config: ExperimentSettings) -> None:
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -81,7 +80,7 @@ def _one_of(value: Any, choices: Sequence[str], name: str) -> None:
     _require(value in choices, name, f"unknown value {value!r}; choose one of {', '.join(sorted(choices))}.")
 
 
-def _check_values(c: "ExperimentConfig") -> None:
+def _check_values(c: ExperimentSettings) -> None:
     _one_of(c.dataset, list(DATASETS), "dataset")
     _require(c.imbalance >= 1, "imbalance", f"must be >= 1 (largest / smallest class), got {c.imbalance}.")
     _require(
@@ -127,9 +126,10 @@ def _check_values(c: "ExperimentConfig") -> None:
     _require(c.warmup_unit == "epochs" or float(c.warmup).is_integer(), "warmup",
              f"warmup_unit steps needs a whole number of steps, got {c.warmup}.")
     _require(0 <= c.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {c.label_smoothing}.")
-    for name in ("weight_decay", "momentum", "damping", "ema_decay", "fngd_alpha"):
-        value = getattr(c, name)
-        _require(in_range(name, value), name, f"must be {RANGES[name][1]}, got {value}.")
+    for h in searchable().values():  # the config's value of every searchable field
+        if h.name != "lr":
+            value = getattr(c, h.name)
+            _require(h.valid(value), h.name, f"must be {h.valid_text}, got {value}.")
     _require(c.kl_clip is None or c.kl_clip > 0, "kl_clip", f"must be > 0 or null, got {c.kl_clip}.")
     if c.others_optimizer is not None:
         _one_of(c.others_optimizer, ["adamw"], "others_optimizer")
@@ -166,7 +166,7 @@ def _check_values(c: "ExperimentConfig") -> None:
     _require(c.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {c.eval_batch_size}.")
 
 
-def _check_search(c: "ExperimentConfig") -> None:
+def _check_search(c: ExperimentSettings) -> None:
     """Known methods and hyperparameters, valid values, distinct trials, and the same number of trials for
     every method of the study (the equal-budget rule)."""
     _one_of(c.search, SEARCH_MODES, "search")
@@ -184,16 +184,16 @@ def _check_search(c: "ExperimentConfig") -> None:
         _one_of(m, list(METHODS), "search_space")
         _require("lr" in space, f"search_space.{m}",
                  f"must search lr (the base learning rate); it has {sorted(space)}.")
+        reads = METHODS[m].hyperparameter_names
         for name, values in space.items():
             where = f"search_space.{m}.{name}"
-            _require(name in HYPERPARAMETERS[m], where,
-                     f"{m} does not read '{name}'; it reads {', '.join(HYPERPARAMETERS[m])}.")
+            _require(name in reads, where, f"{m} does not read '{name}'; it reads {', '.join(reads)}.")
             _check_space_values(c.search, name, values, where)
         points = method_points(c, m)
         for p in points:  # a value rounded to 3 digits may leave its range (momentum 0.99996 -> 1.0)
             for name, v in p.items():
                 _require(in_range(name, v), f"search_space.{m}.{name}",
-                         f"the trial {point_text(p)}, rounded to 3 digits, leaves {name} {RANGES[name][1]}: "
+                         f"the trial {point_text(p)}, rounded to 3 digits, leaves {name} {_range(name)}: "
                          f"narrow the range.")
         texts = [point_text(p) for p in points]
         repeated = sorted({t for t in texts if texts.count(t) > 1})
@@ -208,10 +208,14 @@ def _check_search(c: "ExperimentConfig") -> None:
 
 def _check_space_values(mode: str, name: str, values: List[float], where: str) -> None:
     for v in values:
-        _require(in_range(name, v), where, f"values of {name} must be {RANGES[name][1]}, got {v}.")
+        _require(in_range(name, v), where, f"values of {name} must be {_range(name)}, got {v}.")
     if mode == "grid":
         _require(len(values) > 0, where, "lists no values.")
         _require(len(set(values)) == len(values), where, f"has duplicates: {values}.")
     else:
         _require(len(values) == 2 and 0 < values[0] < values[1], where,
                  f"search: halton needs [low, high] with 0 < low < high (log-uniform), got {values}.")
+
+
+def _range(name: str) -> str:
+    return searchable()[name].valid_text

@@ -27,6 +27,7 @@ from .config import (
     training_settings,
 )
 from .environment import ENVIRONMENT, append_environment, describe_environment
+from .methods import METHODS
 from .protocol import RunSpec
 from .report import plot_curves, results_markdown
 from .search import method_points
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", parents=[common], help="one run: the sweep's first point unless chosen below", **layout
     )
-    train.add_argument("--method", help="sgd, adamw, kfac or fop (default: the first of methods)")
+    names = ", ".join(f"{m.name} ({m.label})" for m in METHODS.values())
+    train.add_argument("--method", help=f"one of {names} (default: the first of methods)")
     train.add_argument("--batch-size", type=int, help="global batch size (default: the first of batch_sizes)")
     train.add_argument(
         "--point",

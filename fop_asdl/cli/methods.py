@@ -1,52 +1,229 @@
-"""The runner's methods, and the hyperparameters each one reads: the ones its search space may vary.
+"""The runner's method table: everything the runner knows about a method is its one :class:`MethodSpec`.
 
-Adding a method is one entry in :data:`METHODS` (and in :data:`PRECONDITIONED` if its maker takes an
-``asdl.PreconditioningConfig``); its searchable hyperparameters follow from those two.
+A runner method is a torch optimizer fed by a gradient maker (``fop_asdl.make_gradient_maker``): SGD and
+AdamW step on the plain mean gradient of the ``"sgd"`` maker, K-FAC, FOP, FNGD and HyLo on their
+preconditioned gradients, with SGD momentum. The rest of the runner reads this table and names no method:
+the config checks (which names exist, what each may search, the valid ranges), the search (the order of a
+point's dimensions), the protocol (the optimizer, the maker and its options), the training loop (its
+hooks) and the report.
+
+Adding a method is one entry in :data:`METHODS` (and its tests and docs). Inside the entry, a new torch
+optimizer is an :class:`OptimizerSpec`; a new searched value a :class:`Hyperparameter`, which (lr aside)
+is a field of :class:`~.experiment.ExperimentSettings`. A built-in grid for the method (so that
+``--set methods=[name]`` runs with nothing else) is the built-in experiment's ``search_space`` default,
+spelled out in ``configs/default.yaml``; it is optional.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
-__all__ = ["METHODS", "PRECONDITIONED", "HYPERPARAMETERS", "RANGES", "in_range"]
+import asdl
+import torch
+from torch import nn
 
-#: Optimisation methods: the gradient maker and the torch optimizer each one uses.
-METHODS: Dict[str, str] = {
-    "sgd": "SGD momentum",
-    "adamw": "AdamW",
-    "kfac": "K-FAC + SGD momentum",
-    "fop": "FOP + SGD momentum",
-    "fngd": "FNGD + SGD momentum",
-    "hylo": "HyLo + SGD momentum",
-}
-#: Methods whose maker preconditions with curvature (damping, EMA decay, update interval).
-PRECONDITIONED: Tuple[str, ...] = ("kfac", "fop", "hylo")
+from .experiment import ExperimentSettings
 
-
-
-def _reads(method: str) -> Tuple[str, ...]:
-    """AdamW uses torch's AdamW (its own betas); every other method torch's SGD with momentum."""
-    optimizer = ("lr", "weight_decay") if method == "adamw" else ("lr", "weight_decay", "momentum")
-    curvature = {"kfac": ("damping", "ema_decay"), "fop": ("damping", "ema_decay"), "hylo": ("damping",),
-                 "fngd": ("fngd_alpha",)}
-    return optimizer + curvature.get(method, ())
+__all__ = [
+    "Hyperparameter",
+    "OptimizerSpec",
+    "MakerInputs",
+    "EpochStart",
+    "MethodSpec",
+    "SGD_MOMENTUM",
+    "ADAMW",
+    "METHODS",
+    "searchable",
+    "in_range",
+]
 
 
-#: Per method, in a fixed order (a Halton point's dimensions follow it), the hyperparameters it reads:
-#: ``lr`` is the base learning rate, every other name the config field of that name.
-HYPERPARAMETERS: Dict[str, Tuple[str, ...]] = {m: _reads(m) for m in METHODS}
+# --- what a search may vary -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A value a method's search may vary: ``lr`` (the base learning rate at ``base_batch``) or the config
+    field of this name (its value in the config is what runs when the search leaves it alone)."""
 
-#: Valid values of each searchable hyperparameter: (test, the range in words).
-RANGES: Dict[str, Tuple[Callable[[float], bool], str]] = {
-    "lr": (lambda v: 0 < v < math.inf, "> 0"),
-    "damping": (lambda v: 0 < v < math.inf, "> 0"),
-    "fngd_alpha": (lambda v: 0 < v < math.inf, "> 0"),
-    "ema_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
-    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-}
+    name: str
+    valid: Callable[[float], bool]
+    valid_text: str  # the valid range in words, for messages: "> 0", "in (0, 1]"
+
+
+def _positive(v: float) -> bool:
+    return 0 < v < math.inf
+
+
+LR = Hyperparameter("lr", _positive, "> 0")
+WEIGHT_DECAY = Hyperparameter("weight_decay", lambda v: 0 <= v < math.inf, ">= 0")
+MOMENTUM = Hyperparameter("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+DAMPING = Hyperparameter("damping", _positive, "> 0")
+EMA_DECAY = Hyperparameter("ema_decay", lambda v: 0 < v <= 1, "in (0, 1]")
+FNGD_ALPHA = Hyperparameter("fngd_alpha", _positive, "> 0")
+
+
+# --- the torch optimizers ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A torch optimizer as the runner builds it: ``build(parameters, lr, config)``, with the run's
+    (batch-scaled) lr and its config, reading the config fields of ``hyperparameters`` (lr first)."""
+
+    label: str
+    hyperparameters: Tuple[Hyperparameter, ...]
+    build: Callable[[Iterable[nn.Parameter], float, ExperimentSettings], torch.optim.Optimizer]
+
+
+#: torch's SGD with momentum and coupled weight decay (the optimizer's L2).
+SGD_MOMENTUM = OptimizerSpec(
+    "SGD momentum", (LR, WEIGHT_DECAY, MOMENTUM),
+    lambda params, lr, c: torch.optim.SGD(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay),
+)
+#: torch's AdamW: its own betas, decoupled weight decay.
+ADAMW = OptimizerSpec(
+    "AdamW", (LR, WEIGHT_DECAY),
+    lambda params, lr, c: torch.optim.AdamW(params, lr=lr, weight_decay=c.weight_decay),
+)
+
+
+# --- what a method's functions see ------------------------------------------------------------------
+@dataclass(frozen=True)
+class MakerInputs:
+    """What a method's own maker options are made from."""
+
+    config: ExperimentSettings  # the run's config, its searched values written in
+    steps_per_epoch: Optional[int]  # optimizer steps per epoch at the run's batch size
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """What an ``epoch_start`` hook sees: called after an epoch's evaluation and plateau step, before the
+    next epoch trains (not before the first, nor on resume)."""
+
+    maker: asdl.GradientMaker
+    optimizer: torch.optim.Optimizer
+    epoch: int  # the 0-based index of the epoch about to start (= the number of epochs done)
+    lr_dropped: bool  # the lr at the end of the finished epoch is below its lr at its start
+
+
+def _no_options(run: MakerInputs) -> Dict[str, Any]:
+    return {}
+
+
+# --- a method ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodSpec:
+    """One runner method: its optimizer, its gradient maker and how the config reaches them.
+
+    Options every maker takes are not listed here (``micro_batch_size``, passed when set and below a
+    rank's batch). The ``takes_*`` flags say which of the study's shared settings reach this method; a
+    setting it does not take is withheld, not an error, so one study can set ``kl_clip`` for the methods
+    that take it and still run the others.
+    """
+
+    name: str  # the name in configs, run folders and --method
+    label: str  # in words, for --help: "K-FAC + SGD momentum"
+    optimizer: OptimizerSpec
+    maker: str  # the make_gradient_maker name; "sgd": the plain mean gradient
+    #: The maker gets an ``asdl.PreconditioningConfig`` (damping, ema_decay, the run's update interval for
+    #: curvature and preconditioner; with others_optimizer set, normalization layers left out); else None.
+    preconditioning: bool = False
+    #: Searchable besides the optimizer's hyperparameters, in the order a search point lists them.
+    maker_hyperparameters: Tuple[Hyperparameter, ...] = ()
+    #: The method's own maker options, from the run's config and epoch length.
+    options: Callable[[MakerInputs], Dict[str, Any]] = _no_options
+    takes_kl_clip: bool = False  # kl_clip, with the run's current lr (warm-up and schedule included)
+    takes_ema_bias_correction: bool = False  # ema_bias_correction=True, when set
+    #: others_optimizer "adamw" (the paper's transformer protocol): this method's optimizer steps the blocks
+    #: its maker preconditions, AdamW (others_lr, others_weight_decay) every other parameter.
+    takes_others_optimizer: bool = False
+    #: The maker's per-block β and η (``last_stats``) go into each epoch's ``fop_stats`` and the summary's
+    #: ``fop_stats_per_epoch``.
+    block_stats: bool = False
+    #: Called between epochs (:class:`EpochStart`); None: nothing to do.
+    epoch_start: Optional[Callable[[EpochStart], None]] = None
+
+    @property
+    def hyperparameters(self) -> Tuple[Hyperparameter, ...]:
+        """What a search may vary, in order (a Halton point's dimensions and the run folder follow it):
+        the optimizer's (lr first), then the maker's."""
+        return self.optimizer.hyperparameters + self.maker_hyperparameters
+
+    @property
+    def hyperparameter_names(self) -> Tuple[str, ...]:
+        return tuple(h.name for h in self.hyperparameters)
+
+
+def _table(*methods: MethodSpec) -> Dict[str, MethodSpec]:
+    return {m.name: m for m in methods}
+
+
+#: The runner's methods by name, in the order ``--help`` lists them.
+METHODS: Dict[str, MethodSpec] = _table(
+    MethodSpec(name="sgd", label="SGD momentum", optimizer=SGD_MOMENTUM, maker="sgd"),
+    MethodSpec(name="adamw", label="AdamW", optimizer=ADAMW, maker="sgd"),
+    MethodSpec(
+        name="kfac",
+        label="K-FAC + SGD momentum",
+        optimizer=SGD_MOMENTUM,
+        maker="kfac",
+        preconditioning=True,
+        maker_hyperparameters=(DAMPING, EMA_DECAY),
+        takes_kl_clip=True,
+        takes_ema_bias_correction=True,
+        takes_others_optimizer=True,
+    ),
+    MethodSpec(
+        name="fop",
+        label="FOP + SGD momentum",
+        optimizer=SGD_MOMENTUM,
+        maker="fop",
+        preconditioning=True,
+        maker_hyperparameters=(DAMPING, EMA_DECAY),
+        takes_kl_clip=True,
+        takes_ema_bias_correction=True,
+        takes_others_optimizer=True,
+        block_stats=True,
+    ),
+    MethodSpec(
+        name="fngd",
+        label="FNGD + SGD momentum",
+        optimizer=SGD_MOMENTUM,
+        maker="fngd",  # no PreconditioningConfig: FNGD forms its own coefficients
+        maker_hyperparameters=(FNGD_ALPHA,),
+        # iters_per_epoch: where its coefficient epoch ends; alpha: its damping λ = α‖K‖_F.
+        options=lambda run: {"iters_per_epoch": run.steps_per_epoch, "alpha": run.config.fngd_alpha},
+        # Refused by its maker: after its coefficient epochs it reuses stored weights, so its step is not
+        # F̃⁻¹g for any F̃ of the batch and has no Fisher norm to bound.
+        takes_kl_clip=False,
+    ),
+    MethodSpec(
+        name="hylo",
+        label="HyLo + SGD momentum",
+        optimizer=SGD_MOMENTUM,
+        maker="hylo",
+        preconditioning=True,
+        maker_hyperparameters=(DAMPING,),
+        options=lambda run: {"iters_per_epoch": run.steps_per_epoch},  # it picks KID or KIS per epoch
+        takes_kl_clip=True,
+        # Its "gradient" switch policy turns to KID for some epochs after an lr decay.
+        epoch_start=lambda e: e.maker.on_epoch_start(e.epoch, e.lr_dropped),
+    ),
+)
+
+
+def searchable() -> Dict[str, Hyperparameter]:
+    """Every hyperparameter some method of :data:`METHODS` may search, by name, in table order (lr first,
+    then config fields). One config field has one valid range, so two methods naming the same field must
+    name the same :class:`Hyperparameter`."""
+    out: Dict[str, Hyperparameter] = {}
+    for method in METHODS.values():
+        for h in method.hyperparameters:
+            if out.setdefault(h.name, h) is not h:
+                raise ValueError(f"method {method.name!r}: two different hyperparameters are named {h.name!r}.")
+    return out
 
 
 def in_range(name: str, value: float) -> bool:
-    return RANGES[name][0](value)
+    """``value`` is valid for the searchable hyperparameter ``name``."""
+    return searchable()[name].valid(value)

@@ -1,9 +1,10 @@
 """The paper's training protocol for one run: learning-rate scaling, update interval, model, optimizer,
-schedule, loss and gradient maker, identical across methods except where a method needs its own.
+schedule, loss and gradient maker, identical across methods except where a method's entry in the method
+table (:mod:`.methods`) says otherwise.
 
-SGD, K-FAC and FOP share torch's SGD (momentum, coupled weight decay); AdamW uses torch's AdamW (decoupled
-weight decay). SGD and AdamW get their gradients from the plain "sgd" gradient maker, K-FAC and FOP from
-their makers with the same ``asdl.PreconditioningConfig``, so K-FAC and FOP share every schedule.
+Every method gets its optimizer and its maker's options from its entry; the methods whose makers
+precondition with curvature share one ``asdl.PreconditioningConfig`` recipe, so K-FAC, FOP and HyLo share
+every schedule.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..data import DATASETS, ArrayDataset
 from ..optim.hybrid import HybridOptimizer, other_parameters, preconditioned_parameters
 from ..models import build_model
 from .config import ConfigError, ExperimentConfig
-from .methods import HYPERPARAMETERS, METHODS, PRECONDITIONED
+from .methods import METHODS, MakerInputs, MethodSpec
 from .search import Point
 
 __all__ = [
@@ -57,8 +58,8 @@ class RunSpec:
     def at(cls, config: ExperimentConfig, method: str, batch_size: int, point: Mapping[str, float],
            seed: int) -> "RunSpec":
         """The run at a search point ``{"lr": base lr, other hyperparameter: value, ...}``; the other values
-        in :data:`HYPERPARAMETERS` order, so the same point always names the same run folder."""
-        order = HYPERPARAMETERS.get(method, ())
+        in the order of the method's hyperparameters, so the same point always names the same run folder."""
+        order = METHODS[method].hyperparameter_names if method in METHODS else ()
         rank = {name: i for i, name in enumerate(order)}
         hparams = tuple(sorted(((k, v) for k, v in point.items() if k != "lr"),
                                key=lambda kv: rank.get(kv[0], len(order))))
@@ -67,10 +68,11 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError("method", f"unknown value {self.method!r}; choose one of {', '.join(METHODS)}.")
+        reads = self.method_spec.hyperparameter_names
         for name, _ in self.hparams:
-            if name == "lr" or name not in HYPERPARAMETERS[self.method]:
+            if name == "lr" or name not in reads:
                 raise ConfigError(name, f"{self.method} does not read '{name}' (besides lr it reads "
-                                        f"{', '.join(HYPERPARAMETERS[self.method][1:])}).")
+                                        f"{', '.join(reads[1:])}).")
         if self.hparams:
             object.__setattr__(self, "config", dataclasses.replace(self.config, **dict(self.hparams)))
         if self.batch_size < 2:
@@ -83,6 +85,11 @@ class RunSpec:
             raise ConfigError("seed", f"must be >= 0, got {self.seed}.")
         if isinstance(self.config.epochs, dict) and self.batch_size not in self.config.epochs:
             raise ConfigError("epochs", f"the map has no entry for batch size {self.batch_size}.")
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        """The method's entry in the method table."""
+        return METHODS[self.method]
 
     @property
     def lr(self) -> float:
@@ -148,15 +155,15 @@ def build_model_for(config: ExperimentConfig, data: ArrayDataset) -> nn.Module:
 
 
 def build_optimizer(spec: RunSpec, model: nn.Module, maker: asdl.GradientMaker) -> torch.optim.Optimizer:
-    c = spec.config
-    if c.others_optimizer == "adamw" and spec.method in ("kfac", "fop"):  # the paper's transformer protocol
-        sgd = torch.optim.SGD(preconditioned_parameters(maker), lr=spec.lr, momentum=c.momentum,
-                              weight_decay=c.weight_decay)
-        adamw = torch.optim.AdamW(other_parameters(maker), lr=spec.others_lr, weight_decay=c.others_weight_decay)
-        return HybridOptimizer(sgd, adamw)
-    if spec.method == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=c.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    """The method's optimizer over the model's parameters; with ``others_optimizer`` "adamw", for a method
+    that takes it, the paper's transformer protocol: the method's optimizer on the blocks its maker
+    preconditions, AdamW on every other parameter."""
+    c, method = spec.config, spec.method_spec
+    if c.others_optimizer == "adamw" and method.takes_others_optimizer:
+        blocks = method.optimizer.build(preconditioned_parameters(maker), spec.lr, c)
+        others = torch.optim.AdamW(other_parameters(maker), lr=spec.others_lr, weight_decay=c.others_weight_decay)
+        return HybridOptimizer(blocks, others)
+    return method.optimizer.build(model.parameters(), spec.lr, c)
 
 
 def build_scheduler(
@@ -175,34 +182,32 @@ def build_scheduler(
 
 def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int, steps_per_epoch: Optional[int] = None,
                          lr: Optional[Callable[[], float]] = None) -> asdl.GradientMaker:
-    """Through ``fop_asdl.make_gradient_maker``: ``micro_batch_size`` only when set and below the batch;
-    K-FAC, FOP and HyLo get ``kl_clip`` (with ``lr``, the run's current learning rate), K-FAC and FOP
-    ``ema_bias_correction``, when set; FNGD gets ``iters_per_epoch`` (where its coefficient epoch ends) and
-    ``alpha``, HyLo ``iters_per_epoch`` (its KID/KIS choice is per epoch)."""
-    c = spec.config
+    """Through ``fop_asdl.make_gradient_maker``, as the method's entry says: ``micro_batch_size`` only when
+    set and below the batch; an ``asdl.PreconditioningConfig`` for a preconditioning maker (else None);
+    ``kl_clip`` (with ``lr``, the run's current learning rate) and ``ema_bias_correction`` when set, to the
+    methods that take them; then the method's own options (e.g. FNGD's ``iters_per_epoch``, where its
+    coefficient epoch ends, and ``alpha``; HyLo's ``iters_per_epoch``, as its KID/KIS choice is per
+    epoch)."""
+    c, method = spec.config, spec.method_spec
     kwargs: Dict[str, Any] = {}
     if c.micro_batch_size is not None and c.micro_batch_size < local_batch:
         kwargs["micro_batch_size"] = c.micro_batch_size
-    if spec.method == "fngd":
-        return make_gradient_maker("fngd", model, None, iters_per_epoch=steps_per_epoch, alpha=c.fngd_alpha,
-                                   **kwargs)
-    if spec.method not in PRECONDITIONED:
-        return make_gradient_maker("sgd", model, None, **kwargs)
-    ignore = [nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d] if c.others_optimizer else None  # AdamW's, not ours
-    config = asdl.PreconditioningConfig(
-        ignore_modules=ignore,
-        damping=c.damping,
-        ema_decay=c.ema_decay,
-        curvature_upd_interval=spec.interval,
-        preconditioner_upd_interval=spec.interval,
-    )
-    if c.kl_clip is not None:
+    config = None
+    if method.preconditioning:
+        ignore = [nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d] if c.others_optimizer else None  # AdamW's, not ours
+        config = asdl.PreconditioningConfig(
+            ignore_modules=ignore,
+            damping=c.damping,
+            ema_decay=c.ema_decay,
+            curvature_upd_interval=spec.interval,
+            preconditioner_upd_interval=spec.interval,
+        )
+    if method.takes_kl_clip and c.kl_clip is not None:
         kwargs.update(kl_clip=c.kl_clip, lr=lr)
-    if spec.method == "hylo":
-        return make_gradient_maker("hylo", model, config, iters_per_epoch=steps_per_epoch, **kwargs)
-    if c.ema_bias_correction:
+    if method.takes_ema_bias_correction and c.ema_bias_correction:
         kwargs["ema_bias_correction"] = True
-    return make_gradient_maker(spec.method, model, config, **kwargs)
+    kwargs.update(method.options(MakerInputs(c, steps_per_epoch)))
+    return make_gradient_maker(method.maker, model, config, **kwargs)
 
 
 def loss_function(config: ExperimentConfig) -> nn.Module:

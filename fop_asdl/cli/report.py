@@ -9,12 +9,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .compare import MethodResult
 from .config import ExperimentConfig
-from .methods import HYPERPARAMETERS
+from .methods import METHODS
 from .search import point_text
 
 __all__ = ["results_markdown", "plot_curves", "accuracy_by_batch"]
 
 DASH = "–"
+#: The method whose seconds to target the speed-up column divides by.
+SPEEDUP_BASELINE = "sgd"
 
 
 def _spread(values: Sequence[float], fmt: Callable[[float], str]) -> str:
@@ -73,7 +75,7 @@ def results_markdown(
         "| best test acc (%) | speed-up vs SGD |",
         "|---|---|---|---|---|---|---|",
     ]
-    sgd = {r.batch_size: _mean_seconds(r) for r in results if r.method == "sgd"}
+    sgd = {r.batch_size: _mean_seconds(r) for r in results if r.method == SPEEDUP_BASELINE}
     for r in results:
         lr = r.runs[0]["run"]["lr"]
         mine, base = _mean_seconds(r), sgd.get(r.batch_size)
@@ -136,7 +138,8 @@ def _edge_note(flags: List[str]) -> str:
 def _search_table(config: ExperimentConfig, results: List[MethodResult]) -> List[str]:
     """Every trial of the first seed: the values it ran with (searched or, blank if unused, the config's)."""
     names = list(dict.fromkeys(
-        name for r in results for name in HYPERPARAMETERS[r.method] if name in config.search_space[r.method]
+        name for r in results for name in METHODS[r.method].hyperparameter_names
+        if name in config.search_space[r.method]
     ))
     spaces = "; ".join(
         f"{m} " + ", ".join(f"{k} {_values(config.search, v)}" for k, v in config.search_space[m].items())
@@ -158,7 +161,7 @@ def _search_table(config: ExperimentConfig, results: List[MethodResult]) -> List
         for s in r.search:
             run = s["run"]
             values = [
-                f"{run['point'].get(k, s['config'].get(k)):g}" if k in HYPERPARAMETERS[r.method] else ""
+                f"{run['point'].get(k, s['config'].get(k)):g}" if k in METHODS[r.method].hyperparameter_names else ""
                 for k in names
             ]
             epochs, seconds = s["epochs_to_target"], s["train_seconds_to_target"]

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
-from .methods import HYPERPARAMETERS
-
-if TYPE_CHECKING:
-    from .config import ExperimentConfig
+from .experiment import ExperimentSettings
+from .methods import METHODS
 
 __all__ = ["SEARCH_MODES", "Point", "halton", "search_points", "method_points", "edges", "point_text"]
 
@@ -57,11 +55,11 @@ def search_points(mode: str, space: Mapping[str, Sequence[float]], n: Optional[i
     return points
 
 
-def method_points(config: "ExperimentConfig", method: str) -> List[Point]:
-    """``method``'s trials under ``config``; dimensions in :data:`HYPERPARAMETERS` order (lr first), so that
-    methods searching lr over the same range try the same lrs whatever the order written in the YAML."""
+def method_points(config: ExperimentSettings, method: str) -> List[Point]:
+    """``method``'s trials under ``config``; dimensions in the order of its hyperparameters (lr first), so
+    that methods searching lr over the same range try the same lrs whatever the order written in the YAML."""
     space = config.search_space[method]
-    ordered = {name: space[name] for name in HYPERPARAMETERS[method] if name in space}
+    ordered = {name: space[name] for name in METHODS[method].hyperparameter_names if name in space}
     return search_points(config.search, ordered, config.search_points)
 
 

@@ -1,8 +1,9 @@
 """One training run: the ASDL training loop, per-epoch evaluation, outputs, checkpoints and resume.
 
 Every method goes through the same loop (``setup_model_call`` / ``setup_loss_call`` /
-``forward_and_backward``, then ``optimizer.step()``). Within an epoch nothing waits on the device: the
-loss and FOP's β/η are summed on the device and read once per epoch, after the epoch's clock stops.
+``forward_and_backward``, then ``optimizer.step()``), plus the hooks its entry in the method table names.
+Within an epoch nothing waits on the device: the loss and FOP's β/η are summed on the device and read once
+per epoch, after the epoch's clock stops.
 Training time and evaluation time are kept apart; "seconds to target" counts training time only.
 """
 
@@ -26,6 +27,7 @@ from .batches import AUGMENT_SEED_OFFSET, EpochBatches, augmentation
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import changed_keys, training_settings
 from .distributed import Topology
+from .methods import EpochStart
 from .protocol import (
     RunSpec,
     build_gradient_maker,
@@ -62,7 +64,7 @@ class Trainer:
         self.optimizer = build_optimizer(spec, self.model, self.maker)  # the hybrid protocol asks the maker
         self.scheduler = build_scheduler(spec, self.optimizer, self.batches.steps_per_epoch)
         self.loss_fn = loss_function(c)
-        self.stats = BlockStats() if spec.method == "fop" else None
+        self.stats = BlockStats() if spec.method_spec.block_stats else None
         self.history: List[Dict[str, Any]] = []
         self.diverged = False
 
@@ -85,8 +87,10 @@ class Trainer:
         eval_seconds = time.perf_counter() - start
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(accuracy)
-        if hasattr(self.maker, "on_epoch_start"):  # HyLo turns to KID after an LR decay
-            self.maker.on_epoch_start(self.epoch + 1, self.optimizer.param_groups[0]["lr"] < lr)
+        epoch_start = self.spec.method_spec.epoch_start
+        if epoch_start is not None:
+            dropped = self.optimizer.param_groups[0]["lr"] < lr
+            epoch_start(EpochStart(self.maker, self.optimizer, self.epoch + 1, dropped))
         loss = loss_sum.item() / max(steps, 1)
         self.diverged = self.diverged or not math.isfinite(loss)
         previous = self.history[-1]["train_seconds_total"] if self.history else 0.0
@@ -122,7 +126,7 @@ class Trainer:
             self.maker.setup_loss_call(self.loss_fn, dummy_y, y)
             try:
                 _, loss = self.maker.forward_and_backward()
-            except FloatingPointError:  # FOP refuses a NaN/Inf step rather than taking it
+            except FloatingPointError:  # the maker refuses a NaN/Inf step rather than taking it
                 self.diverged = True
                 break
             with warmed_up(self.optimizer, self._warmup_now):

@@ -8,19 +8,18 @@ with it by multiplication; nothing new goes into a checkpoint (t counts the step
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 
-if TYPE_CHECKING:
-    from .config import ExperimentConfig
+from .experiment import ExperimentSettings
 
 __all__ = ["WARMUP_UNITS", "warmup_steps", "warmup_factor", "warmed_up"]
 
 WARMUP_UNITS = ("steps", "epochs")
 
 
-def warmup_steps(config: "ExperimentConfig", steps_per_epoch: int) -> int:
+def warmup_steps(config: ExperimentSettings, steps_per_epoch: int) -> int:
     """W: ``warmup`` steps, or ``warmup`` epochs of ``steps_per_epoch`` rounded to whole steps."""
     if config.warmup_unit == "epochs":
         return round(config.warmup * steps_per_epoch)

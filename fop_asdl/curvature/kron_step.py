@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import asdl
 import torch
-from asdl.grad_maker import DummyObject, GetFirstItem
 from asdl.matrices import FISHER_MC
 from torch import Tensor, nn
 
-from ..engine.attention import attention_blocks
-from .products import BlockVector, divided, flat_block, has_inverse, matrix_tensors, scaled
-from ..engine.capture import BlockCapture, Chunk
-from ..engine.chunks import as_sum, summed_loss_backward, validate_micro_batch_size
-from ..compat import _INVALID, KfacGradientMaker, eager_module, kept_requires_grad, reject_ddp, robust_update_inv
-from ..engine.sub_batches import BlockSum, add_sums, half_sums
-from ..engine.loss import BatchCounts
-from ..methods.fop_math import average_and_difference
-from ..engine.step import SteppedGradientMaker, ignoring_unsupported, make_sync, write_block
+from ..distributed import make_sync
 from ..distributed.sync import HalfSums
-from ..engine.trust_region import LearningRate, kl_clip_factor, validate_kl_clip
+from ..engine.attention import attention_blocks
+from ..engine.capture import BlockCapture, Chunk
+from ..engine.chunks import summed_loss_backward
+from ..engine.loss import BatchCounts, loss_scale
+from ..engine.selection import ignoring_unsupported
+from ..engine.step import SteppedGradientMaker
+from ..engine.sub_batches import average_and_difference, half_sums
+from ..engine.trust_region import LearningRate, step_factor, validate_kl_clip
+from ..engine.vectors import BlockVector, add, divided, flat_block, scaled, write_block
+from .asdl_kfac import UNSET, KfacGradientMaker
+from .ema import commit_curvature, scale_curvature
+from .fisher_pass import curvature_chunk, fresh_curvature, unscale_empirical
+from .inverses import drop_inverses, rebuild_inverses
+from .products import matrix_tensors
 
 __all__ = ["BlockGradients", "CurvatureStepMaker", "CurvaturePlan"]
 
@@ -70,7 +74,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         ema_bias_correction: ASDL's EMA starts from zero, so after k updates each factor holds (1 − (1 − d)^k)
             of its scale (0.05 A and 0.05 B after the first at ``ema_decay`` d = 0.05). True divides every
             factor by that, as Adam does, so the first steps are preconditioned by the curvature itself. The
-            count k of each block is kept in ``state_dict()``. Measured harmful at low damping (README).
+            count k of each block is kept in ``state_dict()``. Measured harmful at low damping (docs/results.md).
 
     Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its
     inverses and the per-sub-batch gradients are computed in the parameters' precision.
@@ -85,7 +89,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
     #: Several ranks run the sharded path (fop_asdl.distributed), not ASDL's.
     single_process_only = False
 
-    def __init__(self, model: nn.Module, config: asdl.PreconditioningConfig,
+    def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None,
                  fisher_type: str = FISHER_MC, loss_type: str = "cross_entropy",
                  scale: float = 1.0, grad_scale: float = 1.0, n_mc_samples: int = 1, var: float = 1.0,
                  seed: Optional[int] = None, swift: bool = False, micro_batch_size: Optional[int] = None,
@@ -97,11 +101,8 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         self._ema_updates: Dict[str, int] = {}  # per block: EMA updates committed so far
         self.last_nu: Optional[Tensor] = None
         self.last_stats: Dict[str, Dict[str, Tensor]] = {}
-        self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
-        self.grad_scaler = grad_scaler
-        self.last_step_skipped = False
-        reject_ddp(model)
-        model = eager_module(model)
+        model = self._init_step(model, micro_batch_size, grad_scaler)
+        config = config if config is not None else asdl.PreconditioningConfig()
         with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.engine.attention)
             config = ignoring_unsupported(model, config, self.method_label)
             super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
@@ -139,48 +140,40 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         # The old inverses are about to be replaced: free them to make room for the new curvature. Should
         # the step fail, they are rebuilt bit for bit from the untouched old factors.
         if update_curvature and update_inverse:
-            plan.dropped = self._drop_inverses()
+            plan.dropped = drop_inverses((name, getattr(m, self._fisher_attr, None))
+                                         for name, m in self.named_modules_for_curvature)
         return plan
 
     def _pass_context(self, plan: CurvaturePlan) -> ContextManager:
-        return self._fresh_curvature(plan)
+        return fresh_curvature(self, plan.curvature) if plan.update_curvature else contextlib.nullcontext()
 
     def _chunk_backward(self, capture: BlockCapture, plan: CurvaturePlan, first: bool) -> None:
         if plan.update_curvature:
-            self._curvature_chunk(capture, first)
+            curvature_chunk(self, capture, first)
         else:
             summed_loss_backward(self, self.grad_scaler, capture.chunk.size)
 
     def _accumulate(self, module: nn.Module, x: Tensor, grad_out: Tensor, chunk: Chunk,
-                    previous: Optional[List[Optional[BlockSum]]]) -> List[Optional[BlockSum]]:
+                    previous: Optional[List[Optional[BlockVector]]]) -> List[Optional[BlockVector]]:
         new = half_sums(module, x, grad_out, chunk.split)
         # Chunks of a micro-batched step, and modules called more than once (shared weights), add up.
-        return new if previous is None else [add_sums(a, b) for a, b in zip(previous, new)]
+        return new if previous is None else [add(a, b) for a, b in zip(previous, new)]
 
-    def _finish(self, plan: CurvaturePlan, records: Dict[str, List[Optional[BlockSum]]],
+    def _finish(self, plan: CurvaturePlan, records: Dict[str, List[Optional[BlockVector]]],
                 counts: BatchCounts) -> Dict[str, List[Tensor]]:
         if plan.curvature and self.fisher_maker.is_fisher_emp:
-            # The empirical Fisher comes from the backpropagated loss's own per-sample gradients: its
-            # output-side factors carry the square of that loss's scale against the user's per-sample terms
-            # (the GradScaler's scale s, and 1 / r for a loss normalised by more than its samples).
-            backprop_scale = 1.0 if self.grad_scaler is None else self.grad_scaler.scale(
-                torch.ones((), device=self.device))
-            square = (backprop_scale / counts.per_sample) ** 2
-            for matrix in plan.curvature.values():
-                output_side = [matrix.kron.B] if matrix.has_kron else []
-                output_side += [matrix.unit.data] if matrix.has_unit else []
-                for tensor in output_side:
-                    tensor.div_(square)
+            unscale_empirical(plan.curvature, counts.backprop_scale(loss_scale(self.grad_scaler, self.device)))
         sums = self._sync.reduce_block_sums({name: tuple(halves) for name, halves in records.items()})
         plan.gradients = self._block_gradients(sums, *counts.weights())
         plan.curvature = self._sync.reduce_curvature(plan.curvature) if plan.update_curvature else {}
-        self._scale_curvature(plan.curvature, counts.n)
+        scale_curvature(plan.curvature, counts.n if self.config.data_size == UNSET else self.config.data_size)
         # g_avg = (S1 + S2)/n is non-finite whenever S1 or S2 is (inf - inf is NaN), so g_diff needs no check.
         return {"gradient": [t for g_avg, _ in plan.gradients.values() for t in g_avg if t is not None],
                 "curvature": [t for matrix in plan.curvature.values() for t in matrix_tensors(matrix)]}
 
     def _commit(self, plan: CurvaturePlan) -> None:
-        self._commit_curvature(plan.curvature)
+        commit_curvature(dict(self.named_modules_for_curvature), self._fisher_attr, plan.curvature,
+                         self.config.ema_decay, self.do_accumulate, self.ema_bias_correction, self._ema_updates)
         if plan.update_inverse:
             self._invert_all()
         results = self._sync.share(self._precondition(plan.gradients), self._block_shapes(),
@@ -188,7 +181,9 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         self._write_results(results)
 
     def _roll_back(self, plan: CurvaturePlan) -> None:
-        self._rebuild_inverses(plan.dropped)
+        modules = dict(self.named_modules_for_curvature)
+        rebuild_inverses({name: getattr(modules[name], self._fisher_attr) for name in plan.dropped},
+                         self.config.damping, self._fallback_warned)
         plan.dropped = []
 
     def _write_results(self, results: Dict[str, Tuple[BlockVector, Optional[Tensor]]]) -> None:
@@ -197,11 +192,9 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         self.last_stats = {name: dict(zip(self.stat_keys, results[name][1].unbind()))
                            for name, _ in self.named_modules_for_curvature
                            if name in results and results[name][1] is not None}
-        nu = None
+        kl = [v for stats in self.last_stats.values() for k, v in stats.items() if k.startswith("kl_")]
+        nu = step_factor(self.kl_clip, self._lr, kl, loss_scale(self.grad_scaler, self.device))
         if self.kl_clip is not None:
-            kl = [v for stats in self.last_stats.values() for k, v in stats.items() if k.startswith("kl_")]
-            scale = None if self.grad_scaler is None else self.grad_scaler._get_scale_async()
-            nu = kl_clip_factor(kl, self.kl_clip, self._lr, scale) if kl else None
             self.last_nu = nu
         for name, module in self.named_modules_for_curvature:
             if name not in results:
@@ -213,77 +206,6 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
                 vector = scaled(vector, factor)
             write_block(module, vector)
 
-    # --- ASDL's curvature inside the step -------------------------------------------------------------
-    @contextlib.contextmanager
-    def _fresh_curvature(self, plan: CurvaturePlan) -> Iterator[None]:
-        """During the block, ASDL's Fisher passes write into fresh matrices, which fill ``plan.curvature`` on
-        exit; the stored curvature stays untouched until the step is known to be finite."""
-        new = plan.curvature
-        if not plan.update_curvature:
-            yield
-            return
-        attr = self._fisher_attr
-        named = self.named_modules_for_curvature
-        stored = {m: getattr(m, attr) for _, m in named if hasattr(m, attr)}
-        for module in stored:
-            delattr(module, attr)
-        try:
-            yield
-            new.update({name: getattr(m, attr) for name, m in named if getattr(m, attr, None) is not None})
-        finally:
-            for _, module in named:
-                if module in stored:
-                    setattr(module, attr, stored[module])
-                elif hasattr(module, attr):
-                    delattr(module, attr)
-
-    def _curvature_chunk(self, capture: BlockCapture, first: bool) -> None:
-        """ASDL's Fisher pass on one chunk (its forward, Fisher backward(s) and the loss backward), with
-        the curvature summed over the chunk's samples (data_size=1) and added to that of earlier chunks."""
-        fisher_maker = self.fisher_maker
-        fisher_loop = fisher_maker._fisher_loop
-
-        def loop_without_capture(closure):  # Monte-Carlo / exact Fisher backward passes: not the loss
-            if not isinstance(fisher_maker._logits, Tensor) or fisher_maker._logits.ndim == 0:
-                raise TypeError(f"{self.method_label}'s Fisher needs the model's logits as a tensor, but the model "
-                                f"output gives {_described(fisher_maker._logits)}; pass them to the loss call "
-                                f"(setup_loss_call(loss_fn, dummy_y['logits'], t)) or name them with "
-                                f"setup_logits_repr(dummy_y[...]).")
-            if not bool(torch.isfinite(fisher_maker._logits).all()):  # sampling from NaN logits fails obscurely
-                raise FloatingPointError(f"{self.method_label} step aborted: NaN or Inf in the model output. "
-                                         "Nothing was updated; lower the learning rate or raise the damping.")
-            capture.active = False
-            try:
-                fisher_loop(closure)
-            finally:
-                capture.active = True
-
-        fisher_maker._fisher_loop = loop_without_capture
-        call_loss = fisher_maker.call_loss
-
-        def summed_call_loss():  # ASDL backpropagates fisher_maker._loss: make that the summed, scaled loss
-            self._unscaled_loss = as_sum(self, call_loss(), capture.chunk.size)
-            scaler = self.grad_scaler
-            fisher_maker._loss = self._unscaled_loss if scaler is None else scaler.scale(self._unscaled_loss)
-            return fisher_maker._loss
-
-        fisher_maker.call_loss = summed_call_loss
-        seed = fisher_maker.config.seed
-        if not first:
-            fisher_maker.config.seed = None  # re-seeding each chunk would repeat the first chunk's draws
-        scale = self.scale * (self.config.ema_decay if self.do_accumulate else 1.0)
-        user_logits, self._dummy_logits = self._dummy_logits, fisher_logits(self)
-        try:
-            with kept_requires_grad(self.model):
-                self.delegate_forward_and_backward(fisher_maker, data_size=1, scale=scale, accumulate=not first,
-                                                   calc_loss_grad=True, calc_inv=False)
-        finally:
-            self._dummy_logits = user_logits
-            del fisher_maker._fisher_loop
-            fisher_maker.__dict__.pop("call_loss", None)
-            fisher_maker.config.seed = seed
-        self._loss = self._unscaled_loss
-
     def _block_gradients(self, sums: Dict[str, HalfSums], n1, n2) -> BlockGradients:
         """(g_avg, g_diff) per owned block (g_diff None for K-FAC) from the sums over B1 and B2 divided by
         their weights ``n1``, ``n2`` (:meth:`BatchCounts.weights`), as (weight, bias) pairs without the
@@ -294,7 +216,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             name, (sum1, sum2) = sums.popitem()
             sum1, sum2 = (flat_block(s, shapes[name]) for s in (sum1, sum2))
             if not self.two_gradients:
-                total = add_sums(sum1, sum2)
+                total = add(sum1, sum2)
                 out[name] = (divided(total, n1 + n2), None)
                 continue
             w_avg, w_diff = average_and_difference(sum1[0], sum2[0], n1, n2)
@@ -302,38 +224,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             out[name] = ((w_avg, b_avg), (w_diff, b_diff))
         return out
 
-    def _scale_curvature(self, curvature: Dict[str, Any], n) -> None:
-        """Sums over samples → ASDL's scaling: every stored factor divided by data_size (config.data_size, or
-        the global batch size when unset), as ASDL's ``scale / data_size`` does for each factor."""
-        if not curvature:
-            return
-        data_size = n if self.config.data_size == _INVALID else self.config.data_size
-        for matrix in curvature.values():
-            for tensor in matrix_tensors(matrix):
-                tensor.div_(data_size)
-
-    def _commit_curvature(self, new_curvature: Dict[str, Any]) -> None:
-        attr = self._fisher_attr
-        decay = self.config.ema_decay
-        modules = dict(self.named_modules_for_curvature)
-        for name, matrix in new_curvature.items():
-            module = modules[name]
-            stored = getattr(module, attr, None)
-            keep = 1.0 - decay  # the same EMA as ASDL's update_curvature, per factor
-            if self.do_accumulate and self.ema_bias_correction:
-                # m_k = ((1 − d) b_{k−1} m_{k−1} + d F_k) / b_k with b_k = 1 − (1 − d)^k: the EMA over b_k
-                k = self._ema_updates.get(name, 0) + 1 if stored is not None else 1
-                self._ema_updates[name] = k
-                corrected, previous = 1.0 - (1.0 - decay) ** k, 1.0 - (1.0 - decay) ** (k - 1)
-                keep = (1.0 - decay) * previous / corrected
-                matrix.mul_(1.0 / corrected)
-            if self.do_accumulate and stored is not None:
-                stored.mul_(keep)
-                stored += matrix
-            else:
-                setattr(module, attr, matrix)
-
-    # --- inverses and state --------------------------------------------------------------------------
+    # --- shapes and state ----------------------------------------------------------------------------
     def _block_shapes(self) -> Dict[str, Tuple[torch.Size, Optional[torch.Size]]]:
         """(weight, bias) shapes of each block's vectors as the FOP math sees them (Conv2d flattened)."""
         if self._shapes is None:
@@ -345,26 +236,6 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
                 bias = None if module.bias is None else module.bias.shape
                 self._shapes[name] = (weight, bias)
         return self._shapes
-
-    def _drop_inverses(self) -> List[str]:
-        """Free the inverses of every block that has them; returns those blocks' names."""
-        dropped = []
-        for name, module in self.named_modules_for_curvature:
-            matrix = getattr(module, self._fisher_attr, None)
-            if not has_inverse(matrix):
-                continue
-            if matrix.has_kron:
-                matrix.kron.A_inv = matrix.kron.B_inv = None
-            else:
-                matrix.unit.inv = None
-            dropped.append(name)
-        return dropped
-
-    def _rebuild_inverses(self, names: List[str]) -> None:
-        modules = dict(self.named_modules_for_curvature)
-        for name in names:  # bit-identical to the dropped ones: so are the factors (compat._diagonals_kept)
-            robust_update_inv(getattr(modules[name], self._fisher_attr), self.config.damping, name,
-                              self._fallback_warned)
 
     @property
     def assignment(self) -> Dict[str, int]:
@@ -390,21 +261,3 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         for name, module in self.named_modules_for_curvature:
             if not self._sync.owns(name) and hasattr(module, self._fisher_attr):
                 delattr(module, self._fisher_attr)
-
-
-def fisher_logits(maker: asdl.GradientMaker) -> DummyObject:
-    """The logits ASDL's Fisher samples from: those the user named with ``setup_logits_repr``, else the
-    first model-output argument of the loss call (``dummy_y["logits"]``, ``dummy_y.logits.view(-1, V)``:
-    what the loss compares with the targets), else ASDL's default (the output, or its first item)."""
-    ops = maker._dummy_logits._operators
-    user_named = not (len(ops) == 1 and isinstance(ops[0], GetFirstItem))
-    if user_named or maker._loss_fn is None:
-        return maker._dummy_logits
-    for value in (*maker._loss_fn_args, *maker._loss_fn_kwargs.values()):
-        if isinstance(value, DummyObject):
-            return value
-    return maker._dummy_logits
-
-
-def _described(value: Any) -> str:
-    return "a 0-d tensor (a loss?)" if isinstance(value, Tensor) else f"a {type(value).__name__}"

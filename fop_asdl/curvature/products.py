@@ -14,10 +14,9 @@ import torch
 from asdl.symmatrix import SymMatrix
 from torch import Tensor
 
-__all__ = ["BlockVector", "apply_inverse", "apply_metric", "gram", "matrix_tensors", "has_inverse", "stacked",
-           "scaled", "flat_block", "divided"]
+from ..engine.vectors import BlockVector
 
-BlockVector = Tuple[Tensor, Optional[Tensor]]
+__all__ = ["apply_inverse", "apply_metric", "gram", "matrix_tensors", "has_inverse"]
 
 
 def _right(w: Tensor, factor: Tensor) -> Tensor:
@@ -94,29 +93,3 @@ def matrix_tensors(matrix: SymMatrix) -> List[Tensor]:
 
 def has_inverse(matrix: Any) -> bool:
     return matrix is not None and (matrix.kron.has_inv if matrix.has_kron else matrix.unit.has_inv)
-
-
-def stacked(*vectors: BlockVector) -> BlockVector:
-    """Stack unstacked block vectors along a new dim 0 (the k of :mod:`fop_asdl.curvature.products`)."""
-    weight = torch.stack([v[0] for v in vectors])
-    bias = None if vectors[0][1] is None else torch.stack([v[1] for v in vectors])
-    return weight, bias
-
-
-def scaled(vec: BlockVector, factor: Union[float, Tensor]) -> BlockVector:
-    """``factor`` · vec (ASDL's grad_scale, kl_clip's ν), the very same tensors when a float factor is 1 (a
-    tensor is never compared: that would be a host sync)."""
-    if not isinstance(factor, Tensor) and factor == 1:
-        return vec
-    return vec[0] * factor, None if vec[1] is None else vec[1] * factor
-
-
-def flat_block(vec: Optional[BlockVector], shape: Tuple[torch.Size, Optional[torch.Size]]
-               ) -> Optional[BlockVector]:
-    """A block's (weight, bias) sum reshaped as the FOP math sees it (Conv2d weight as a matrix)."""
-    return None if vec is None else (vec[0].reshape(shape[0]), vec[1])
-
-
-def divided(vec: BlockVector, n) -> BlockVector:
-    """vec / n."""
-    return vec[0] / n, None if vec[1] is None else vec[1] / n

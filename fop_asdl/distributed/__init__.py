@@ -1,8 +1,28 @@
-"""The sharded path on ``torch.distributed``: who owns each block (``assignment``), the collectives
-(``comm``) and the step's reductions and broadcasts (``sharded``). The makers use it by themselves when
-``torch.distributed`` is initialised with several ranks."""
+"""Where each step's sums meet: the sync interface and its single-process implementation (``sync``), the
+sharded path on ``torch.distributed`` (``sharded``: the step's reductions and broadcasts), who owns each
+block (``assignment``), the collectives (``comm``) and their buffers (``packing``). The makers get their
+sync from :func:`make_sync` and use it by themselves when ``torch.distributed`` runs several ranks."""
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
 from .assignment import assign_owners, block_cost
 from .comm import CollectiveError, Communicator
 from .sharded import ShardedSync, resolve_sub_batches
+from .sync import LocalSync, several_ranks
 
-__all__ = ["assign_owners", "block_cost", "CollectiveError", "Communicator", "ShardedSync", "resolve_sub_batches"]
+__all__ = ["assign_owners", "block_cost", "CollectiveError", "Communicator", "LocalSync", "ShardedSync",
+           "make_sync", "resolve_sub_batches", "several_ranks"]
+
+
+def make_sync(model: nn.Module, named_modules: Sequence[Tuple[str, nn.Module]], sub_batches: str,
+              two_gradients: bool, costs: Optional[Dict[str, float]] = None) -> LocalSync:
+    """The sharded sync (:mod:`fop_asdl.distributed`) when ``torch.distributed`` runs several ranks, else
+    the local one; ``costs`` (by block name) balance the owners where K-FAC's cost model does not fit."""
+    if sub_batches not in ("auto", "ranks", "halves"):
+        raise ValueError(f"sub_batches must be 'auto', 'ranks' or 'halves', got {sub_batches!r}.")
+    if not several_ranks():
+        return LocalSync()
+    dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.get_default_dtype())
+    return ShardedSync(named_modules, sub_batches, two_gradients, dtype, costs)

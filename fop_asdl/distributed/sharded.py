@@ -15,14 +15,14 @@ from asdl.symmatrix import SymMatrix
 from torch import Tensor, nn
 
 from ..curvature.products import matrix_tensors
-from ..engine.sub_batches import add_sums, first_half_size
-from .sync import HalfSums, LocalSync, Vector
+from ..engine.sub_batches import first_half_size
+from ..engine.vectors import BlockVector, Shapes, add, numel, shapes_of
 from .assignment import assign_owners, block_cost
 from .comm import Communicator
+from .packing import pack, pack_vectors, unpack, unpack_vectors
+from .sync import HalfSums, LocalSync
 
 __all__ = ["ShardedSync", "resolve_sub_batches"]
-
-Shapes = Tuple[torch.Size, Optional[torch.Size]]
 
 
 def resolve_sub_batches(sub_batches: str, world_size: int) -> str:
@@ -76,13 +76,12 @@ class ShardedSync(LocalSync):
         grads = [p for p in others if p.grad is not None]
         head = torch.tensor([counts[0], counts[1]], dtype=dtype, device=device)
         scalars = [torch.as_tensor(t, dtype=dtype, device=device).reshape(1) for t in (loss_sum, *terms)]
-        small = torch.cat([head, *scalars] + [p.grad.reshape(-1) for p in grads])
+        small = pack([head, *scalars] + [p.grad for p in grads])
         # one all-reduce: counts, loss, the loss's normalizer, gradients outside blocks (DDP's share)
         self.comm.all_reduce(small)
-        offset = 3 + len(terms)
-        for p in grads:
-            p.grad.copy_(small[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+        reduced, _ = unpack(small, [p.grad.shape for p in grads], offset=3 + len(terms))
+        for p, grad in zip(grads, reduced):
+            p.grad.copy_(grad)
         return (small[0], small[1]), small[2], tuple(small[3:3 + len(terms)])
 
     def reduce_block_sums(self, sums: Dict[str, HalfSums]) -> Dict[str, HalfSums]:
@@ -101,21 +100,16 @@ class ShardedSync(LocalSync):
                 if received is not None:
                     owned.update(received)
                 continue
-            parts: List[Tensor] = []
-            for name in names:
-                pieces = sums[name] if self.two_gradients else (add_sums(*sums[name]),)
-                parts += [_flat_or_zeros(piece, shapes[name], dtype, device) for piece in pieces]
-            buffer = torch.cat(parts)
-            del parts
+            pieces = [piece for name in names
+                      for piece in (sums[name] if self.two_gradients else (add(*sums[name]),))]
+            buffer = pack_vectors(pieces, [shapes[name] for name in names for _ in range(halves)], dtype, device)
+            del pieces
             self.comm.reduce(buffer, dst=owner)
             if owner == self.rank:
-                offset = 0
-                for name in names:
-                    pieces = []
-                    for _ in range(halves):
-                        piece, offset = _unflatten(buffer, offset, shapes[name])
-                        pieces.append(piece)
-                    owned[name] = (pieces[0], pieces[1] if halves == 2 else None)
+                received, _ = unpack_vectors(buffer, [shapes[name] for name in names for _ in range(halves)])
+                for i, name in enumerate(names):
+                    pair = received[i * halves:(i + 1) * halves]
+                    owned[name] = (pair[0], pair[1] if halves == 2 else None)
         return owned
 
     def _reduce_by_parity(self, sums: Dict[str, HalfSums], names: List[str], shapes: Dict[str, Shapes],
@@ -124,8 +118,8 @@ class ShardedSync(LocalSync):
         its ranks' shares into one member (the owner in its own group, the owner's neighbour in the other),
         and the neighbour hands its group's sum to the owner."""
         parity = self.rank % 2
-        own = torch.cat([_flat_or_zeros(add_sums(*sums[name]), shapes[name], self._dtype, self.comm.device)
-                         for name in names])
+        own = pack_vectors([add(*sums[name]) for name in names], [shapes[name] for name in names], self._dtype,
+                           self.comm.device)
         neighbour = owner + 1 if owner % 2 == 0 else owner - 1
         even_dst, odd_dst = (owner, neighbour) if owner % 2 == 0 else (neighbour, owner)
         self.comm.reduce_within_parity(own, even_dst, odd_dst)
@@ -133,13 +127,10 @@ class ShardedSync(LocalSync):
         if self.rank != owner:
             return None
         even, odd = (own, other) if parity == 0 else (other, own)
-        out: Dict[str, HalfSums] = {}
-        offset_even = offset_odd = 0
-        for name in names:
-            s1, offset_even = _unflatten(even, offset_even, shapes[name])
-            s2, offset_odd = _unflatten(odd, offset_odd, shapes[name])
-            out[name] = (s1, s2)
-        return out
+        layout = [shapes[name] for name in names]
+        firsts, _ = unpack_vectors(even, layout)
+        seconds, _ = unpack_vectors(odd, layout)
+        return {name: (s1, s2) for name, s1, s2 in zip(names, firsts, seconds)}
 
     # --- curvature ------------------------------------------------------------------------------
     def reduce_curvature(self, curvature: Dict[str, SymMatrix]) -> Dict[str, SymMatrix]:
@@ -149,13 +140,11 @@ class ShardedSync(LocalSync):
             if not names:
                 continue
             tensors = [t for name in names for t in matrix_tensors(curvature[name])]
-            buffer = torch.cat([t.reshape(-1) for t in tensors])
+            buffer = pack(tensors)
             self.comm.reduce(buffer, dst=owner)
             if owner == self.rank:
-                offset = 0
-                for t in tensors:
-                    t.copy_(buffer[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                for t, total in zip(tensors, unpack(buffer, [t.shape for t in tensors])[0]):
+                    t.copy_(total)
                 owned.update({name: curvature[name] for name in names})
         return owned
 
@@ -179,22 +168,19 @@ class ShardedSync(LocalSync):
             if not names:
                 continue
             tensors = [t for name in names for t in rows[name]]
-            buffer = torch.zeros(self.world_size * sum(t.numel() for t in tensors), dtype=tensors[0].dtype,
-                                 device=self.comm.device)
-            offset = 0
-            for t in tensors:
-                buffer[offset + self.rank * t.numel():offset + (self.rank + 1) * t.numel()] = t.reshape(-1)
-                offset += self.world_size * t.numel()
+            # every rank's rows in its slot of a (world_size, ...) stack per tensor, zeros elsewhere
+            slots = [torch.zeros(self.world_size, *t.shape, dtype=t.dtype, device=self.comm.device)
+                     for t in tensors]
+            for slot, t in zip(slots, tensors):
+                slot[self.rank] = t
+            buffer = pack(slots)
+            del slots
             self.comm.reduce(buffer, dst=owner)
             if owner != self.rank:
                 continue
-            offset = 0
+            stacks = iter(unpack(buffer, [torch.Size((self.world_size * m, *t.shape[1:])) for t in tensors])[0])
             for name in names:
-                gathered[name] = []
-                for t in rows[name]:
-                    size = self.world_size * t.numel()
-                    gathered[name].append(buffer[offset:offset + size].view(self.world_size * m, *t.shape[1:]))
-                    offset += size
+                gathered[name] = [next(stacks) for _ in rows[name]]
         return gathered
 
     def all_gather(self, buffer: Tensor) -> Tensor:
@@ -213,8 +199,8 @@ class ShardedSync(LocalSync):
         return flags
 
     # --- results --------------------------------------------------------------------------------
-    def share(self, results: Dict[str, Tuple[Vector, Optional[Tensor]]], shapes: Dict[str, Shapes],
-              n_stats: int = 0) -> Dict[str, Tuple[Vector, Optional[Tensor]]]:
+    def share(self, results: Dict[str, Tuple[BlockVector, Optional[Tensor]]], shapes: Dict[str, Shapes],
+              n_stats: int = 0) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
         """Each owner broadcasts its blocks' results (and the method's ``n_stats`` per-block stats) in one
         buffer.
 
@@ -222,32 +208,29 @@ class ShardedSync(LocalSync):
         step would be needed to leave it out, as one process does).
         """
         dtype, device = self._dtype, self.comm.device
-        shared: Dict[str, Tuple[Vector, Optional[Tensor]]] = {}
+        shared: Dict[str, Tuple[BlockVector, Optional[Tensor]]] = {}
         for owner in range(self.world_size):
             names = self._owned_by(owner)
             if not names:
                 continue
+            layout = [shapes[name] for name in names]
             if owner == self.rank:
-                parts: List[Tensor] = []
-                for name in names:
-                    vector, stats = results.get(name, (None, None))
-                    parts.append(_flat_or_zeros(vector, shapes[name], dtype, device))
-                    if n_stats:
-                        parts.append(stats.to(dtype) if stats is not None else
-                                     torch.full((n_stats,), float("nan"), dtype=dtype, device=device))
-                buffer = torch.cat(parts)
+                vectors = [results.get(name, (None, None))[0] for name in names]
+                parts = [pack_vectors(vectors, layout, dtype, device)]
+                if n_stats:
+                    parts += [results[name][1].to(dtype) if results.get(name, (None, None))[1] is not None else
+                              torch.full((n_stats,), float("nan"), dtype=dtype, device=device) for name in names]
+                buffer = pack(parts)
                 self.comm.broadcast(buffer, src=owner)
                 shared.update({name: results[name] for name in names if name in results})
                 continue
-            size = sum(_numel(shapes[name]) + n_stats for name in names)
+            size = sum(numel(shape) for shape in layout) + n_stats * len(names)
             buffer = torch.empty(size, dtype=dtype, device=device)
             self.comm.broadcast(buffer, src=owner)
-            offset = 0
-            for name in names:
-                vector, offset = _unflatten(buffer, offset, shapes[name])
-                stats = buffer[offset:offset + n_stats] if n_stats else None
-                offset += n_stats
-                shared[name] = (vector, stats)
+            vectors, offset = unpack_vectors(buffer, layout)
+            stats, _ = unpack(buffer, [torch.Size((n_stats,))] * len(names), offset)
+            for name, vector, block_stats in zip(names, vectors, stats):
+                shared[name] = (vector, block_stats if n_stats else None)
         return shared
 
     def gathered_curvature(self, local: Dict[str, Dict[str, Tensor]]) -> Dict[str, Dict[str, Tensor]]:
@@ -260,29 +243,4 @@ class ShardedSync(LocalSync):
 
 
 def _shapes_of(halves: HalfSums) -> Shapes:
-    piece = halves[0] if halves[0] is not None else halves[1]
-    return piece[0].shape, None if piece[1] is None else piece[1].shape
-
-
-def _numel(shapes: Shapes) -> int:
-    return shapes[0].numel() + (0 if shapes[1] is None else shapes[1].numel())
-
-
-def _flat_or_zeros(piece: Optional[Vector], shapes: Shapes, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A (weight, bias) pair as one flat tensor; zeros for a sub-batch this rank has no samples of."""
-    if piece is None:
-        return torch.zeros(_numel(shapes), dtype=dtype, device=device)
-    flat = [piece[0].reshape(-1)] + ([] if piece[1] is None else [piece[1].reshape(-1)])
-    return torch.cat(flat).to(dtype)
-
-
-def _unflatten(buffer: Tensor, offset: int, shapes: Shapes) -> Tuple[Vector, int]:
-    weight_shape, bias_shape = shapes
-    weight = buffer[offset:offset + weight_shape.numel()].view(weight_shape)
-    offset += weight_shape.numel()
-    bias = None
-    if bias_shape is not None:
-        bias = buffer[offset:offset + bias_shape.numel()].view(bias_shape)
-        offset += bias_shape.numel()
-    return (weight, bias), offset
-
+    return shapes_of(halves[0] if halves[0] is not None else halves[1])

@@ -15,12 +15,12 @@ from asdl.symmatrix import SymMatrix
 from torch import Tensor, nn
 
 from ..engine.sub_batches import first_half_size
+from ..engine.vectors import BlockVector
 
-__all__ = ["HalfSums", "LocalSync", "Vector", "several_ranks"]
+__all__ = ["HalfSums", "LocalSync", "several_ranks"]
 
-Vector = Tuple[Tensor, Optional[Tensor]]
 #: Per block: (sum over this process's B1 samples, sum over its B2 samples); None where it has none.
-HalfSums = Tuple[Optional[Vector], Optional[Vector]]
+HalfSums = Tuple[Optional[BlockVector], Optional[BlockVector]]
 
 
 class LocalSync:
@@ -71,8 +71,8 @@ class LocalSync:
         """Element-wise maximum of ``flags`` over processes, so that all of them fail together."""
         return flags
 
-    def share(self, results: Dict[str, Tuple[Vector, Tensor]], shapes: Dict[str, Tuple[torch.Size, ...]],
-              n_stats: int = 0) -> Dict[str, Tuple[Vector, Tensor]]:
+    def share(self, results: Dict[str, Tuple[BlockVector, Tensor]], shapes: Dict[str, Tuple[torch.Size, ...]],
+              n_stats: int = 0) -> Dict[str, Tuple[BlockVector, Tensor]]:
         """The owners' (preconditioned gradient, ``n_stats`` per-block stats or None) of every block, on
         every process."""
         return results

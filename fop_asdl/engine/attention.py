@@ -23,7 +23,6 @@ import functools
 import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-import asdl.precondition.natural_gradient as _asdl_ng
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,30 +38,8 @@ _SEQUENCE_ARGS: Dict[type, Tuple[str, ...]] = {
     nn.TransformerEncoderLayer: ("src",),
     nn.TransformerDecoderLayer: ("tgt", "memory"),
 }
-_ASDL_CLASSES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.Embedding)
 
 
-# --- ASDL 0.1a5 fix: it rejects subclasses of its layer types by their class name ------------------------
-def _patch_class_name_check() -> None:
-    """``NaturalGradientMaker.computational_cost`` asserts ``str(module)`` starts with a supported class
-    name, so any Linear subclass (``out_proj`` is a ``NonDynamicallyQuantizableLinear``) fails the maker's
-    constructor; check the type instead. The cost itself is ASDL's (numel ** 0.3)."""
-    if getattr(_asdl_ng.NaturalGradientMaker.computational_cost, "_fop_asdl_isinstance", False):
-        return
-
-    def computational_cost(self, shape, module: nn.Module) -> float:
-        if not isinstance(module, _ASDL_CLASSES):
-            raise TypeError(f"ASDL has no curvature for {type(module).__name__}; list it in "
-                            f"PreconditioningConfig.ignore_modules.")
-        if not self.is_module_for_inv_and_precondition(module):
-            return 0
-        return module.weight.numel() ** 0.3
-
-    computational_cost._fop_asdl_isinstance = True
-    _asdl_ng.NaturalGradientMaker.computational_cost = computational_cost
-
-
-_patch_class_name_check()
 
 
 class AttentionProjection(nn.Linear):

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BatchCounts", "LossNormalizer", "user_reduction"]
+__all__ = ["BatchCounts", "LossNormalizer", "loss_scale", "user_reduction"]
 
 Number = Union[int, float, Tensor]
 
@@ -48,6 +48,12 @@ def user_reduction(loss_fn: Callable, kwargs: Dict[str, Any]) -> str:
     return parameter.default
 
 
+def loss_scale(grad_scaler: Optional[torch.amp.GradScaler], device: torch.device) -> Number:
+    """The scale s the backpropagated loss carries: a GradScaler's current scale as a device tensor (no host
+    sync), 1.0 without one. ``p.grad`` keeps it (``scaler.step`` unscales); curvature must not."""
+    return 1.0 if grad_scaler is None else grad_scaler.scale(torch.ones((), device=device))
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchCounts:
     """The global counts of one step: samples of B1 and B2 and the user's loss normalizer N."""
@@ -66,6 +72,11 @@ class BatchCounts:
         """r = n / N: a sample's term of the user's loss is r times its summed-loss term (1 for a
         per-sample mean)."""
         return self.n / self.normalizer
+
+    def backprop_scale(self, scale: Number) -> Number:
+        """σ = s / r: what the backpropagated per-sample gradients carry against the user's per-sample terms
+        (``scale`` s from :func:`loss_scale`); curvature built from them is divided by σ (σ² for squares)."""
+        return scale / self.per_sample
 
     def weights(self) -> Tuple[Number, Number]:
         """(n1 / r, n2 / r): what B1's and B2's summed-loss sums are divided by, so that their weighted

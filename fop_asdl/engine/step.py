@@ -41,20 +41,15 @@ import torch
 from asdl.utils import has_reduction
 from torch import Tensor, nn
 
-from .attention import attention_blocks
 from .capture import BlockCapture, Chunk
 from .chunks import (chunk_bounds, concat_outputs, detached, loss_arguments, rows_per_sample, sliced_calls,
                      summed_loss_backward, user_loss, validate_micro_batch_size)
-from ..compat import batch_size_of, eager_module, full_precision
-from .sub_batches import supports_half_gradients
+from ..compat import full_precision
+from ..distributed.sync import LocalSync
 from .loss import BatchCounts, LossNormalizer
-from ..distributed.sync import LocalSync, several_ranks
+from .setup import batch_size_of, eager_module, prepared_model
 
-__all__ = ["SteppedGradientMaker", "ignoring_unsupported", "linear_conv_blocks", "make_sync", "shared_blocks",
-           "supports_per_sample", "user_ignores", "write_block"]
-
-BlockVector = Tuple[Tensor, Optional[Tensor]]
-
+__all__ = ["SteppedGradientMaker"]
 
 class SteppedGradientMaker:
     """The shared step (see the module docstring); mixed into an ``asdl.GradientMaker`` subclass."""
@@ -68,50 +63,18 @@ class SteppedGradientMaker:
     state: Dict[str, Any]
     last_step_skipped: bool
 
-    def setup_model_call(self, model_fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """ASDL's ``setup_model_call``; a ``torch.compile``d module is called eagerly (compat.eager_module)."""
-        return super().setup_model_call(eager_module(model_fn, warn=False), *args, **kwargs)
-
-    def _init_per_sample_step(self, model: nn.Module, micro_batch_size: Optional[int],
-                              grad_scaler: Optional[torch.amp.GradScaler]) -> None:
-        """The set-up FNGD and HyLo share: the step's attributes, ``self.blocks`` (their per-sample Linear and
-        Conv2d blocks, the attention projections among them: :mod:`fop_asdl.engine.attention`) and ``self._modules``,
-        the same by name."""
+    def _init_step(self, model: nn.Module, micro_batch_size: Optional[int],
+                   grad_scaler: Optional[torch.amp.GradScaler]) -> nn.Module:
+        """The preamble of every maker's constructor: micro-batches and the GradScaler checked and kept; the
+        module to work on (:func:`~fop_asdl.engine.setup.prepared_model`) returned."""
         self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
         self.grad_scaler = grad_scaler
         self.last_step_skipped = False
-        self.device = next(model.parameters()).device
-        self.state = {"step": 0}
-        with attention_blocks(self, model):
-            self.blocks = linear_conv_blocks(model, self.config.ignore_modules, self.method_label)
-        self._modules = dict(self.blocks)
+        return prepared_model(model)
 
-    def _once_per_pass(self, starts: List[int], chunk: Chunk, module: nn.Module, needs: str) -> None:
-        """Record the chunk a per-sample block saw; refuse a block that runs twice in one forward pass (shared
-        weights), whose rows would mix two calls."""
-        if chunk.start in starts:
-            raise ValueError(f"fop_asdl: a {module.__class__.__name__} block ran more than once in one forward "
-                             f"pass; {self.method_label} needs {needs}. List it in "
-                             f"PreconditioningConfig.ignore_modules.")
-        starts.append(chunk.start)
-
-    # --- per-rank state (FNGD's bank, HyLo's generator) ---------------------------------------------------
-    def _rank_state(self) -> Dict[str, Any]:
-        """The head of a state that belongs to this rank: step, world size, rank."""
-        return {"step": self.state["step"], "world_size": self._sync.world_size, "rank": self._sync.rank}
-
-    def _check_rank_state(self, state_dict: Dict[str, Any], why: str, what: str, saved: Sequence[str],
-                          known: Sequence[str]) -> None:
-        """Refuse a state saved by another rank or world size (``why`` says what is per rank), or one with
-        ``what`` for blocks (``saved``) this model does not have (``known``)."""
-        where = (state_dict.get("world_size", 1), state_dict.get("rank", 0))
-        if where != (self._sync.world_size, self._sync.rank):
-            raise ValueError(f"this {self.method_label} state belongs to rank {where[1]} of {where[0]}, not rank "
-                             f"{self._sync.rank} of {self._sync.world_size}: {why}; resume with the same world "
-                             f"size.")
-        unknown = set(saved) - set(known)
-        if unknown:
-            raise KeyError(f"state_dict has {what} for blocks this model does not have: {sorted(unknown)}")
+    def setup_model_call(self, model_fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """ASDL's ``setup_model_call``; a ``torch.compile``d module is called eagerly (setup.eager_module)."""
+        return super().setup_model_call(eager_module(model_fn, warn=False), *args, **kwargs)
 
     # --- what a method provides ------------------------------------------------------------------------
     @property
@@ -288,106 +251,3 @@ class SteppedGradientMaker:
         raise FloatingPointError(f"{self.method_label} step aborted: NaN or Inf in the {', '.join(what)}. Nothing "
                                  f"was updated (gradients and the method's state are as before the step); lower "
                                  f"the learning rate or raise the damping.")
-
-
-def write_block(module: nn.Module, vec: BlockVector) -> None:
-    """Add a block vector (weight, bias or None), in any shape of the same size, to the module's grads: the
-    step starts from None, so a parameter gets the sum of its uses (a shared weight's other blocks, and its
-    plain gradient from uses outside blocks)."""
-    for param, value in ((module.weight, vec[0]), (module.bias, vec[1])):
-        if value is None:
-            continue
-        value = value.reshape(param.shape)
-        param.grad = value.contiguous() if param.grad is None else param.grad + value
-
-
-def user_ignores(name: str, module: nn.Module, ignore_modules: Optional[Sequence[Any]]) -> bool:
-    """Whether ``PreconditioningConfig.ignore_modules`` names this module (by type, name part or identity)."""
-    for rule in ignore_modules or ():
-        if isinstance(rule, type) and isinstance(module, rule):
-            return True
-        if isinstance(rule, str) and rule in name:
-            return True
-        if rule is module:
-            return True
-    return False
-
-
-def make_sync(model: nn.Module, named_modules: Sequence[Tuple[str, nn.Module]], sub_batches: str,
-              two_gradients: bool, costs: Optional[Dict[str, float]] = None) -> LocalSync:
-    """The sharded sync (:mod:`fop_asdl.distributed`) when ``torch.distributed`` runs several ranks, else
-    the local one; ``costs`` (by block name) balance the owners where K-FAC's cost model does not fit."""
-    if sub_batches not in ("auto", "ranks", "halves"):
-        raise ValueError(f"sub_batches must be 'auto', 'ranks' or 'halves', got {sub_batches!r}.")
-    if not several_ranks():
-        return LocalSync()
-    from ..distributed.sharded import ShardedSync  # the library's single-process path never imports it
-
-    dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.get_default_dtype())
-    return ShardedSync(named_modules, sub_batches, two_gradients, dtype, costs)
-
-
-def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, label: str
-                          ) -> asdl.PreconditioningConfig:
-    """A copy of ``config`` that also ignores layers without ASDL curvature, with one warning naming them.
-
-    Their parameters (and any parameter owned directly by a container module) receive the plain gradient.
-    """
-    ignore = list(config.ignore_modules or [])
-    unsupported = []
-    for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False)]
-        if not any(p.requires_grad for p in own) or user_ignores(name, module, config.ignore_modules):
-            continue
-        is_leaf = next(module.children(), None) is None
-        partially_frozen = not all(p.requires_grad for p in own)
-        if not is_leaf or not supports_half_gradients(module) or partially_frozen:
-            unsupported.append(f"{name or '<root>'} ({module.__class__.__name__}"
-                               f"{', partially frozen' if partially_frozen else ''})")
-            if is_leaf:
-                ignore.append(module)
-    if unsupported:
-        warnings.warn(f"fop_asdl: no {label} curvature for " + ", ".join(unsupported)
-                      + "; their parameters receive the plain full-batch gradient g_avg.", UserWarning)
-    return dataclasses.replace(config, ignore_modules=ignore)
-
-
-def shared_blocks(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
-    """The blocks with a parameter that another module of ``model`` holds too (a tied embedding and LM
-    head): autograd's gradient of such a parameter mixes the uses, so a method must capture the block to
-    tell its own part apart."""
-    holders: Dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            holders[id(param)] = holders.get(id(param), 0) + 1
-    return [(name, m) for name, m in blocks if any(holders.get(id(p), 0) > 1 for p in m.parameters(recurse=False))]
-
-
-def supports_per_sample(module: nn.Module) -> bool:
-    """Whether the per-sample math of FNGD (:mod:`fop_asdl.methods.fngd_math`) and HyLo (:mod:`fop_asdl.methods.hylo_math`) covers
-    this layer: Linear, and Conv2d without groups, string padding or a non-zero padding mode."""
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
-
-
-def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]], label: str
-                       ) -> List[Tuple[str, nn.Module]]:
-    """Trainable Linear and Conv2d layers a per-sample method (FNGD, HyLo) preconditions: those
-    :func:`supports_per_sample` covers and not partially frozen; one warning names the others."""
-    blocks, unsupported = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or user_ignores(name, module, ignore_modules):
-            continue
-        own = list(module.parameters(recurse=False))
-        if not any(p.requires_grad for p in own):
-            continue
-        if supports_per_sample(module) and all(p.requires_grad for p in own):
-            blocks.append((name, module))
-        else:
-            unsupported.append(f"{name} ({module.__class__.__name__})")
-    if unsupported:
-        warnings.warn(f"fop_asdl: {label} cannot precondition " + ", ".join(unsupported) + " (grouped, string "
-                      "padding or partially frozen); their parameters receive the plain mean gradient.", UserWarning)
-    return blocks

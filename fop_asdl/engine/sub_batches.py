@@ -4,16 +4,18 @@
 block's weight and bias gradients are formed here, separately for the first ⌈n/2⌉ samples (B1) and the
 rest (B2): the same arithmetic autograd would have done once, split in two. The full batch goes through
 the model once, so BatchNorm sees full-batch statistics and g_avg is exactly the full-batch gradient.
-With micro-batches (or on one rank of a sharded run) the sums of all chunks add up (:func:`add_sums`).
+With micro-batches (or on one rank of a sharded run) the sums of all chunks add up (:func:`fop_asdl.engine.vectors.add`).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BlockSum", "add_sums", "first_half_size", "half_sums", "supports_half_gradients"]
+from .vectors import BlockVector
+
+__all__ = ["average_and_difference", "first_half_size", "half_sums", "supports_half_gradients"]
 
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 
@@ -48,11 +50,10 @@ def _normalization_stats(module: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, torch.rsqrt(var + module.eps)
 
 
-BlockSum = Tuple[Tensor, Optional[Tensor]]  # (weight, bias) gradients summed over some samples
 
 
 def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, halves: Sequence[slice]
-                      ) -> List[BlockSum]:
+                      ) -> List[BlockVector]:
     """Per-half (weight, bias) gradients of a BatchNorm/LayerNorm call: (Σ δ·x̂, Σ δ) over each half,
     with x̂ normalised by the statistics of the whole call (BatchNorm) or of each sample (LayerNorm)."""
     mean, inv_std = _normalization_stats(module, x)
@@ -84,7 +85,7 @@ def _param_grads(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tuple[Tensor
     raise TypeError(f"no per-half gradients for {type(module).__name__}")
 
 
-def half_sums(module: nn.Module, x: Tensor, grad_out: Tensor, split: int) -> List[Optional[BlockSum]]:
+def half_sums(module: nn.Module, x: Tensor, grad_out: Tensor, split: int) -> List[Optional[BlockVector]]:
     """[sum over the first ``split`` rows, sum over the rest] of a block's (weight, bias) gradient; None for
     a part without rows (a rank of the "ranks" split holds one sub-batch only)."""
     size = x.shape[0]
@@ -96,8 +97,12 @@ def half_sums(module: nn.Module, x: Tensor, grad_out: Tensor, split: int) -> Lis
     return [next(sums) if 0 < split else None, next(sums) if split < size else None]
 
 
-def add_sums(a: Optional[BlockSum], b: Optional[BlockSum]) -> Optional[BlockSum]:
-    """a + b for (weight, bias) sums, where None stands for no samples (zero)."""
-    if a is None or b is None:
-        return b if a is None else a
-    return a[0] + b[0], None if a[1] is None else a[1] + b[1]
+def average_and_difference(sum1: Tensor, sum2: Tensor, n1: Union[float, Tensor], n2: Union[float, Tensor],
+                           scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """(g_avg, g_diff) from the summed per-sample gradients of B1 and B2 (step 1), both times ``scale``.
+
+    g_i = sum_i / n_i; g_avg = (n1 g1 + n2 g2) / n is the full-batch mean gradient also for odd n.
+    """
+    g_avg = (sum1 + sum2).mul_(scale / (n1 + n2))
+    g_diff = (sum1 * (scale / n1)).sub_(sum2 * (scale / n2))  # counts may be device tensors: no alpha= sync
+    return g_avg, g_diff

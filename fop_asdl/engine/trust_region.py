@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["LearningRate", "validate_kl_clip", "kl_clip_factor"]
+__all__ = ["LearningRate", "validate_kl_clip", "kl_clip_factor", "step_factor"]
 
 #: A learning rate, or a zero-argument callable returning the current one (so a scheduler is followed).
 LearningRate = Union[float, Callable[[], float]]
@@ -35,13 +35,22 @@ def validate_kl_clip(kl_clip: Optional[float], lr: Optional[LearningRate]) -> Tu
     return float(kl_clip), lr
 
 
+def step_factor(kl_clip: Optional[float], lr: Optional[LearningRate], norms: Sequence[Tensor],
+                grad_scale: Union[float, Tensor] = 1.0) -> Optional[Tensor]:
+    """ν of a maker's step (None with kl_clip off, or with no preconditioned block to bound): what every
+    method with ``kl_clip`` calls, so the bound is applied one way everywhere."""
+    if kl_clip is None or not norms:
+        return None
+    return kl_clip_factor(norms, kl_clip, lr, grad_scale)
+
+
 def kl_clip_factor(norms: Sequence[Tensor], kl_clip: float, lr: LearningRate,
-                   grad_scale: Optional[Tensor] = None) -> Tensor:
+                   grad_scale: Union[float, Tensor] = 1.0) -> Tensor:
     """ν from the blocks' squared F̃-norms of p.grad. NaN entries (a block a remote owner had no curvature
     for yet) are left out; ``grad_scale``: the GradScaler's scale, by which p.grad is multiplied."""
     norm = torch.stack(list(norms)).nansum()
-    if grad_scale is not None:
-        norm = norm / grad_scale.to(norm.dtype) ** 2
+    if isinstance(grad_scale, Tensor) or grad_scale != 1.0:
+        norm = norm / (grad_scale.to(norm.dtype) if isinstance(grad_scale, Tensor) else grad_scale) ** 2
     rate = float(lr() if callable(lr) else lr)
     bound = torch.sqrt(kl_clip / (rate * rate * norm).clamp_min(torch.finfo(norm.dtype).tiny))
     return bound.clamp(max=1.0)

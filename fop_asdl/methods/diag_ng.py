@@ -14,19 +14,22 @@ import asdl
 import torch
 from torch import Tensor, nn
 
-from ..compat import reject_ddp
-from ..curvature.products import scaled
 from ..engine.capture import Chunk
-from ..engine.loss import BatchCounts
-from ..engine.step import SteppedGradientMaker, make_sync, write_block
-from ..engine.sub_batches import add_sums, half_sums
-from ..engine.trust_region import LearningRate, kl_clip_factor, validate_kl_clip
+from ..engine.loss import BatchCounts, loss_scale
+from ..distributed import make_sync
+from ..engine.per_sample import PerSampleStepMaker
+from ..engine.sub_batches import half_sums
+from ..engine.trust_region import LearningRate, step_factor, validate_kl_clip
+from ..engine.vectors import add, scaled, write_block
 from . import diag_ng_math
-from .second_order import backprop_scale, refuse, summed_over_ranks, warn_plain_parameters
+from .second_order import refuse, summed_over_ranks, warn_plain_parameters
 
-__all__ = ["DiagNgGradientMaker", "build"]
+__all__ = ["DiagNgGradientMaker"]
 
 Vector = Tuple[Tensor, Optional[Tensor]]
+
+_REFUSED = {"fisher_type": "its diagonal is the empirical Fisher's, from the per-sample gradients of the loss; "
+                           "there is no Monte-Carlo or exact variant."}
 
 
 @dataclasses.dataclass
@@ -44,7 +47,7 @@ class _Plan:
     nu: Optional[Tensor] = None
 
 
-class DiagNgGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
+class DiagNgGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     """``p.grad`` of every Linear/Conv2d block holds g / (diag F + λ), every other trainable parameter the
     plain mean gradient (one warning names them).
 
@@ -66,8 +69,9 @@ class DiagNgGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
     def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *,
                  ema_bias_correction: bool = False, micro_batch_size: Optional[int] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None, kl_clip: Optional[float] = None,
-                 lr: Optional[LearningRate] = None):
-        reject_ddp(model)
+                 lr: Optional[LearningRate] = None, **others: Any):
+        refuse(self.method_label, others, _REFUSED)
+        model = self._init_step(model, micro_batch_size, grad_scaler)
         self.kl_clip, self._lr = validate_kl_clip(kl_clip, lr)
         self.config = config if config is not None else asdl.PreconditioningConfig()
         damping, decay = self.config.damping, self.config.ema_decay
@@ -82,7 +86,7 @@ class DiagNgGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.damping, self.ema_decay, self.interval = float(damping), decay, interval
         self.ema_bias_correction = bool(ema_bias_correction)
         self.last_nu: Optional[Tensor] = None
-        self._init_per_sample_step(model, micro_batch_size, grad_scaler)
+        self._init_per_sample_step(model)
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
         warn_plain_parameters(model, self.blocks, self.method_label)
         #: Per block: the stored (zero-started) EMA of diag F as (weight, bias), and its update count.
@@ -102,7 +106,7 @@ class DiagNgGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                     previous: Optional[_Record]) -> _Record:
         record = previous if previous is not None else _Record([])
         self._once_per_pass(record.starts, chunk, module, "one per-sample gradient per call")
-        record.grad = add_sums(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
+        record.grad = add(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
         if self._step_plan.curvature:
             conv = None
             if isinstance(module, nn.Conv2d):
@@ -110,7 +114,7 @@ class DiagNgGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             elif x.dim() > 3:  # tokens in several dimensions: one
                 x, grad_out = x.flatten(1, -2), grad_out.flatten(1, -2)
             squares = diag_ng_math.squared_gradient_sums(x, grad_out, module.bias is not None, conv)
-            record.squares = add_sums(record.squares, squares)
+            record.squares = add(record.squares, squares)
         return record
 
     def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: BatchCounts) -> Dict[str, List[Tensor]]:
@@ -122,7 +126,7 @@ class DiagNgGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         parts = [t for name in names for v in (records[name].grad, records[name].squares or (None, None))
                  for t in v if t is not None]
         parts = iter(summed_over_ranks(self._sync, parts))
-        sigma = backprop_scale(self.grad_scaler, self.device)
+        sigma = loss_scale(self.grad_scaler, self.device)
         # squares of the backpropagated rows carry (σ/r)²: F_new = Σ ũ² r² / (σ² n) = Σ ũ² n / (σ N)²
         square_scale = counts.n / (sigma * counts.normalizer) ** 2
         norms = []
@@ -142,9 +146,7 @@ class DiagNgGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                 None if g is None else g / (f / divisor + self.damping) for g, f in zip(grad, stored))
             if self.kl_clip is not None:
                 norms.append(sum((g * d).sum() for g, d in zip(grad, delta) if g is not None))
-        if norms:
-            scale = None if self.grad_scaler is None else self.grad_scaler._get_scale_async()
-            plan.nu = kl_clip_factor(norms, self.kl_clip, self._lr, scale)
+        plan.nu = step_factor(self.kl_clip, self._lr, norms, sigma)
         return {"gradient": [t for d in plan.grads.values() for t in d if t is not None],
                 "curvature": [t for f in plan.diagonals.values() for t in f if t is not None]}
 
@@ -192,9 +194,3 @@ class DiagNgGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.updates = {name: int(f["updates"]) for name, f in state_dict["diagonals"].items()}
         self.state["step"] = int(state_dict["step"])
 
-
-def build(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **options: Any) -> DiagNgGradientMaker:
-    """``make_gradient_maker("diag_ng", ...)``."""
-    refuse("diag-NG", options, {"fisher_type": "its diagonal is the empirical Fisher's, from the per-sample "
-                                               "gradients of the loss; there is no Monte-Carlo or exact variant."})
-    return DiagNgGradientMaker(model, config, **options)

@@ -17,11 +17,11 @@ from torch import Tensor, nn
 
 from . import fngd_math
 from ..engine.capture import Chunk
-from ..compat import eager_module, reject_ddp
-from ..curvature.products import scaled
-from ..engine.sub_batches import add_sums
-from ..engine.loss import BatchCounts
-from ..engine.step import SteppedGradientMaker, make_sync, write_block
+from ..engine.loss import BatchCounts, loss_scale
+from ..distributed import make_sync
+from ..engine.per_sample import PerSampleStepMaker
+from ..distributed.packing import pack_vectors, unpack_vectors
+from ..engine.vectors import BlockVector, add, scaled, shapes_of, write_block
 
 __all__ = ["FNGDGradientMaker"]
 
@@ -47,7 +47,7 @@ class _Plan:
     diagnostics: Dict[str, Dict[str, Tensor]] = dataclasses.field(default_factory=dict)
 
 
-class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
+class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     """FNGD behind ASDL's gradient-maker interface: ``p.grad`` of every Linear/Conv2d block holds Σ_m w_m u_m,
     every other trainable parameter (BatchNorm, LayerNorm, embeddings, ignored layers) the mean gradient.
 
@@ -56,7 +56,8 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         config: ``damping`` is λ for ``damping_mode="fixed"``; ``ignore_modules`` as for K-FAC.
         iters_per_epoch: T, steps per epoch; step t is iteration t mod T of epoch t div T (required).
         alpha: α of λ = α‖K‖_F for ``damping_mode="frobenius"`` (eq. 14 as printed, K without 1/M). The
-            default 0.1 keeps mean |c| below about 0.03 on the small CNN and ResNet-32 at batch 128 (README).
+            default 0.1 keeps mean |c| at 0.001-0.005 and max |c| below 0.04 on the small CNN and ResNet-32 at
+            batch 128 (docs/methods/fngd.md).
         damping_mode: ``"frobenius"`` (per block, per coefficient step) or ``"fixed"``.
         coefficient_epochs: epochs that form coefficients; later ones reuse the last epoch's.
         scale_mode: ``"ngd"`` (w = (1 − c)/(λM), the exact damped NGD direction) or ``"sgd_like"``
@@ -79,9 +80,12 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                  iters_per_epoch: Optional[int] = None, alpha: float = 0.1, damping_mode: str = "frobenius",
                  coefficient_epochs: int = 1, scale_mode: str = "ngd", conv_gram: str = "auto",
                  coefficient_scope: str = "local", micro_batch_size: Optional[int] = None,
-                 grad_scaler: Optional[torch.amp.GradScaler] = None):
-        reject_ddp(model)
-        model = eager_module(model)
+                 grad_scaler: Optional[torch.amp.GradScaler] = None, kl_clip: Optional[float] = None):
+        if kl_clip is not None:
+            raise TypeError("FNGD does not take kl_clip: after its coefficient epochs it reuses stored weights, so "
+                            "its step is not F̃⁻¹g for any F̃ of the batch and has no Fisher norm to bound; lower "
+                            "the learning rate, or use 'kfac', 'fop' or 'hylo', which take kl_clip.")
+        model = self._init_step(model, micro_batch_size, grad_scaler)
         if iters_per_epoch is None:
             raise TypeError("FNGD reuses the coefficients of iteration b of its coefficient epochs in every later "
                             "epoch, so it needs iters_per_epoch=T (the number of steps per epoch, e.g. "
@@ -104,7 +108,7 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.iters_per_epoch, self.coefficient_epochs = iters_per_epoch, coefficient_epochs
         self.damping, self.damping_mode, self.scale_mode = float(damping), damping_mode, scale_mode
         self.conv_gram, self.coefficient_scope = conv_gram, coefficient_scope
-        self._init_per_sample_step(model, micro_batch_size, grad_scaler)
+        self._init_per_sample_step(model)
         self._names = {m: name for name, m in self.blocks}
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
         #: bank[block][b]: this rank's w of iteration b (its slice of the global batch in "global" scope).
@@ -143,14 +147,13 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             record.chunks.append((x, grad_out))
         else:  # sharing step: Σ w_m u_m chunk by chunk, nothing kept
             part = self._weighted_sum(module, x, grad_out, w[chunk.start:chunk.start + chunk.size])
-            record.total = add_sums(record.total, part)
+            record.total = add(record.total, part)
         return record
 
     def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: BatchCounts) -> Dict[str, List[Tensor]]:
         # The rows carry the backpropagated loss's scale against the user's per-sample terms: the GradScaler's
         # s, and 1 / r for a loss normalised by more than its samples (fop_asdl.engine.loss).
-        scaler = 1.0 if self.grad_scaler is None else self.grad_scaler.scale(torch.ones((), device=self.device))
-        scale = scaler / counts.per_sample
+        scale = counts.backprop_scale(loss_scale(self.grad_scaler, self.device))
         computed = [name for name, _ in self.blocks if name in plan.compute and name in records]
         if computed:
             data = {name: tuple(torch.cat(part) for part in zip(*records[name].chunks)) for name in computed}
@@ -232,18 +235,12 @@ class FNGDGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         if missing:
             raise ValueError(f"fop_asdl: blocks {missing} took no part in the loss on rank {self._sync.rank}; "
                              f"with several ranks FNGD needs every block in every step (ignore them).")
-        flat = torch.cat([t.reshape(-1) for name in names for t in grads[name] if t is not None])
+        layout = [shapes_of(grads[name]) for name in names]
+        flat = pack_vectors([grads[name] for name in names], layout, grads[names[0]][0].dtype, self.device)
         self._sync.sum_over_ranks(flat)
         if self.coefficient_scope == "local":
             flat = flat / world
-        out, offset = {}, 0
-        for name in names:
-            parts = []
-            for t in grads[name]:
-                parts.append(None if t is None else flat[offset:offset + t.numel()].view_as(t))
-                offset += 0 if t is None else t.numel()
-            out[name] = (parts[0], parts[1])
-        return out
+        return dict(zip(names, unpack_vectors(flat, layout)[0]))
 
     # --- state --------------------------------------------------------------------------------------------
     def bank_bytes(self) -> int:

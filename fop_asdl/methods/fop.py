@@ -5,14 +5,13 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import asdl
 import torch
-from asdl.matrices import FISHER_MC
 from torch import Tensor, nn
 
-from ..curvature.products import BlockVector, apply_inverse, apply_metric, gram, has_inverse, scaled, stacked
-from ..compat import kron_damping
+from ..curvature.inverses import kron_damping
 from ..curvature.kron_step import BlockGradients, CurvatureStepMaker
+from ..curvature.products import apply_inverse, apply_metric, gram, has_inverse
+from ..engine.vectors import BlockVector, scaled, stacked
 from .fop_math import FOPOptions, fop_coefficients
-from ..engine.trust_region import LearningRate
 
 __all__ = ["FOPGradientMaker", "STAT_KEYS"]
 
@@ -36,8 +35,9 @@ class FOPGradientMaker(CurvatureStepMaker):
         eta_range: clamp of η*.
         projection_metric: ``"undamped"`` (F) or ``"damped"`` (F̃) for the projection of step 2.
         eps: guard for the denominators.
-    and those of every :class:`~fop_asdl.curvature.kron_step.CurvatureStepMaker` (documented there): ``micro_batch_size``,
-    ``sub_batches``, ``grad_scaler``, ``kl_clip``, ``lr`` and ``ema_bias_correction``.
+    and, positional or by name, those of every :class:`~fop_asdl.curvature.kron_step.CurvatureStepMaker`
+    (documented there: ASDL's ``fisher_type`` ... ``swift``, and ``micro_batch_size``, ``sub_batches``,
+    ``grad_scaler``, ``kl_clip``, ``lr``, ``ema_bias_correction``).
 
     Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its
     inverses, the per-sub-batch gradients and the FOP scalars are computed in the parameters' precision.
@@ -49,22 +49,13 @@ class FOPGradientMaker(CurvatureStepMaker):
     method_label = "FOP"
     stat_keys = STAT_KEYS
 
-    def __init__(self, model: nn.Module, config: asdl.PreconditioningConfig,
-                 fisher_type: str = FISHER_MC, loss_type: str = "cross_entropy",
-                 scale: float = 1.0, grad_scale: float = 1.0, n_mc_samples: int = 1, var: float = 1.0,
-                 seed: Optional[int] = None, swift: bool = False,
+    def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *args: Any,
                  beta: Union[float, str] = "adaptive", beta_range: Tuple[float, float] = (-0.5, 0.5),
                  eta: Optional[str] = "adaptive", eta_range: Tuple[float, float] = (0.0, 2.0),
-                 projection_metric: str = "undamped", eps: float = 1e-12,
-                 micro_batch_size: Optional[int] = None, sub_batches: str = "auto",
-                 grad_scaler: Optional[torch.amp.GradScaler] = None, kl_clip: Optional[float] = None,
-                 lr: Optional[LearningRate] = None, ema_bias_correction: bool = False):
+                 projection_metric: str = "undamped", eps: float = 1e-12, **options: Any):
         self.options = FOPOptions(beta=beta, beta_range=tuple(beta_range), eta=eta,
                                   eta_range=tuple(eta_range), projection_metric=projection_metric, eps=eps)
-        super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
-                         grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift,
-                         micro_batch_size=micro_batch_size, sub_batches=sub_batches, grad_scaler=grad_scaler,
-                         kl_clip=kl_clip, lr=lr, ema_bias_correction=ema_bias_correction)
+        super().__init__(model, config, *args, **options)
         self._damping_cache: Dict[nn.Module, Tuple[float, float]] = {}
 
     def _precondition(self, gradients: BlockGradients) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:

@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["FOPOptions", "FOPCoefficients", "average_and_difference", "fop_coefficients"]
+__all__ = ["FOPOptions", "FOPCoefficients", "fop_coefficients"]
 
 Beta = Union[float, str]
 
@@ -83,17 +83,6 @@ class FOPCoefficients:
         """‖Δ‖²_F̃ split into base η²A, cross 2η²βD and orthogonal η²β²E terms (eqs. 19-22)."""
         eta2 = self.eta * self.eta
         return eta2 * self.A, 2.0 * eta2 * self.beta * self.D, eta2 * self.beta * self.beta * self.E
-
-
-def average_and_difference(sum1: Tensor, sum2: Tensor, n1: Union[float, Tensor], n2: Union[float, Tensor],
-                           scale: float = 1.0) -> Tuple[Tensor, Tensor]:
-    """(g_avg, g_diff) from the summed per-sample gradients of B1 and B2 (step 1), both times ``scale``.
-
-    g_i = sum_i / n_i; g_avg = (n1 g1 + n2 g2) / n is the full-batch mean gradient also for odd n.
-    """
-    g_avg = (sum1 + sum2).mul_(scale / (n1 + n2))
-    g_diff = (sum1 * (scale / n1)).sub_(sum2 * (scale / n2))  # counts may be device tensors: no alpha= sync
-    return g_avg, g_diff
 
 
 def _safe_ratio(num: Tensor, den: Tensor, eps: float, fallback: Union[float, Tensor]) -> Tensor:

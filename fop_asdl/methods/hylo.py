@@ -18,19 +18,20 @@ import torch
 from torch import Tensor, nn
 
 from . import hylo_math
-from ..curvature.products import scaled
 from ..engine.capture import Chunk
-from ..compat import reject_ddp
-from ..engine.sub_batches import add_sums, half_sums
-from ..engine.loss import BatchCounts
+from ..engine.sub_batches import half_sums
+from ..engine.loss import BatchCounts, loss_scale
+from .hylo_refresh import owner_costs, refresh_factors
 from .hylo_schedule import DEFAULT_SWITCH_THRESHOLD, SwitchPolicy, local_rows
-from ..engine.step import SteppedGradientMaker, make_sync, shared_blocks, write_block
-from ..engine.trust_region import LearningRate, kl_clip_factor, validate_kl_clip
+from ..distributed import make_sync
+from ..engine.per_sample import PerSampleStepMaker
+from ..engine.selection import shared_blocks
+from ..distributed.packing import pack, pack_vectors, unpack, unpack_vectors
+from ..engine.vectors import BlockVector, add, scaled, shapes_of, write_block
+from ..engine.trust_region import LearningRate, step_factor, validate_kl_clip
 
 __all__ = ["HyLoGradientMaker"]
 
-BlockVector = Tuple[Tensor, Optional[Tensor]]
-_NOMINAL_LOCAL_BATCH = 128  # the paper's per-GPU batch (ResNet-32), for the owners' cost balance only
 _SEED_MIX = 0x9E3779B97F4A7C15  # rank r draws from seed + r·φ·2⁶⁴ (mod 2⁶⁴): one seed, a stream per rank
 
 
@@ -55,7 +56,7 @@ class _Plan:
     nu: Optional[Tensor] = None                 # kl_clip's ν, applied at the commit
 
 
-class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
+class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     """HyLo behind ASDL's gradient-maker interface: ``p.grad`` of every Linear/Conv2d block holds the
     low-rank SMW natural gradient, every other trainable parameter (BatchNorm, LayerNorm, embeddings,
     ignored layers) the plain mean gradient.
@@ -67,7 +68,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         switch_policy: ``"gradient"`` (eq. 10 with KID warm-up and after LR decays; needs
             ``iters_per_epoch`` and :meth:`on_epoch_start`), ``"epochs"`` (``kid_windows``), ``"kid"``,
             ``"kis"``, or a :class:`~fop_asdl.methods.hylo_schedule.SwitchPolicy`.
-        switch_threshold: η of eq. 10 (not reported by the paper; 0.5, see README).
+        switch_threshold: η of eq. 10 (not reported by the paper; 0.5, see docs/methods/hylo.md).
         kid_windows: half-open KID epoch windows of ``"epochs"``, e.g. ((0, 10), (35, 40)).
         iters_per_epoch: T, steps per epoch (epoch = step // T).
         kernel_scaling, conv_reduction, kis_probability, kis_reweight, kid_skeleton: see :mod:`fop_asdl.methods.hylo_math`.
@@ -91,7 +92,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                  damping_decay_updates: int = 50, damping_warmup_steps: int = 0, seed: int = 0,
                  micro_batch_size: Optional[int] = None, grad_scaler: Optional[torch.amp.GradScaler] = None,
                  kl_clip: Optional[float] = None, lr: Optional[LearningRate] = None):
-        reject_ddp(model)
+        model = self._init_step(model, micro_batch_size, grad_scaler)
         self.kl_clip, self._lr = validate_kl_clip(kl_clip, lr)
         self.last_nu: Optional[Tensor] = None
         self.config = config if config is not None else asdl.PreconditioningConfig()
@@ -123,11 +124,11 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self.kis_probability, self.kis_reweight = kis_probability, bool(kis_reweight)
         self.damping, self.target_damping = float(self.config.damping), target_damping
         self.damping_decay_updates, self.damping_warmup_steps = damping_decay_updates, damping_warmup_steps
-        self._init_per_sample_step(model, micro_batch_size, grad_scaler)
+        self._init_per_sample_step(model)
         #: Blocks captured between refreshes too: their weights have other uses (found by structure, and on
         #: refreshes by a plain gradient beside the block's own).
         self._shared_blocks = shared_blocks(model, self.blocks)
-        self._sync = make_sync(model, self.blocks, "auto", two_gradients=False, costs=self._owner_costs())
+        self._sync = make_sync(model, self.blocks, "auto", two_gradients=False, costs=owner_costs(self.blocks, self.compression_ratio))
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed((seed + self._sync.rank * _SEED_MIX) % 2 ** 64)
         #: Per block: the stored operator and the α it was built with (precondition must use that α).
@@ -142,13 +143,6 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         ``kid_epochs_after_lr_decay`` epochs. Call it before the epoch's first step."""
         if lr_decayed and epoch not in self.lr_decay_epochs:
             self.lr_decay_epochs.append(int(epoch))
-
-    def _owner_costs(self) -> Dict[str, float]:
-        """The owner's refresh work per block, ≈ 4r³ + 2r²(d_a + d_g), at a nominal local batch (r is the
-        same for every layer, so only the widths differ)."""
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        r = world * local_rows(self.compression_ratio, _NOMINAL_LOCAL_BATCH)
-        return {name: 4.0 * r ** 3 + 2.0 * r ** 2 * sum(_widths(m)) for name, m in self.blocks}
 
     # --- the step's hooks -------------------------------------------------------------------------------
     @property
@@ -181,7 +175,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                     previous: Optional[_Record]) -> _Record:
         record = previous if previous is not None else _Record([], [])
         self._once_per_pass(record.starts, chunk, module, "one row per sample and call")
-        record.grad = add_sums(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
+        record.grad = add(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
         if not self._step_plan.refresh:  # a shared block between refreshes: only its own gradient
             return record
         bias = module.bias is not None
@@ -196,8 +190,8 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
     def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: BatchCounts) -> Dict[str, List[Tensor]]:
         plan.raw = self._mean_block_gradients(records, counts.normalizer)
         if plan.refresh:
-            plan.factors = self._refresh(plan.method, {name: records[name].rows for name in plan.raw},
-                                         counts.per_sample)
+            plan.factors = refresh_factors(self, plan.method, {name: records[name].rows for name in plan.raw},
+                                           counts.per_sample)
         else:  # the blocks that were not captured: autograd's gradient, already reduced and divided
             for name, module in self.blocks:
                 if name not in plan.raw and module.weight.grad is not None:
@@ -215,9 +209,7 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             plan.preconditioned.add(name)
             if self.kl_clip is not None:
                 norms.append(sum((a * b).sum() for a, b in zip(v, delta) if a is not None))
-        if norms:
-            scale = None if self.grad_scaler is None else self.grad_scaler._get_scale_async()
-            plan.nu = kl_clip_factor(norms, self.kl_clip, self._lr, scale)
+        plan.nu = step_factor(self.kl_clip, self._lr, norms, loss_scale(self.grad_scaler, self.device))
         return {"gradient": [t for d in plan.grads.values() for t in d if t is not None],
                 "factors": [t for f in plan.factors.values() for t in (f.a, f.g, f.matrix)]}
 
@@ -257,77 +249,14 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                 missing = sorted({name for name, _ in captured} - set(names))
                 raise ValueError(f"fop_asdl: blocks {missing} took no part in the loss on rank {self._sync.rank}; "
                                  f"with several ranks HyLo needs every block on every refresh (ignore them).")
-            flat = torch.cat([t.reshape(-1) for name in names for t in records[name].grad if t is not None])
+            layout = [shapes_of(records[name].grad) for name in names]
+            flat = pack_vectors([records[name].grad for name in names], layout, records[names[0]].grad[0].dtype,
+                                self.device)
             self._sync.sum_over_ranks(flat)
-            out, offset = {}, 0
-            for name in names:
-                parts = []
-                for t in records[name].grad:
-                    parts.append(None if t is None else flat[offset:offset + t.numel()].view_as(t))
-                    offset += 0 if t is None else t.numel()
-                out[name] = (parts[0], parts[1])
+            out = dict(zip(names, unpack_vectors(flat, layout)[0]))
         else:
             out = {name: records[name].grad for name in names}
         return {name: (w / n, None if b is None else b / n) for name, (w, b) in out.items()}
-
-    def _refresh(self, method: str, chunks: Dict[str, List[Tuple[Tensor, Tensor]]], per_sample: Any
-                 ) -> Dict[str, hylo_math.LowRankFactors]:
-        """Every block's new factors: select locally, one all-gather, owners build M, owners broadcast M.
-        ``per_sample`` is r of :class:`~fop_asdl.engine.loss.BatchCounts`."""
-        world, names = self._sync.world_size, list(chunks)
-        # G carries the backpropagated loss's scale σ against the user's per-sample terms (the GradScaler's
-        # s, and 1 / r for a loss normalised by more than its samples); K would carry σ² against a fixed α.
-        scaler = 1.0 if self.grad_scaler is None else self.grad_scaler.scale(torch.ones((), device=self.device))
-        inv_scale = per_sample / scaler
-        local: Dict[str, hylo_math.LocalFactors] = {}
-        for name in names:
-            a, g = (torch.cat(part) for part in zip(*chunks[name]))
-            if not (isinstance(inv_scale, float) and inv_scale == 1.0):
-                g = g * (inv_scale.to(g.dtype) if isinstance(inv_scale, Tensor) else inv_scale)
-            rank, total = local_rows(self.compression_ratio, a.shape[0]), world * a.shape[0]
-            if method == "kis":
-                local[name] = hylo_math.kis_select(a, g, rank, self.generator, probability=self.kis_probability,
-                                            reweight=self.kis_reweight)
-            else:
-                local[name] = hylo_math.kid_select(a, g, rank, self.damping, kernel_scaling=self.kernel_scaling,
-                                            total_rows=total, skeleton=self.kid_skeleton)
-        packed = torch.cat([t.reshape(-1) for name in names for t in (local[name].a, local[name].g, local[name].y)
-                            if t is not None])
-        gathered = self._sync.all_gather(packed)  # (world, size): every rank's rows of every block
-        rows, offset = {}, 0
-        for name in names:
-            parts = []
-            for t in (local[name].a, local[name].g, local[name].y):
-                if t is not None:
-                    parts.append(gathered[:, offset:offset + t.numel()].reshape(world, *t.shape))
-                    offset += t.numel()
-            rows[name] = parts
-        matrices: Dict[str, Tuple[BlockVector, None]] = {}
-        for name in names:
-            if not self._sync.owns(name):
-                continue
-            a, g = rows[name][0].flatten(0, 1), rows[name][1].flatten(0, 1)
-            if method == "kis":
-                f = hylo_math.kis_factors(a, g, self.damping, kernel_scaling=self.kernel_scaling,
-                                   total_rows=self._total_rows(chunks[name]), reweighted=self.kis_reweight)
-            else:
-                f = hylo_math.kid_factors(a, g, list(rows[name][2]), kernel_scaling=self.kernel_scaling,
-                                   total_rows=self._total_rows(chunks[name]))
-            matrices[name] = ((f.matrix, None), None)
-        shapes = {name: (torch.Size([rows[name][0].shape[0] * rows[name][0].shape[1]] * 2), None)
-                  for name in names}
-        shared = self._sync.share(matrices, shapes) if names else {}
-        factors = {}
-        for name in names:
-            a, g = rows[name][0].flatten(0, 1), rows[name][1].flatten(0, 1)
-            scale = hylo_math.prefactor(method, a.shape[0], kernel_scaling=self.kernel_scaling,
-                                 total_rows=self._total_rows(chunks[name]), reweighted=self.kis_reweight)
-            factors[name] = hylo_math.LowRankFactors(a, g, shared[name][0][0].to(a.dtype), scale)
-        return factors
-
-    def _total_rows(self, chunks: List[Tuple[Tensor, Tensor]]) -> int:
-        """N, the global rows of a block: the all-gather checked every rank has as many as this one."""
-        return self._sync.world_size * sum(a.shape[0] for a, _ in chunks)
 
     def _add_to_epoch_sum(self, raw: Dict[str, BlockVector]) -> None:
         """Δ_e += V of this step; at an epoch's last step ‖Δ_e‖ joins the history (a device scalar)."""
@@ -371,10 +300,3 @@ class HyLoGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self._epoch_sum = {name: tuple(None if t is None else t.to(dev).clone() for t in v)
                            for name, v in state_dict["epoch_sum"].items()}
         self.state["step"] = int(state_dict["step"])
-
-
-def _widths(module: nn.Module) -> Tuple[int, int]:
-    """(d_a, d_g) of a block's rows; d_a counts the bias column."""
-    return module.weight[0].numel() + (module.bias is not None), module.weight.shape[0]
-
-

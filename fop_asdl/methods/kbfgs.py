@@ -20,18 +20,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..compat import reject_ddp
 from ..engine.capture import Chunk
-from ..engine.loss import BatchCounts
-from ..engine.step import SteppedGradientMaker, make_sync, write_block
-from ..engine.sub_batches import add_sums, half_sums
+from ..engine.loss import BatchCounts, loss_scale
+from ..distributed import make_sync
+from ..engine.per_sample import PerSampleStepMaker
+from ..engine.sub_batches import half_sums
 from ..engine.trust_region import LearningRate, validate_kl_clip
+from ..engine.vectors import add, write_block
 from . import kbfgs_math, seng_math
-from .second_order import backprop_scale, refuse, summed_over_ranks, warn_plain_parameters
+from .second_order import refuse, summed_over_ranks, warn_plain_parameters
 
-__all__ = ["KronBfgsGradientMaker", "build"]
+__all__ = ["KronBfgsGradientMaker"]
 
 Vector = Tuple[Tensor, Optional[Tensor]]
+
+_REFUSED = {
+    "kl_clip": "its H_g is a BFGS estimate of the Hessian's output-side factor, built from gradient differences "
+               "along the path, not a Fisher of the batch: ‖Δ‖ in H⁻¹ is no KL bound. Lower the learning rate or "
+               "raise the damping; 'kfac', 'fop', 'smw_ng' and 'diag_ng' take kl_clip.",
+    "minibatch_hessian_action": "H_a always takes the Hessian-action BFGS step (ASDL's option selects it).",
+    "fisher_type": "K-BFGS uses no Fisher."}
 
 
 @dataclasses.dataclass
@@ -54,7 +62,7 @@ class _Plan:
     factors: Dict[str, Tuple[Tensor, Tensor, Tensor]] = dataclasses.field(default_factory=dict)  # A, H_a, H_g
 
 
-class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
+class KronBfgsGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     """``p.grad`` of every Linear/Conv2d block holds H_g ∇W̃ H_a (W̃ = [W | b]), every other trainable
     parameter the plain mean gradient (one warning names them).
 
@@ -79,8 +87,10 @@ class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
 
     def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *,
                  lr: Optional[LearningRate] = None, mu1: float = 0.2, mu2: Optional[float] = None,
-                 micro_batch_size: Optional[int] = None, grad_scaler: Optional[torch.amp.GradScaler] = None):
-        reject_ddp(model)
+                 micro_batch_size: Optional[int] = None, grad_scaler: Optional[torch.amp.GradScaler] = None,
+                 **others: Any):
+        refuse(self.method_label, others, _REFUSED)
+        model = self._init_step(model, micro_batch_size, grad_scaler)
         if lr is None:
             raise TypeError("K-BFGS takes its (s, y) pairs from a second pass at θ − lr·Δ on the same batch (as "
                             "the authors' code does), so it needs the learning rate: lr=<float> or "
@@ -100,7 +110,7 @@ class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         super().__init__(model)
         self.damping, self.ema_decay, self.interval = float(damping), decay, interval
         self.mu1, self.mu2 = float(mu1), mu2
-        self._init_per_sample_step(model, micro_batch_size, grad_scaler)
+        self._init_per_sample_step(model)
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
         warn_plain_parameters(model, self.blocks, self.method_label)
         #: Per block: (A, H_a, H_g).
@@ -122,7 +132,7 @@ class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         self._once_per_pass(record.starts, chunk, module, "one mean input per call")
         plan = self._step_plan
         if not plan.lookahead:
-            record.grad = add_sums(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
+            record.grad = add(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
         if plan.update:
             if not plan.lookahead:
                 p = self._rows(module, x, grad_out)
@@ -174,7 +184,7 @@ class KronBfgsGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
         The pair is a difference of two passes' means: both must be in full precision, or under bf16/fp16
         autocast rounding is all it measures. The lookahead always is; under autocast the step's own means
         are taken again by one more full-precision pass at θ."""
-        sigma = backprop_scale(self.grad_scaler, self.device)
+        sigma = loss_scale(self.grad_scaler, self.device)
         rate = float(self._lr() if callable(self._lr) else self._lr)
         passes = [self._lookahead(plan, step) for step in ([None] if plan.autocast else []) + [rate / sigma]]
         moved = passes[-1][1]
@@ -325,13 +335,3 @@ def _kept_statistics(model: nn.Module) -> Iterator[None]:
         for buffer, value in saved:
             buffer.copy_(value)
 
-
-def build(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **options: Any) -> KronBfgsGradientMaker:
-    """``make_gradient_maker("kbfgs", ...)``."""
-    refuse("K-BFGS", options, {
-        "kl_clip": "its H_g is a BFGS estimate of the Hessian's output-side factor, built from gradient differences "
-                   "along the path, not a Fisher of the batch: ‖Δ‖ in H⁻¹ is no KL bound. Lower the learning rate or "
-                   "raise the damping; 'kfac', 'fop', 'smw_ng' and 'diag_ng' take kl_clip.",
-        "minibatch_hessian_action": "H_a always takes the Hessian-action BFGS step (ASDL's option selects it).",
-        "fisher_type": "K-BFGS uses no Fisher."})
-    return KronBfgsGradientMaker(model, config, **options)

@@ -18,16 +18,25 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..compat import reject_ddp
 from ..engine.capture import BlockCapture, Chunk
 from ..engine.chunks import as_sum, summed_loss
-from ..engine.loss import BatchCounts
-from ..engine.step import SteppedGradientMaker, make_sync, write_block
+from ..engine.loss import BatchCounts, loss_scale
+from ..distributed import make_sync
+from ..engine.per_sample import PerSampleStepMaker
+from ..engine.vectors import write_block
 from . import kron_psgd_math
 from .kbfgs import _matrix, _vector
-from .second_order import backprop_scale, refuse, summed_over_ranks, warn_plain_parameters
+from .second_order import refuse, summed_over_ranks, warn_plain_parameters
 
-__all__ = ["KronPsgdGradientMaker", "build"]
+__all__ = ["KronPsgdGradientMaker"]
+
+
+_REFUSED = {
+    "kl_clip": "P = QᵀQ is fitted to the inverse Hessian from Hessian-vector products (not to a Fisher), so ‖Δ‖ in "
+               "P⁻¹ is no KL bound; lower the learning rate or precond_lr. 'kfac', 'fop', 'smw_ng' and 'diag_ng' take "
+               "kl_clip.",
+    "use_functorch": "the Hessian-vector product is a double backward pass inside the step.",
+    "fisher_type": "PSGD uses no Fisher."}
 
 
 @dataclasses.dataclass
@@ -40,7 +49,7 @@ class _Plan:
     grads: Dict[str, Tuple[Tensor, Optional[Tensor]]] = dataclasses.field(default_factory=dict)
 
 
-class KronPsgdGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
+class KronPsgdGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     """``p.grad`` of every Linear/Conv2d block holds Q_lᵀQ_l [∇W | ∇b] Q_rᵀQ_r, every other trainable
     parameter the plain mean gradient (one warning names them).
 
@@ -60,8 +69,10 @@ class KronPsgdGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
 
     def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *,
                  precond_lr: float = 0.01, init_scale: float = 1.0, seed: int = 0,
-                 micro_batch_size: Optional[int] = None, grad_scaler: Optional[torch.amp.GradScaler] = None):
-        reject_ddp(model)
+                 micro_batch_size: Optional[int] = None, grad_scaler: Optional[torch.amp.GradScaler] = None,
+                 **others: Any):
+        refuse(self.method_label, others, _REFUSED)
+        model = self._init_step(model, micro_batch_size, grad_scaler)
         self.config = config if config is not None else asdl.PreconditioningConfig()
         for name, value in (("precond_lr", precond_lr), ("init_scale", init_scale)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -71,7 +82,7 @@ class KronPsgdGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
             raise ValueError(f"config.preconditioner_upd_interval must be an int >= 1, got {interval!r}.")
         super().__init__(model)
         self.precond_lr, self.interval = float(precond_lr), interval
-        self._init_per_sample_step(model, micro_batch_size, grad_scaler)
+        self._init_per_sample_step(model)
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
         warn_plain_parameters(model, self.blocks, self.method_label)
         self.generator = torch.Generator(device=self.device)
@@ -143,7 +154,7 @@ class KronPsgdGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
                                  f"loss on rank {self._sync.rank}; with several ranks {self.method_label} needs every "
                                  f"block in every update step (ignore them).")
             parts = iter(summed_over_ranks(self._sync, [t for name in names for t in plan.products[name]]))
-            sigma = backprop_scale(self.grad_scaler, self.device)
+            sigma = loss_scale(self.grad_scaler, self.device)
         for name in names:
             module = self._modules[name]
             grad = _matrix(module, module.weight.grad, None if module.bias is None else module.bias.grad)
@@ -191,13 +202,3 @@ class KronPsgdGradientMaker(SteppedGradientMaker, asdl.GradientMaker):
 def _params(module: nn.Module) -> List[Tensor]:
     return [p for p in (module.weight, module.bias) if p is not None]
 
-
-def build(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **options: Any) -> KronPsgdGradientMaker:
-    """``make_gradient_maker("kron_psgd", ...)``."""
-    refuse("Kronecker PSGD", options, {
-        "kl_clip": "P = QᵀQ is fitted to the inverse Hessian from Hessian-vector products (not to a Fisher), so "
-                   "‖Δ‖ in P⁻¹ is no KL bound; lower the learning rate or precond_lr. 'kfac', 'fop', 'smw_ng' and "
-                   "'diag_ng' take kl_clip.",
-        "use_functorch": "the Hessian-vector product is a double backward pass inside the step.",
-        "fisher_type": "PSGD uses no Fisher."})
-    return KronPsgdGradientMaker(model, config, **options)

@@ -1,14 +1,14 @@
 """Small pieces the makers of issue 23 share (SMW-NG, SENG, diagonal NG, K-BFGS, Kronecker PSGD): which
-parameters get the plain gradient, the options a method refuses, the loss scale, sums over ranks."""
+parameters get the plain gradient, the options a method refuses, sums over ranks."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["backprop_scale", "refuse", "summed_over_ranks", "warn_plain_parameters"]
+__all__ = ["refuse", "summed_over_ranks", "warn_plain_parameters"]
 
 
 def warn_plain_parameters(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]], label: str) -> None:
@@ -23,16 +23,13 @@ def warn_plain_parameters(model: nn.Module, blocks: Sequence[Tuple[str, nn.Modul
 
 
 def refuse(label: str, options: Dict[str, Any], reasons: Dict[str, str]) -> None:
-    """A TypeError that says why, for an option of another method that ``label`` does not take."""
+    """A TypeError for options ``label`` does not take: with the reason for another method's option it
+    knows, else naming them."""
     for name, reason in reasons.items():
         if name in options:
             raise TypeError(f"{label} does not take {name}: {reason}")
-
-
-def backprop_scale(grad_scaler: Optional[torch.amp.GradScaler], device: torch.device) -> Union[float, Tensor]:
-    """σ, the GradScaler's scale every backward pass starts from (1.0 without one), as a device tensor: no
-    host sync."""
-    return 1.0 if grad_scaler is None else grad_scaler.scale(torch.ones((), device=device))
+    if options:
+        raise TypeError(f"{label} takes no option {', '.join(sorted(options))}; see its docstring.")
 
 
 def summed_over_ranks(sync: Any, tensors: Iterable[Tensor]) -> List[Tensor]:

@@ -20,7 +20,7 @@ from .fngd import _Plan
 from .second_order import refuse
 from .smw_ng import _FNGD_ONLY, SmwNgGradientMaker
 
-__all__ = ["SengGradientMaker", "build"]
+__all__ = ["SengGradientMaker"]
 
 
 _REFUSED = {**_FNGD_ONLY, "kl_clip": (
@@ -56,7 +56,7 @@ class SengGradientMaker(SmwNgGradientMaker):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
                 raise ValueError(f"{name} must be a{' non-negative' if name == 'seed' else ' positive'} int"
                                  f"{' or None' if name == 'truncated_rank' else ''}, got {value!r}.")
-        refuse(self.method_label, kwargs, _REFUSED)
+        refuse(self.method_label, {k: v for k, v in kwargs.items() if k in _REFUSED}, _REFUSED)
         super().__init__(model, config, **kwargs)
         self.sketching_size, self.truncated_rank = sketching_size, truncated_rank
         self.generator = torch.Generator(device=self.device)
@@ -93,7 +93,3 @@ class SengGradientMaker(SmwNgGradientMaker):
         self.generator.set_state(state_dict["generator"])
         self.state["step"] = int(state_dict["step"])
 
-
-def build(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **options: Any) -> SengGradientMaker:
-    """``make_gradient_maker("seng", ...)``."""
-    return SengGradientMaker(model, config, **options)

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from ..engine.chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward, user_loss,
                      validate_micro_batch_size)
-from ..compat import batch_size_of, reject_ddp
+from ..engine.setup import batch_size_of, prepared_model
 from ..engine.loss import LossNormalizer
-from ..engine.step import make_sync
+from ..distributed import make_sync
 
 __all__ = ["PlainGradientMaker"]
 
@@ -21,10 +21,14 @@ __all__ = ["PlainGradientMaker"]
 class PlainGradientMaker(asdl.GradientMaker):
     """``asdl.GradientMaker`` whose step may run as several micro-batches and over several ranks."""
 
-    def __init__(self, model: nn.Module, micro_batch_size: Optional[int] = None,
-                 grad_scaler: Optional[torch.amp.GradScaler] = None):
-        reject_ddp(model)
-        super().__init__(model)
+    def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *,
+                 micro_batch_size: Optional[int] = None, grad_scaler: Optional[torch.amp.GradScaler] = None,
+                 **options: Any):
+        """``config`` is accepted for the one-name swap and not read (plain SGD has no curvature)."""
+        if options:
+            raise TypeError(f"the 'sgd' gradient maker takes only micro_batch_size and grad_scaler, got "
+                            f"{sorted(options)}.")
+        super().__init__(prepared_model(model))
         self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
         self.grad_scaler = grad_scaler  # backward from the scaled loss; scaler.step() unscales and skips Inf
         self._sync = make_sync(model, [], "auto", two_gradients=False)

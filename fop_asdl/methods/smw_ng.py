@@ -14,14 +14,13 @@ import asdl
 import torch
 from torch import Tensor, nn
 
-from ..curvature.products import scaled
-from ..engine.loss import BatchCounts
-from ..engine.step import write_block
-from ..engine.trust_region import LearningRate, kl_clip_factor, validate_kl_clip
+from ..engine.loss import BatchCounts, loss_scale
+from ..engine.trust_region import LearningRate, step_factor, validate_kl_clip
+from ..engine.vectors import scaled, write_block
 from .fngd import FNGDGradientMaker, _Plan
 from .second_order import refuse, summed_over_ranks, warn_plain_parameters
 
-__all__ = ["SmwNgGradientMaker", "build"]
+__all__ = ["SmwNgGradientMaker"]
 
 _FNGD_ONLY = {name: "it forms the exact Gram on every step, with λ = config.damping fixed; that option belongs "
                     "to 'fngd'." for name in ("iters_per_epoch", "alpha", "damping_mode", "coefficient_epochs",
@@ -50,7 +49,8 @@ class SmwNgGradientMaker(FNGDGradientMaker):
     def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *,
                  conv_gram: str = "auto", micro_batch_size: Optional[int] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None, kl_clip: Optional[float] = None,
-                 lr: Optional[LearningRate] = None):
+                 lr: Optional[LearningRate] = None, **others: Any):
+        refuse(self.method_label, others, _FNGD_ONLY)
         self.kl_clip, self._lr = validate_kl_clip(kl_clip, lr)
         self.last_nu: Optional[Tensor] = None
         super().__init__(model, config, iters_per_epoch=1, damping_mode="fixed", scale_mode="ngd",
@@ -78,8 +78,7 @@ class SmwNgGradientMaker(FNGDGradientMaker):
                 norms.append(sum((sum(part[i] for part in local) * d[i]).sum() for i in range(2)
                                  if d[i] is not None))
             total = summed_over_ranks(self._sync, [torch.stack(norms)])[0] / counts.normalizer
-            scale = None if self.grad_scaler is None else self.grad_scaler._get_scale_async()
-            plan.nu = kl_clip_factor(list(total), self.kl_clip, self._lr, scale)
+            plan.nu = step_factor(self.kl_clip, self._lr, list(total), loss_scale(self.grad_scaler, self.device))
         return groups
 
     def _commit(self, plan: _Plan) -> None:
@@ -98,8 +97,3 @@ class SmwNgGradientMaker(FNGDGradientMaker):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.state["step"] = int(state_dict["step"])
 
-
-def build(model: nn.Module, config: Optional[asdl.PreconditioningConfig], **options: Any) -> SmwNgGradientMaker:
-    """``make_gradient_maker("smw_ng", ...)``."""
-    refuse("SMW-NG", options, _FNGD_ONLY)
-    return SmwNgGradientMaker(model, config, **options)
