@@ -198,3 +198,23 @@ def test_block_input_modified_in_place_is_named():
     with pytest.raises(RuntimeError, match="modified in place"):
         step(maker, model, torch.randn(6, 4), torch.randint(0, 2, (6,)))
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["fop", "kfac"])
+def test_rollback_is_exact_when_the_inverses_lag_the_curvature(image_batch, name):
+    """curvature_upd_interval 1 < preconditioner_upd_interval 3: the inverses of step 3 were built from the
+    factors of step 0, not from the newer ones; a failed step 3 must not replace them by inverses of those."""
+    x, t = image_batch
+    x = x.float()
+    torch.manual_seed(0)
+    model = conv_bn_ln_net()
+    maker = fop_asdl.make_gradient_maker(name, model, config(curvature_upd_interval=1, preconditioner_upd_interval=3),
+                                         fisher_type="fisher_emp")
+    for _ in range(3):
+        step(maker, model, x, t)
+    before = snapshot(model, maker)
+    bad = x.clone()
+    bad[3] = float("nan")
+    with pytest.raises(FloatingPointError, match="Nothing was updated"):
+        step(maker, model, bad, t)  # step 3 updates curvature and inverses
+    assert_unchanged(model, maker, before)

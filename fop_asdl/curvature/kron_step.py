@@ -112,6 +112,9 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             raise ValueError("swift=True (SKFAC) keeps per-sample factor matrices that cannot be summed over "
                              "micro-batches or ranks; use swift=False with micro_batch_size or torch.distributed.")
         self._shapes: Optional[Dict[str, Tuple[torch.Size, Optional[torch.Size]]]] = None
+        #: Whether the stored inverses were built from the stored factors (False after a curvature update
+        #: without inversion, and after loading a state): only then can a failed step rebuild dropped ones.
+        self._inverses_match_curvature = True
 
     def _precondition(self, gradients: BlockGradients) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
         """(preconditioned gradient, per-block stats or None) of every owned block, from the committed
@@ -138,8 +141,9 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         update_inverse = self.do_update_preconditioner(step) or (update_curvature and not self.do_accumulate)
         plan = CurvaturePlan(update_curvature, update_inverse)
         # The old inverses are about to be replaced: free them to make room for the new curvature. Should
-        # the step fail, they are rebuilt bit for bit from the untouched old factors.
-        if update_curvature and update_inverse:
+        # the step fail, they are rebuilt bit for bit from the untouched old factors, which only works if they
+        # were built from those factors (not when the curvature has moved on since the last inversion).
+        if update_curvature and update_inverse and self._inverses_match_curvature:
             plan.dropped = drop_inverses((name, getattr(m, self._fisher_attr, None))
                                          for name, m in self.named_modules_for_curvature)
         return plan
@@ -174,6 +178,8 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
     def _commit(self, plan: CurvaturePlan) -> None:
         commit_curvature(dict(self.named_modules_for_curvature), self._fisher_attr, plan.curvature,
                          self.config.ema_decay, self.do_accumulate, self.ema_bias_correction, self._ema_updates)
+        if plan.curvature:
+            self._inverses_match_curvature = plan.update_inverse
         if plan.update_inverse:
             self._invert_all()
         results = self._sync.share(self._precondition(plan.gradients), self._block_shapes(),
@@ -255,6 +261,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state of any world size; each rank keeps the curvature of the blocks it owns."""
+        self._inverses_match_curvature = False  # the saved inverses may predate the saved factors
         super().load_state_dict(state_dict)
         self._ema_updates = {name: int(tensors["ema_updates"]) for name, tensors in state_dict["curvature"].items()
                              if "ema_updates" in tensors and self._sync.owns(name)}
