@@ -6,11 +6,16 @@ from typing import Any, Callable, Dict, Optional
 import asdl
 from torch import nn
 
+from .methods.diag_ng import DiagNgGradientMaker
 from .methods.fngd import FNGDGradientMaker
 from .methods.fop import FOPGradientMaker
 from .methods.hylo import HyLoGradientMaker
+from .methods.kbfgs import KronBfgsGradientMaker
 from .methods.kfac import ScalableKfacGradientMaker
+from .methods.kron_psgd import KronPsgdGradientMaker
+from .methods.seng import SengGradientMaker
 from .methods.sgd import PlainGradientMaker
+from .methods.smw_ng import SmwNgGradientMaker
 
 __all__ = ["GRADIENT_MAKERS", "make_gradient_maker"]
 
@@ -22,6 +27,11 @@ GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
     "hylo": HyLoGradientMaker,
     "kfac": ScalableKfacGradientMaker,
     "sgd": PlainGradientMaker,
+    "diag_ng": DiagNgGradientMaker,
+    "kbfgs": KronBfgsGradientMaker,
+    "kron_psgd": KronPsgdGradientMaker,
+    "seng": SengGradientMaker,
+    "smw_ng": SmwNgGradientMaker,
 }
 
 

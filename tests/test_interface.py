@@ -32,7 +32,7 @@ def test_one_loop_for_every_maker(image_batch, name):
 
 
 def test_unknown_maker_lists_choices():
-    with pytest.raises(ValueError, match=r"'fngd', 'fop', 'hylo', 'kfac', 'sgd'"):
+    with pytest.raises(ValueError, match=r"'fngd'.*'fop'.*'hylo'.*'kfac'.*'sgd'"):
         fop_asdl.make_gradient_maker("adam", nn.Linear(2, 2))
 
 
