@@ -95,19 +95,17 @@ def test_gpt_ties_its_head_to_the_token_embedding_and_is_causal() -> None:
     assert model.token_embed.weight.grad[model.levels:].abs().sum() > 0  # the class rows, through the head
 
 
-@pytest.mark.filterwarnings("ignore:fop_asdl")
-@pytest.mark.parametrize("method", ["sgd", "kfac"])
-def test_the_runner_trains_the_gpt(tmp_path, method: str) -> None:
-    """``model: gpt`` end to end in the runner: one epoch on the packaged subset, finite, above chance."""
+def test_the_runner_trains_the_gpt(tmp_path) -> None:
+    """``model: gpt`` end to end in the runner (AdamW, as transformers train): above chance on the subset."""
     import json
 
     from fop_asdl.cli import main
 
-    code = main(["train", "--method", method, "--batch-size", "100", "--lr", "0.05" if method == "sgd" else "0.02",
-                 "--no-progress", "--out", str(tmp_path), "--set", "model=gpt", "subset_size=600", "epochs=2",
+    code = main(["train", "--method", "adamw", "--batch-size", "100", "--lr", "0.003", "--no-progress", "--out",
+                 str(tmp_path), "--set", "model=gpt", "subset_size=1000", "test_size=500", "epochs=4",
                  "target_accuracy=0.3"])
     assert code == 0
-    (run_dir,) = (tmp_path / "b100" / method).iterdir()
+    (run_dir,) = (tmp_path / "b100" / "adamw").iterdir()
     records = [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
-    assert all(r["train_loss"] == r["train_loss"] for r in records)  # finite (not NaN)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert records[-1]["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
