@@ -342,3 +342,42 @@ def test_runner_builds_hylo_with_its_epoch_length(monkeypatch):
     build_gradient_maker(RunSpec(clipped, "hylo", 100, 0.1, 0), SmallCNN(), local_batch=100, steps_per_epoch=50,
                          lr=current_lr)
     assert seen[1] == ("hylo", {"iters_per_epoch": 50, "kl_clip": 0.01, "lr": current_lr})
+
+
+class RepeatedTokens(nn.Module):
+    """A token Linear on (m, T, 3) inputs whose T tokens per sample are copies, then the mean over tokens and
+    a head: its per-sample rows under token_reduction="mean" are known exactly (1/T of the true gradient)."""
+
+    T = 4
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tokens(x.unsqueeze(1).expand(-1, self.T, -1))).mean(1))
+
+
+@pytest.mark.parametrize("token_reduction", ["mean", "flatten"])
+def test_token_sequences_reduce_like_conv_positions_or_flatten(token_reduction):
+    """"mean" (the default): one row per sample, û_j = (mean_t g)(mean_t a)ᵀ = u_j / T here, so the refresh
+    at ρ = 1 gives (F/T² + αI)⁻¹ g with F the true per-sample Fisher; "flatten": one row per token."""
+    torch.manual_seed(0)
+    model = RepeatedTokens().double()
+    x, t = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    maker = hylo(model, compression_ratio=1.0, token_reduction=token_reduction)
+    step(maker, model, x, t)
+    rows = maker.factors["tokens"][0].a.shape[0]
+    if token_reduction == "flatten":  # the per-token rows themselves are checked in test_lowrank.py
+        assert rows == len(x) * RepeatedTokens.T
+        return
+    assert rows == len(x)
+    u = per_sample_gradients(model, x, t, model.tokens)
+    fisher = u.T @ u / len(u) / RepeatedTokens.T ** 2
+    expected = torch.linalg.solve(fisher + ALPHA * torch.eye(len(fisher), dtype=u.dtype), u.mean(0))
+    torch.testing.assert_close(block_grad(model.tokens), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_token_reduction_is_checked():
+    with pytest.raises(ValueError, match="token_reduction"):
+        hylo(RepeatedTokens().double(), token_reduction="max")

@@ -72,6 +72,10 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         kid_windows: half-open KID epoch windows of ``"epochs"``, e.g. ((0, 10), (35, 40)).
         iters_per_epoch: T, steps per epoch (epoch = step // T).
         kernel_scaling, conv_reduction, kis_probability, kis_reweight, kid_skeleton: see :mod:`fop_asdl.methods.hylo_math`.
+        token_reduction: a Linear on token sequences (m, T, d): ``"mean"`` reduces its T positions per
+            sample as ``conv_reduction`` does a Conv2d's (rows = m); ``"flatten"`` makes every token a sample
+            (the spec's MKOR port: rows = m·T, which made a refresh on a 16-token mixer cost 147 s and
+            7.5 GB); ``"sum"``, ``"scaled_mean"`` as for conv.
         target_damping: α_T of the authors' schedule α ← (1−κ)α + κα_T, once per refresh from step
             ``damping_warmup_steps``, κ = min(1, 2|log10(α_0/α_T)|/``damping_decay_updates``). None: constant α.
         seed: KIS's generator; rank r draws from a stream derived from (seed, r), stored in the state.
@@ -87,7 +91,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
                  compression_ratio: float = 0.1, switch_policy: Union[str, SwitchPolicy] = "gradient",
                  switch_threshold: float = DEFAULT_SWITCH_THRESHOLD, kid_windows: Sequence[Tuple[int, int]] = (),
                  iters_per_epoch: Optional[int] = None, kernel_scaling: str = "consistent",
-                 conv_reduction: str = "mean", kis_probability: str = "norm_sq", kis_reweight: bool = False,
+                 conv_reduction: str = "mean", token_reduction: str = "mean", kis_probability: str = "norm_sq", kis_reweight: bool = False,
                  kid_skeleton: str = "norm_sort", target_damping: Optional[float] = None,
                  damping_decay_updates: int = 50, damping_warmup_steps: int = 0, seed: int = 0,
                  micro_batch_size: Optional[int] = None, grad_scaler: Optional[torch.amp.GradScaler] = None,
@@ -111,6 +115,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         local_rows(compression_ratio, 1)  # validates ρ
         for name, value, allowed in (("kernel_scaling", kernel_scaling, hylo_math.SCALINGS),
                                      ("conv_reduction", conv_reduction, hylo_math.REDUCTIONS),
+                                     ("token_reduction", token_reduction, hylo_math.TOKEN_REDUCTIONS),
                                      ("kis_probability", kis_probability, ("norm_sq", "norm")),
                                      ("kid_skeleton", kid_skeleton, ("norm_sort", "pivoted_qr"))):
             if value not in allowed:
@@ -121,6 +126,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         super().__init__(model)
         self.compression_ratio, self.iters_per_epoch = float(compression_ratio), iters_per_epoch
         self.kernel_scaling, self.conv_reduction, self.kid_skeleton = kernel_scaling, conv_reduction, kid_skeleton
+        self.token_reduction = token_reduction
         self.kis_probability, self.kis_reweight = kis_probability, bool(kis_reweight)
         self.damping, self.target_damping = float(self.config.damping), target_damping
         self.damping_decay_updates, self.damping_warmup_steps = damping_decay_updates, damping_warmup_steps
@@ -183,7 +189,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
             rows = hylo_math.conv2d_rows(x, grad_out, module.kernel_size, module.stride, module.padding,
                                        module.dilation, bias=bias, conv_reduction=self.conv_reduction)
         else:
-            rows = hylo_math.linear_rows(x, grad_out, bias)
+            rows = hylo_math.linear_rows(x, grad_out, bias, token_reduction=self.token_reduction)
         record.rows.append(rows)
         return record
 
