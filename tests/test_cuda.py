@@ -177,6 +177,19 @@ def test_the_runner_trains_on_cuda_without_a_sync_outside_the_step(tmp_path, mon
     assert summary["environment"]["device"].startswith("cuda") and summary["environment"]["gpu"]
 
 
+def test_the_runners_batches_with_augmentation_do_not_sync():
+    """An epoch's batches of CIFAR-like data with random crops and flips: nothing waits on the device."""
+    from fop_asdl.cli.batches import CROP_PADDING
+    from fop_asdl.data.augment import crop_flip, sample_crop_flip
+    x = torch.randn(64, 3, 32, 32, device=CUDA)
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    torch.cuda.synchronize()
+    with cuda_sync_debug() as witnessed, HostSyncCounter() as counter:
+        for _ in range(3):
+            crop_flip(x, sample_crop_flip(64, CROP_PADDING, generator), CROP_PADDING, [-1.9, -1.9, -1.7])
+    assert counter.count == 0 and not witnessed, (counter.report(), witnessed)
+
+
 def test_torchrun_one_process_with_nccl(tmp_path):
     """One rank under torchrun on NCCL: the package's collectives, and K-FAC's and FOP's sharded path on
     them equal to the one-process step; then the runner under torchrun with device cuda."""
