@@ -13,8 +13,9 @@ cycles are timed. A step is ``zero_grad``, ``setup_model_call``, ``setup_loss_ca
 nothing); the weights are copied back after every step, untimed, so that every step does the full work
 at representative values instead of running into NaN on unlearnable data.
 
-Reported per method: mean, plain-step and curvature-step times (wall clock; CPU time of the process
-beside it, which other load on the machine inflates less), and peak memory in two measures:
+Reported per method: mean, plain-step and curvature-step times (wall clock; on CUDA the time between two
+CUDA events recorded around the step, the device queue empty before it; CPU time of the process beside
+it, which other load on the machine inflates less), and peak memory in two measures:
 
 * ``peak_rss_mib``: the process's peak resident set size (``ru_maxrss``) over the timed cycles, with the
   default allocator: what a user whose job is killed for memory meets. It includes the interpreter,
@@ -79,6 +80,14 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _events(self) -> Optional[Tuple[torch.cuda.Event, torch.cuda.Event]]:
+        """On CUDA, (start, end) events with start recorded: the step's time on the device's own clock."""
+        if self.device.type != "cuda":
+            return None
+        events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events[0].record()
+        return events
+
     def step(self, x: torch.Tensor, t: torch.Tensor) -> None:
         asdl_step(self.gm, self.model, self.opt, x, t)
 
@@ -90,14 +99,18 @@ class Runner:
             curvature = self.step_index % self.interval == 0
             self._sync()
             wall, cpu = time.perf_counter(), time.process_time()
+            events = self._events()
             if peaks is None:
                 self.step(x, t)
             else:
                 kind = "curvature" if curvature else "plain"
                 peaks[kind] = max(peaks.get(kind, 0), self._live_peak(x, t))
+            if events:
+                events[1].record()
             self._sync()
+            elapsed = time.perf_counter() - wall if not events else events[0].elapsed_time(events[1]) / 1000
             if measure:
-                self.times.append((curvature, time.perf_counter() - wall, time.process_time() - cpu))
+                self.times.append((curvature, elapsed, time.process_time() - cpu))
             with torch.no_grad():  # untimed: keep the weights finite on random data (see the docstring)
                 for p, p0 in zip(self.params, self.init):
                     p.copy_(p0)
@@ -227,6 +240,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"command": command, "args": vars(args), "torch": torch.__version__, "threads": threads,
+                   "timer": "CUDA events" if args.device == "cuda" else "time.perf_counter",
+                   "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                    "load_average": load,
                    "memory": {"peak_rss_mib": "ru_maxrss of the method's process over the timed cycles",
                               "live_peak_mib": "peak bytes of tensors created in one step and still referenced"},

@@ -14,6 +14,18 @@ from fop_asdl.data import load_fashion_mnist_subset
 from fop_asdl.models import SmallCNN
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped, with the reason, where no CUDA device is (scripts/gpu_check.sh runs them)."""
+    if torch.cuda.is_available():
+        return
+    built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    skip = pytest.mark.skip(reason=f"needs a CUDA device: torch.cuda.is_available() is False (torch "
+                                   f"{torch.__version__}, {built})")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def step(maker, model, x, t, loss_fn=F.cross_entropy):
     """One ASDL gradient-maker step: the same three calls for FOP, K-FAC and SGD."""
     dummy_y = maker.setup_model_call(model, x)

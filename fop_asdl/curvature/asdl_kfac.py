@@ -13,7 +13,7 @@ from torch import nn
 from ..compat import full_precision, kept_requires_grad, quiet_asdl_hooks
 from ..engine.attention import attention_blocks
 from ..engine.setup import batch_size_of, reject_ddp
-from .inverses import robust_update_inv
+from .inverses import invert_all
 from .state import curvature_from_dict, curvature_to_dict
 
 __all__ = ["KfacGradientMaker", "UNSET", "resolve_data_size"]
@@ -62,11 +62,12 @@ class KfacGradientMaker(asdl.KfacGradientMaker):
             self._invert_all()
 
     def _invert_all(self) -> None:
+        """Every block's robust inverse, with one host sync for all of them (:func:`invert_all`)."""
         with full_precision(self.device.type):
-            for name, module in self.named_modules_for_curvature:
-                matrix = getattr(module, self._fisher_attr, None)
-                if matrix is not None:
-                    robust_update_inv(matrix, self.config.damping, name, self._fallback_warned)
+            named = [(name, getattr(module, self._fisher_attr, None)) for name, module in
+                     self.named_modules_for_curvature]
+            invert_all([(name, matrix) for name, matrix in named if matrix is not None], self.config.damping,
+                       self._fallback_warned)
 
     def precondition(self, *args: Any, **kwargs: Any) -> None:
         with full_precision(self.device.type):  # the gradients are fp32; so stays F̃⁻¹ g under autocast

@@ -5,7 +5,8 @@ Fisher backward passes and the loss's backward), with three changes: the curvatu
 chunk's samples (``data_size=1``) and written into fresh matrices that add up over chunks (the stored
 curvature stays untouched until the step is known to be finite: :func:`fresh_curvature`); the loss ASDL
 backpropagates is the summed (and GradScaler-scaled) loss the step's sums need; and the block capture is
-off during the Fisher backward passes, which are not the loss's gradient.
+off during the Fisher backward passes, which are not the loss's gradient. Nothing here reads the device:
+non-finite logits reach the step's one fused check (:func:`finite_sampling`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Dict, Iterator, Union
 
 import asdl
 import torch
+from asdl.fisher import FisherMCCrossEntropy
 from asdl.grad_maker import DummyObject, GetFirstItem
 from asdl.symmatrix import SymMatrix
 from torch import Tensor
@@ -22,7 +24,8 @@ from ..compat import kept_requires_grad, quiet_asdl_hooks
 from ..engine.capture import BlockCapture
 from ..engine.chunks import as_sum
 
-__all__ = ["curvature_chunk", "fisher_logits", "fresh_curvature", "unscale_empirical"]
+__all__ = ["curvature_chunk", "finite_sampling", "fisher_logits", "fresh_curvature", "sampling_logits",
+           "unscale_empirical"]
 
 
 @contextlib.contextmanager
@@ -59,12 +62,10 @@ def curvature_chunk(maker: Any, capture: BlockCapture, first: bool) -> None:
             raise TypeError(f"{label}'s Fisher needs the model's logits as a tensor, but the model output gives "
                             f"{what}; pass them to the loss call (setup_loss_call(loss_fn, dummy_y['logits'], t)) "
                             f"or name them with setup_logits_repr(dummy_y[...]).")
-        if not bool(torch.isfinite(logits).all()):  # sampling from NaN logits fails obscurely
-            raise FloatingPointError(f"{label} step aborted: NaN or Inf in the model output. Nothing was "
-                                     "updated; lower the learning rate or raise the damping.")
         capture.active = False
         try:
-            fisher_loop(closure)
+            with finite_sampling(fisher_maker, logits):
+                fisher_loop(closure)
         finally:
             capture.active = True
 
@@ -94,6 +95,33 @@ def curvature_chunk(maker: Any, capture: BlockCapture, first: bool) -> None:
         fisher_maker.__dict__.pop("call_loss", None)
         fisher_maker.config.seed = seed
     maker._loss = unscaled[-1]
+
+
+@contextlib.contextmanager
+def finite_sampling(fisher_maker: Any, logits: Tensor) -> Iterator[None]:
+    """ASDL's Monte-Carlo Fisher samples from the logits: NaN or +Inf there make ``torch.distributions``
+    refuse them (after a host sync per chunk: its argument validation) or ``multinomial`` fail obscurely.
+    During the block the sampler sees :func:`sampling_logits` and validation is off. Non-finite logits
+    still make the loss NaN, which the step's one fused check reports (or, with a GradScaler, skips)."""
+    validate = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    sampled = isinstance(fisher_maker, FisherMCCrossEntropy)
+    if sampled:
+        fisher_maker._logits = sampling_logits(logits)
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validate)
+        if sampled:
+            fisher_maker._logits = logits
+
+
+def sampling_logits(logits: Tensor) -> Tensor:
+    """The logits wherever they define a distribution (finite, or −Inf: a masked class is never drawn), so
+    every value and gradient is as before; NaN and +Inf entries, and rows with no finite entry, become 0.
+    Elementwise on the device: no host sync."""
+    stand_in = torch.where(torch.isnan(logits) | torch.isposinf(logits), 0.0, logits)
+    return torch.where(torch.isneginf(stand_in).all(-1, keepdim=True), 0.0, stand_in)
 
 
 def fisher_logits(maker: asdl.GradientMaker) -> DummyObject:

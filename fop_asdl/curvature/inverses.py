@@ -1,39 +1,51 @@
-"""Inverses of a block's damped curvature, robust and bit-reproducible.
+"""Inverses of a block's damped curvature, robust, bit-reproducible, and with one host sync for all blocks.
 
 ASDL inverts damped factors with a Cholesky factorisation, which raises on factors that rounding left
 indefinite (seen on a small LayerNorm model at damping 1e-2). An eigendecomposition with an eigenvalue
 floor gives a usable inverse instead of ending the run. ASDL also adds the damping to a factor's diagonal
 in place and subtracts it again; the diagonals are put back exactly, so an inverse rebuilt after a failed
 step is bit for bit the one it replaces.
+
+ASDL's ``update_inv`` reads the device about 7 times per block (its π tests, its all-zero tests, the
+Cholesky error checks), and checking the result read it once more: on a GPU, a pipeline stall each. The
+same operations run here (bit for bit the same inverses) with every decision kept on the device, and one
+host read per inverse update tells which blocks need the fallback (:func:`invert_all`).
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple, Union
 
 import torch
-from asdl.symmatrix import Kron, SymMatrix
-from torch import nn
+from asdl.symmatrix import Kron, SymMatrix, UnitWise
+from torch import Tensor
 
-__all__ = ["drop_inverses", "kron_damping", "rebuild_inverses", "robust_update_inv"]
+__all__ = ["drop_inverses", "invert_all", "kron_damping", "pi_damping", "rebuild_inverses", "robust_update_inv"]
+
+Damping = Union[float, Tensor]
 
 
-# ASDL inverts damped factors with a Cholesky factorisation, which raises on factors that rounding left
-# indefinite (seen on a small LayerNorm model at damping 1e-2). An eigendecomposition with an
-# eigenvalue floor gives a usable inverse instead of ending the run.
-def kron_damping(kron: Kron, damping: float, eps: float = 1e-7) -> tuple[float, float]:
-    """The π-split damping (d_A, d_B) that ``asdl.Kron.update_inv`` adds to A and B."""
+def pi_damping(kron: Kron, damping: float, eps: float = 1e-7) -> Tuple[Tensor, Tensor]:
+    """The π-split damping (d_A, d_B) of the fallback and of FOP's damped metric, as 0-d float64 device
+    tensors (no host sync): the values :func:`kron_damping` reads off."""
     a_mean = (kron.A.trace() if kron.A_is_square else torch.sum(kron.A ** 2)) / kron.A_dim
     b_mean = (kron.B.trace() if kron.B_is_square else torch.sum(kron.B ** 2)) / kron.B_dim
-    pi = float(torch.sqrt(a_mean / b_mean))
-    if pi == 0 or pi == float("inf") or pi != pi:
-        return damping, damping
-    r = damping ** 0.5
-    return max(r * pi, eps), max(r / pi, eps)
+    pi = torch.sqrt(a_mean / b_mean).double()
+    usable = (pi != 0) & (pi != float("inf")) & (pi == pi)
+    r = torch.full_like(pi, damping ** 0.5)  # a tensor: float / tensor is float · (1 / tensor), not division
+    fixed = torch.full_like(pi, damping)
+    return (torch.where(usable, torch.clamp(r * pi, min=eps), fixed),
+            torch.where(usable, torch.clamp(r / pi, min=eps), fixed))
 
 
-def _floored_inverse(mat: torch.Tensor, damping: float) -> torch.Tensor:
+def kron_damping(kron: Kron, damping: float, eps: float = 1e-7) -> tuple[float, float]:
+    """:func:`pi_damping` as Python floats (one host read)."""
+    d_a, d_b = torch.stack(pi_damping(kron, damping, eps)).tolist()
+    return d_a, d_b
+
+
+def _floored_inverse(mat: torch.Tensor, damping: Damping) -> torch.Tensor:
     """Inverse of ``mat + damping I`` (batched) with eigenvalues floored to stay positive."""
     sym = 0.5 * (mat + mat.transpose(-1, -2)).double()
     eigvals, eigvecs = torch.linalg.eigh(sym)
@@ -47,26 +59,6 @@ def _floored_inverse(mat: torch.Tensor, damping: float) -> torch.Tensor:
 def _gram(mat: torch.Tensor) -> torch.Tensor:
     """The covariance a (possibly non-square, SKFAC) factor stands for."""
     return mat if mat.shape[0] == mat.shape[1] else mat.T @ mat
-
-
-def _inverse_is_usable(matrix: SymMatrix, damping: float) -> bool:
-    """Finite inverses of positive definite damped blocks (one host sync, at inverse updates only).
-
-    ASDL's unit-wise inverse (torch.inverse) does not fail on an indefinite 2×2 block, and a negative
-    trace makes its π-damping NaN, so success of ``update_inv`` alone proves nothing.
-    """
-    inverses = [matrix.kron.A_inv, matrix.kron.B_inv] if matrix.has_kron else []
-    inverses += [matrix.unit.inv] if matrix.has_unit else []
-    if any(inv is None for inv in inverses):  # ASDL leaves the inverse of an all-zero factor unset
-        return False
-    checks = []
-    if matrix.has_kron:
-        checks += [torch.isfinite(matrix.kron.A_inv).all(), torch.isfinite(matrix.kron.B_inv).all()]
-    if matrix.has_unit:
-        eye = torch.eye(2, dtype=matrix.unit.data.dtype, device=matrix.unit.data.device)
-        info = torch.linalg.cholesky_ex(matrix.unit.data + damping * eye).info
-        checks += [(info == 0).all(), torch.isfinite(matrix.unit.inv).all()]
-    return bool(torch.stack(checks).all())
 
 
 @contextlib.contextmanager
@@ -86,16 +78,81 @@ def _diagonals_kept(matrix: SymMatrix):
             diagonal.copy_(original)
 
 
-def robust_update_inv(matrix: SymMatrix, damping: float, name: str, warned: set) -> None:
-    """``matrix.update_inv(damping)`` with an eigenvalue-floor fallback, warning once per block. The
-    factors come out bit-identical (:func:`_diagonals_kept`)."""
-    try:
-        with _diagonals_kept(matrix):
-            matrix.update_inv(damping)
-        if _inverse_is_usable(matrix, damping):
-            return
-    except torch.linalg.LinAlgError:
-        pass
+# --- ASDL's update_inv, its decisions kept on the device ---------------------------------------------
+def _asdl_damping(kron: Kron, damping: float, eps: float = 1e-7) -> Tuple[Damping, Damping]:
+    """``asdl.Kron.update_inv``'s π-split damping: ``max(√λ π, eps)`` in the factors' dtype where π is
+    neither 0 nor inf, else λ; ``torch.where`` in place of its ``if`` (the same values, as tensors)."""
+    if not (kron.has_A and kron.has_B):
+        return damping, damping
+    a_mean = (kron.A.trace() if kron.A_is_square else torch.sum(kron.A ** 2)) / kron.A_dim
+    b_mean = (kron.B.trace() if kron.B_is_square else torch.sum(kron.B ** 2)) / kron.B_dim
+    pi = torch.sqrt(a_mean / b_mean)
+    usable = (pi != 0) & (pi != float("inf"))  # NaN passes, as in ASDL: the inverse then fails the check
+    r = damping ** 0.5
+    fixed = torch.full_like(pi, damping)
+    return (torch.where(usable, torch.clamp(r * pi, min=eps), fixed),
+            torch.where(usable, torch.clamp(r / pi, min=eps), fixed))
+
+
+def _factor_inverse(factor: Tensor, damping: Damping) -> Tuple[Tensor, Tensor]:
+    """(inverse of factor + damping I, whether it is usable): ``asdl.utils.cholesky_inv`` (square) or
+    ``smw_inv`` (SKFAC) with the ``_ex`` solvers, whose error codes stay on the device. ASDL skips an
+    all-zero factor; it is marked unusable here, which gives it the fallback it got before."""
+    ok = ~torch.all(factor == 0)
+    if factor.shape[0] == factor.shape[1]:
+        diag = torch.diagonal(factor)
+        diag += damping
+        chol, info = torch.linalg.cholesky_ex(factor)
+        diag -= damping
+        try:
+            inverse = torch.cholesky_inverse(chol)
+        except torch.linalg.LinAlgError:  # CPU only, on a zero pivot of a failed factorisation
+            return torch.zeros_like(factor), torch.zeros_like(ok)
+    else:
+        n, d = factor.shape
+        eye = torch.eye(d, device=factor.device)
+        gram = factor @ factor.T
+        diag = torch.diagonal(gram)
+        diag += damping * n
+        solved, info = torch.linalg.solve_ex(gram, factor)
+        inverse = (eye - factor.T @ solved) / damping
+    return inverse, ok & (info == 0) & torch.isfinite(inverse).all()
+
+
+def _unit_inverse(unit: UnitWise, damping: float) -> Tensor:
+    """``asdl.UnitWise.update_inv`` with ``linalg.inv_ex``; whether the inverse is usable. ASDL's unit-wise
+    inverse does not fail on an indefinite 2×2 block, so positive definiteness is checked too."""
+    data = unit.data
+    ok = ~torch.all(data == 0)
+    diag = torch.diagonal(data, dim1=1, dim2=2)
+    diag += damping
+    unit.inv = torch.linalg.inv_ex(data).inverse
+    definite = torch.linalg.cholesky_ex(data).info == 0
+    diag -= damping
+    return ok & definite.all() & torch.isfinite(unit.inv).all()
+
+
+def _asdl_inverses(matrix: SymMatrix, damping: float) -> Tensor:
+    """``matrix.update_inv(damping)``'s inverses, bit for bit, without a host sync; whether they are
+    usable, as a 0-d device tensor."""
+    checks = []
+    if matrix.has_kron:
+        kron = matrix.kron
+        if not kron.has_data:
+            raise ValueError("data do not exist.")
+        damping_a, damping_b = _asdl_damping(kron, damping)
+        kron.A_inv, ok_a = _factor_inverse(kron.A, damping_a)
+        kron.B_inv, ok_b = _factor_inverse(kron.B, damping_b)
+        checks += [ok_a, ok_b]
+    if matrix.has_unit:
+        checks.append(_unit_inverse(matrix.unit, damping))
+    if not checks:
+        raise ValueError("fop_asdl inverts Kronecker-factored and unit-wise curvature only.")
+    return torch.stack(checks).all()
+
+
+def _fall_back(matrix: SymMatrix, damping: float, name: str, warned: set) -> None:
+    """The eigenvalue-floored inverses of a block whose damped curvature is not positive definite."""
     if name not in warned:
         warned.add(name)
         warnings.warn(f"fop_asdl: curvature of block '{name}' is not positive definite after damping "
@@ -107,6 +164,27 @@ def robust_update_inv(matrix: SymMatrix, damping: float, name: str, warned: set)
         kron.B_inv = _floored_inverse(_gram(kron.B), damping_b)
     if matrix.has_unit:
         matrix.unit.inv = _floored_inverse(matrix.unit.data, damping)
+
+
+def invert_all(named_matrices: Iterable[Tuple[str, SymMatrix]], damping: float, warned: set) -> None:
+    """Every (name, matrix)'s inverses as ``update_inv(damping)`` builds them, with an eigenvalue-floor
+    fallback (warning once per block, ``warned`` holds the names). One host read for all blocks; the
+    factors come out bit-identical (:func:`_diagonals_kept`)."""
+    pending: List[Tuple[str, SymMatrix, Tensor]] = []
+    for name, matrix in named_matrices:
+        with _diagonals_kept(matrix):
+            pending.append((name, matrix, _asdl_inverses(matrix, damping)))
+    if not pending:
+        return
+    usable = torch.stack([flag for _, _, flag in pending]).tolist()  # the one host sync
+    for (name, matrix, _), ok in zip(pending, usable):
+        if not ok:
+            _fall_back(matrix, damping, name, warned)
+
+
+def robust_update_inv(matrix: SymMatrix, damping: float, name: str, warned: set) -> None:
+    """One block's :func:`invert_all`."""
+    invert_all([(name, matrix)], damping, warned)
 
 
 def drop_inverses(named_matrices: Iterable) -> List[str]:
@@ -125,6 +203,5 @@ def drop_inverses(named_matrices: Iterable) -> List[str]:
 
 
 def rebuild_inverses(matrices: Dict[str, SymMatrix], damping: float, warned: set) -> None:
-    """The inverses of ``matrices`` (by block name) again, as :func:`robust_update_inv` built them."""
-    for name, matrix in matrices.items():
-        robust_update_inv(matrix, damping, name, warned)
+    """The inverses of ``matrices`` (by block name) again, as :func:`invert_all` built them."""
+    invert_all(matrices.items(), damping, warned)

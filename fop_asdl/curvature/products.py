@@ -51,24 +51,29 @@ def apply_inverse(matrix: SymMatrix, vec: BlockVector) -> BlockVector:
 
 
 def apply_metric(matrix: SymMatrix, vec: BlockVector,
-                 damping: Optional[Tuple[float, float]] = None) -> BlockVector:
+                 damping: Optional[Tuple[Union[float, Tensor], Union[float, Tensor]]] = None) -> BlockVector:
     """F v with the stored curvature; with ``damping`` = (d_A, d_B) (Kron) or (λ, λ) (unit-wise) it is
     the damped F̃ = (B + d_B I) ⊗ (A + d_A I) whose inverse ASDL builds."""
     d_a, d_b = damping if damping is not None else (0.0, 0.0)
     if matrix.has_kron:
         kron = matrix.kron
         weight = vec[0]
-        weight = _right(weight, kron.A) + d_a * weight if d_a else _right(weight, kron.A)
-        weight = _left(kron.B, weight) + d_b * weight if d_b else _left(kron.B, weight)
+        weight = _right(weight, kron.A) + d_a * weight if _nonzero(d_a) else _right(weight, kron.A)
+        weight = _left(kron.B, weight) + d_b * weight if _nonzero(d_b) else _left(kron.B, weight)
         bias = vec[1]
         if bias is not None:
             bias_b = _left(kron.B, bias.unsqueeze(-1)).squeeze(-1)
-            bias = bias_b + d_b * bias if d_b else bias_b
+            bias = bias_b + d_b * bias if _nonzero(d_b) else bias_b
         return weight, bias
     weight, bias = _unit_apply(matrix.unit.data, vec)
-    if d_a:
+    if _nonzero(d_a):
         weight, bias = weight + d_a * vec[0], bias + d_a * vec[1]
     return weight, bias
+
+
+def _nonzero(damping: Union[float, Tensor]) -> bool:
+    """Whether a damping is added; a device tensor (π-split, always > 0) is, without reading it."""
+    return isinstance(damping, Tensor) or damping != 0
 
 
 def gram(x: BlockVector, y: BlockVector) -> Tensor:

@@ -40,7 +40,9 @@ def crop_flip(x: Tensor, params: CropFlip, padding: int, fill: Sequence[float]) 
     """Pad ``x`` (N,C,H,W) by ``padding`` with the per-channel ``fill`` (the normalised value of pixel 0,
     i.e. zero padding of the raw image), crop back to H×W at ``params``' offsets, then flip where asked."""
     n, c, h, w = x.shape
-    fill_t = torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+    # Filled in on the device: as_tensor of a Python list is a host-to-device copy, a stream sync on CUDA.
+    fill_t = (torch.as_tensor(fill, dtype=x.dtype, device=x.device) if isinstance(fill, Tensor) else
+              torch.stack([torch.full((), float(v), dtype=x.dtype, device=x.device) for v in fill])).view(1, c, 1, 1)
     padded = fill_t.expand(n, c, h + 2 * padding, w + 2 * padding).clone()
     padded[:, :, padding:padding + h, padding:padding + w] = x
     cols = torch.arange(w, device=x.device).expand(n, w)

@@ -193,7 +193,9 @@ def fngd_coefficients(gram: Tensor, damping: Union[float, Tensor], *, damping_mo
     if isinstance(damping, (int, float)) and not damping > 0:
         raise ValueError(f"damping must be > 0 (α for 'frobenius', λ for 'fixed'), got {damping!r}.")
     m = gram.shape[-1]
-    lam = torch.as_tensor(damping, dtype=gram.dtype, device=gram.device)
+    # A number is filled in on the device: as_tensor would copy it from the host, a stream sync on CUDA.
+    lam = (torch.as_tensor(damping, dtype=gram.dtype, device=gram.device) if isinstance(damping, torch.Tensor)
+           else torch.full((), damping, dtype=gram.dtype, device=gram.device))
     if damping_mode == "frobenius":
         lam = lam * torch.linalg.matrix_norm(gram)
     lam = torch.broadcast_to(lam, gram.shape[:-2]).clamp_min(min_damping)

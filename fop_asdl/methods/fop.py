@@ -7,7 +7,7 @@ import asdl
 import torch
 from torch import Tensor, nn
 
-from ..curvature.inverses import kron_damping
+from ..curvature.inverses import pi_damping
 from ..curvature.kron_step import BlockGradients, CurvatureStepMaker
 from ..curvature.products import apply_inverse, apply_metric, gram, has_inverse
 from ..engine.vectors import BlockVector, scaled, stacked
@@ -56,7 +56,7 @@ class FOPGradientMaker(CurvatureStepMaker):
         self.options = FOPOptions(beta=beta, beta_range=tuple(beta_range), eta=eta,
                                   eta_range=tuple(eta_range), projection_metric=projection_metric, eps=eps)
         super().__init__(model, config, *args, **options)
-        self._damping_cache: Dict[nn.Module, Tuple[float, float]] = {}
+        self._damping_cache: Dict[nn.Module, Tuple[Union[float, Tensor], Union[float, Tensor]]] = {}
 
     def _precondition(self, gradients: BlockGradients) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
         """Steps 2-8 for every owned block, all solved together; ``gradients`` is consumed block by block to
@@ -99,11 +99,12 @@ class FOPGradientMaker(CurvatureStepMaker):
                 results[name] = ((weight, bias), stats[i])
         return results
 
-    def _metric_damping(self, module: nn.Module, matrix) -> Tuple[float, float]:
-        """(d_A, d_B) of the damped metric, cached until the next inverse update (it costs a sync)."""
+    def _metric_damping(self, module: nn.Module, matrix) -> Tuple[Union[float, Tensor], Union[float, Tensor]]:
+        """(d_A, d_B) of the damped metric (device tensors for Kron blocks: no host sync), cached until the
+        next inverse update."""
         if module not in self._damping_cache:
             damping = self.config.damping
-            self._damping_cache[module] = kron_damping(matrix.kron, damping) if matrix.has_kron else (damping,) * 2
+            self._damping_cache[module] = pi_damping(matrix.kron, damping) if matrix.has_kron else (damping,) * 2
         return self._damping_cache[module]
 
     def _invert_all(self) -> None:
