@@ -167,7 +167,8 @@ def build_optimizer(spec: RunSpec, model: nn.Module, maker: asdl.GradientMaker) 
     if method.own_parameters is not None:
         own = method.own_parameters(model)
         if not own:
-            raise ConfigError("model", f"{spec.method} has no parameter to step in model {c.model!r}.")
+            raise ConfigError("model", f"{spec.method} steps only some parameters (hidden weight matrices) and "
+                                       f"finds none in model {c.model!r}; choose a model with hidden layers.")
         chosen = set(own)
         others = [p for p in model.parameters() if p.requires_grad and p not in chosen]
     elif c.others_optimizer == "adamw" and method.takes_others_optimizer:
