@@ -43,9 +43,9 @@ __all__ = ["main", "build_parser"]
 
 CONFIG_FILE = "config.yaml"
 DESCRIPTION = (
-    "Train one run (train) or compare SGD, AdamW, K-FAC, FOP, FNGD, HyLo and the baselines (LARS, LAMB, SOAP, "
-    "grafted Shampoo, Muon, Schedule-Free AdamW) over batch sizes, an equal-budget hyperparameter search and "
-    "seeds (compare), from a YAML config (--config) and overrides (--set)."
+    "Train one run (train) or compare SGD, AdamW, K-FAC, FOP, FNGD, HyLo and the baselines (LARS, LAMB, "
+    "SOAP, grafted Shampoo, Muon, Schedule-Free AdamW) over batch sizes, an equal-budget hyperparameter "
+    "search and seeds (compare), from a YAML config (--config) and overrides (--set)."
 )
 
 
@@ -223,11 +223,11 @@ def _check_same_code(out: Path, environment: Dict[str, Any], allow: bool) -> Non
     if not allow:
         git = first["git"] or {}
         raise RunDirError(
-            f"{out} was started at commit {git.get('commit', '?')[:12]} with {first['threads']['torch']} torch "
-            f"threads ({ENVIRONMENT}, first line); this process differs in: {', '.join(differences)}. A study "
-            f"is one code version: resume it from that commit, without uncommitted library changes if it had "
-            f"none, with the same threads (torch.set_num_threads / OMP_NUM_THREADS) and library versions, or "
-            f"pass --allow-mixed-study, which {ENVIRONMENT} then records."
+            f"{out} was started at commit {git.get('commit', '?')[:12]} with {first['threads']['torch']} "
+            f"torch threads ({ENVIRONMENT}, first line); this process differs in: {', '.join(differences)}. "
+            f"A study is one code version: resume it from that commit, without uncommitted library changes "
+            f"if it had none, with the same threads (torch.set_num_threads / OMP_NUM_THREADS) and library "
+            f"versions, or pass --allow-mixed-study, which {ENVIRONMENT} then records."
         )
     environment["resumed_despite"] = differences
 

@@ -3,10 +3,10 @@
 A runner method is a torch optimizer fed by a gradient maker (``fop_asdl.make_gradient_maker``): SGD,
 AdamW and the baselines of docs/baselines.md (LARS, LAMB, SOAP, grafted Shampoo, Muon, Schedule-Free AdamW,
 from optional pinned libraries) step on the plain mean gradient of the ``"sgd"`` maker, K-FAC, FOP, FNGD
-and HyLo on their preconditioned gradients, with SGD momentum. The rest of the runner reads this table and names no method:
-the config checks (which names exist, what each may search, the valid ranges), the search (the order of a
-point's dimensions), the protocol (the optimizer, the maker and its options), the training loop (its
-hooks) and the report.
+and HyLo on their preconditioned gradients, with SGD momentum. The rest of the runner reads this table and
+names no method: the config checks (which names exist, what each may search, the valid ranges), the search
+(the order of a point's dimensions), the protocol (the optimizer, the maker and its options), the training
+loop (its hooks) and the report.
 
 Adding a method is one entry in :data:`METHODS` (and its tests and docs). Inside the entry, a new torch
 optimizer is an :class:`OptimizerSpec`; a new searched value a :class:`Hyperparameter`, which (lr aside)
@@ -101,7 +101,8 @@ SOAP = OptimizerSpec("SOAP", (LR, WEIGHT_DECAY), lambda params, lr, c: baselines
     params, lr, weight_decay=c.weight_decay, precondition_frequency=c.update_interval))
 GRAFTED_SHAMPOO = OptimizerSpec(
     "Shampoo grafted to RMSProp", (LR, MOMENTUM, WEIGHT_DECAY), lambda params, lr, c: baselines.grafted_shampoo(
-        params, lr, momentum=c.momentum, weight_decay=c.weight_decay, precondition_frequency=c.update_interval))
+        params, lr, momentum=c.momentum, weight_decay=c.weight_decay,
+        precondition_frequency=c.update_interval))
 MUON = OptimizerSpec("Muon", (LR, MOMENTUM, WEIGHT_DECAY, OTHERS_LR), lambda params, lr, c: baselines.muon(
     params, lr, momentum=c.momentum, weight_decay=c.weight_decay))
 ADAMW_SCHEDULEFREE = OptimizerSpec("Schedule-Free AdamW", (LR, WEIGHT_DECAY), lambda params, lr, c: (

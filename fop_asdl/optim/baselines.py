@@ -21,6 +21,7 @@ __all__ = [
     "INSTALL",
     "MissingLibraryError",
     "missing_libraries",
+    "install_hint",
     "require",
     "hidden_matrices",
     "lars",
@@ -54,6 +55,7 @@ def missing_libraries(names: Sequence[str]) -> List[str]:
 
 
 def install_hint(names: Sequence[str]) -> str:
+    """How to install the libraries ``names``: the extra, or the pinned packages alone."""
     pins = " ".join(PINNED.get(n, n) for n in names)
     return f"{INSTALL} (or pip install {pins})"
 
@@ -78,7 +80,7 @@ def hidden_matrices(model: nn.Module) -> List[nn.Parameter]:
 
 def lars(params: Params, lr: float, *, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
     """LARS (You, Gitman, Ginsburg 2017): heavy-ball momentum on g + β·w scaled per layer by
-    η‖w‖/(‖g‖ + β‖w‖), η = 0.001 (the paper's trust coefficient); biases plain SGD, no decay."""
+    η‖w‖/(‖g‖ + β‖w‖), η = 0.001 (the paper's trust coefficient); biases: plain SGD, no decay."""
     po = require("pytorch_optimizer", "lars")
     return po.LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=1e-3)
 
@@ -91,7 +93,8 @@ def lamb(params: Params, lr: float, *, weight_decay: float) -> torch.optim.Optim
                    weight_decouple=False)
 
 
-def soap(params: Params, lr: float, *, weight_decay: float, precondition_frequency: int) -> torch.optim.Optimizer:
+def soap(params: Params, lr: float, *, weight_decay: float,
+         precondition_frequency: int) -> torch.optim.Optimizer:
     """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, the basis refreshed every
     ``precondition_frequency`` steps; β (0.95, 0.95), ε 1e-8, decoupled weight decay: the reference's."""
     po = require("pytorch_optimizer", "soap")

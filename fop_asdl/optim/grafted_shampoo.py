@@ -39,9 +39,10 @@ class GraftedShampoo(ScalableShampoo):
 
     def _rebuilt(self, p, beta2: float, saved: Dict[str, Any]) -> Dict[str, Any]:
         """The objects ``init_group`` makes for ``p`` (library 4.1.0's arguments), then the saved tensors."""
-        pre = PreConditioner(p, beta2, self.inverse_exponent_override, self.block_size,
-                             self.skip_preconditioning_rank_lt, self.no_preconditioning_for_layers_with_dim_gt,
-                             self.shape_interpretation, self.pre_conditioner_type, self.matrix_eps, self.use_svd)
+        pre = PreConditioner(
+            p, beta2, self.inverse_exponent_override, self.block_size, self.skip_preconditioning_rank_lt,
+            self.no_preconditioning_for_layers_with_dim_gt, self.shape_interpretation,
+            self.pre_conditioner_type, self.matrix_eps, self.use_svd)
         pre.statistics = _to(saved["statistics"], p)
         pre.pre_conditioners = _to(saved["pre_conditioners"], p)
         graft = build_graft(p, self.graft_type, self.diagonal_eps)
