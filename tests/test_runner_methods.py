@@ -33,6 +33,7 @@ from fop_asdl.cli.methods import (
 )
 from fop_asdl.cli.protocol import RunSpec, build_gradient_maker
 from fop_asdl.cli.search import method_points
+from fop_asdl.optim import baselines
 from fop_asdl.registry import GRADIENT_MAKERS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,11 +59,14 @@ def test_every_entry_is_complete(name: str) -> None:
     assert isinstance(options, dict) and not {"micro_batch_size", "kl_clip", "lr"} & set(options)
     assert method.epoch_start is None or callable(method.epoch_start)
     assert method.preconditioning or not method.takes_others_optimizer  # the hybrid splits by the maker's blocks
+    assert not (method.own_parameters and method.takes_others_optimizer)  # one way to choose AdamW's share
+    assert set(method.libraries) <= set(baselines.PINNED)  # a library it needs is in the baselines extra
+    assert method.hyperparameter_names[: len(defaults.search_space[name])] == tuple(defaults.search_space[name])
 
 
 def test_one_config_field_has_one_range() -> None:
     ranges = searchable()
-    assert list(ranges) == ["lr", "weight_decay", "momentum", "damping", "ema_decay", "fngd_alpha"]
+    assert list(ranges) == ["lr", "weight_decay", "momentum", "damping", "ema_decay", "fngd_alpha", "others_lr"]
     assert all(isinstance(h, Hyperparameter) for h in ranges.values())
 
 

@@ -36,9 +36,14 @@ def _git_head():
                           capture_output=True, text=True)
     if head.returncode != 0 or Path(head.stdout.split()[0]).resolve() != repo:
         return None
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    return {"commit": head.stdout.split()[1], "dirty": bool(dirty)}
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+    return {"commit": head.stdout.split()[1],
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
+            "library": git("rev-parse", "HEAD:fop_asdl").strip(),  # the package's tree at the commit
+            "library_changed": bool(git("status", "--porcelain", "--untracked-files=all", "--", "fop_asdl"))}
 
 
 def _records(run_dir: Path) -> list:
@@ -79,7 +84,12 @@ def test_train_one_epoch_writes_records_summary_and_checkpoint(tmp_path: Path, c
     assert environment["versions"]["torch"] == torch.__version__
     assert environment["versions"]["asdl"] == importlib.metadata.version("asdfghjkl")
     assert environment["versions"]["fop_asdl"] == fop_asdl.__version__
-    assert environment["git"] == _git_head()
+    git, expected = environment["git"], _git_head()
+    if expected is None:
+        assert git is None
+    else:
+        assert [git[k] for k in ("commit", "dirty", "library")] == [expected[k] for k in ("commit", "dirty", "library")]
+        assert (git["library_changes"] is not None) == expected["library_changed"]
     assert environment["threads"]["torch"] == torch.get_num_threads() and environment["cpu"]
     assert environment["device"] == "cpu" and environment["gpu"] is None and environment["world_size"] == 1
     # The same folder again without --resume is refused rather than overwritten.

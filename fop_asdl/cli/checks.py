@@ -14,7 +14,7 @@ from ..data import DATASETS
 from ..models import MODELS
 from .errors import ConfigError
 from .experiment import ExperimentSettings
-from .methods import METHODS, in_range, searchable
+from .methods import METHODS, in_range, missing_library, searchable
 from .search import SEARCH_MODES, method_points, point_text
 from .warmup import WARMUP_UNITS
 
@@ -93,6 +93,8 @@ def _check_values(c: ExperimentSettings) -> None:
     _require(len(c.methods) > 0, "methods", "must name at least one method.")
     for m in c.methods:
         _one_of(m, list(METHODS), "methods")
+        missing = missing_library(METHODS[m])
+        _require(missing is None, "methods", str(missing))
     _require(len(set(c.methods)) == len(c.methods), "methods", f"has duplicates: {c.methods}.")
     _require(len(c.batch_sizes) > 0, "batch_sizes", "must hold at least one batch size.")
     for b in c.batch_sizes:

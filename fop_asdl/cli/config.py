@@ -35,6 +35,7 @@ __all__ = [
     "apply_overrides",
     "field_docs",
     "training_settings",
+    "with_defaults",
     "changed_keys",
 ]
 
@@ -58,6 +59,13 @@ def training_settings(values: Mapping[str, Any]) -> Dict[str, Any]:
     ends runs there. Resume compares these, so a study can be resumed with a target known only after
     some of its runs (the paper's "AdamW's best accuracy"), and its finished runs are re-reported."""
     return {k: v for k, v in values.items() if k != "target_accuracy" or values.get("stop_at_target")}
+
+
+def with_defaults(saved: Mapping[str, Any]) -> Dict[str, Any]:
+    """A config saved before some field existed, that field at its default: what the run ran with, since a
+    new field's default keeps the behaviour from before it. Resume compares this, so a checkpoint stays
+    resumable when a field is added (and is refused when the field is set to another value)."""
+    return {**dataclasses.asdict(ExperimentConfig()), **saved}
 
 
 def changed_keys(current: Mapping[str, Any], saved: Mapping[str, Any]) -> List[str]:

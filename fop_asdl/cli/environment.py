@@ -7,6 +7,7 @@ three times has three), and every run's ``summary.json`` carries the record of t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -16,17 +17,22 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .. import __version__
 
-__all__ = ["ENVIRONMENT", "describe_environment", "append_environment", "git_state"]
+__all__ = ["ENVIRONMENT", "describe_environment", "append_environment", "git_state", "first_record",
+           "code_differences", "ARITHMETIC_LIBRARIES"]
+
+#: The libraries of ``versions`` whose version changes a run's arithmetic: compared on resume.
+ARITHMETIC_LIBRARIES = ("torch", "asdl", "numpy", "pytorch_optimizer", "schedulefree")
 
 ENVIRONMENT = "environment.jsonl"
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding fop_asdl/, when run from one
+PACKAGE = Path(__file__).resolve().parents[1]  # fop_asdl/
+PACKAGE_ROOT = PACKAGE.parent  # the checkout holding fop_asdl/, when run from one
 
 
 def describe_environment(argv: Sequence[str], device: torch.device, world_size: int) -> Dict[str, Any]:
@@ -42,6 +48,8 @@ def describe_environment(argv: Sequence[str], device: torch.device, world_size: 
             "asdl": _version("asdfghjkl"),
             "numpy": np.__version__,
             "fop_asdl": __version__,
+            "pytorch_optimizer": _version("pytorch-optimizer"),  # the baselines' libraries, when installed
+            "schedulefree": _version("schedulefree"),
         },
         "git": git_state(PACKAGE_ROOT),
         "platform": platform.platform(),
@@ -65,9 +73,44 @@ def append_environment(out: Path, record: Dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def first_record(out: Path) -> Optional[Dict[str, Any]]:
+    """The record of the process that started the study in ``out`` (None: no record there)."""
+    path = out / ENVIRONMENT
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    return json.loads(lines[0]) if lines else None
+
+
+def code_differences(first: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """What makes ``current`` compute differently from ``first``, in words: the library's code at its
+    commit, its uncommitted changes, the torch thread count (a sum's order, so its last bits, depends on
+    it), an arithmetic library's version. Records from before the library fields compare commit and
+    dirty; an installed package (no git) compares fop_asdl's version."""
+    out = []
+    old, new = first.get("git"), current.get("git")
+    if old and new and "library" in old and "library" in new:
+        pairs = [("library commit", old["library"], new["library"]),
+                 ("uncommitted library changes", old["library_changes"], new["library_changes"])]
+    elif old and new:
+        pairs = [("library commit", old["commit"], new["commit"]),
+                 ("uncommitted library changes", old["dirty"], new["dirty"])]
+    elif old or new:
+        pairs = [("library commit", bool(old), bool(new))]  # a checkout against an installed package
+    else:
+        pairs = [("library version", first["versions"]["fop_asdl"], current["versions"]["fop_asdl"])]
+    pairs.append(("torch threads", first["threads"]["torch"], current["threads"]["torch"]))
+    versions = first["versions"], current["versions"]
+    pairs += [(f"{name} version", versions[0][name], versions[1][name])
+              for name in ARITHMETIC_LIBRARIES if name in versions[0] and name in versions[1]]
+    return [what for what, a, b in pairs if a != b]
+
+
 def git_state(root: Path) -> Optional[Dict[str, Any]]:
-    """``{"commit", "dirty"}`` of the git checkout at ``root`` (dirty: tracked files differ from the
-    commit); None when ``root`` is not the top of a checkout (an installed package) or git is missing."""
+    """The git checkout at ``root``: ``commit``, ``dirty`` (tracked files differ from it), and the code that
+    computes, the package folder: ``library`` (its tree at the commit: equal whatever else the commits
+    changed) and ``library_changes`` (a hash of its uncommitted changes, untracked files included; None:
+    none). None when ``root`` is not the top of a checkout (an installed package) or git is missing."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
@@ -76,8 +119,15 @@ def git_state(root: Path) -> Optional[Dict[str, Any]]:
     try:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
             return None  # an enclosing repository that is not this package's
+        package = PACKAGE.relative_to(root).as_posix()
+        changes = hashlib.sha256(git("diff", "HEAD", "--", package).encode())
+        for name in git("ls-files", "--others", "--exclude-standard", "--", package).splitlines():
+            changes.update(name.encode() + b"\0" + (root / name).read_bytes())
+        changed = bool(git("status", "--porcelain", "--untracked-files=all", "--", package))
         return {"commit": git("rev-parse", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+                "library": git("rev-parse", f"HEAD:{package}"),
+                "library_changes": changes.hexdigest()[:16] if changed else None}
     except (OSError, subprocess.SubprocessError):
         return None
 

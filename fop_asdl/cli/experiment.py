@@ -53,7 +53,9 @@ class ExperimentSettings:
 
     # --- the sweep ---
     methods: List[str] = field(default_factory=lambda: ["sgd", "adamw", "kfac", "fop"])
-    """Methods to compare: sgd, adamw, kfac, fop, fngd, hylo (all through fop_asdl.make_gradient_maker)."""
+    """Methods to compare: sgd, adamw, kfac, fop, fngd, hylo, and the baselines lars, lamb, soap,
+    shampoo_grafted, muon, adamw_schedulefree (docs/baselines.md; pip install ".[baselines]"), all through
+    fop_asdl.make_gradient_maker."""
     batch_sizes: List[int] = field(default_factory=lambda: [1000])
     """Global batch sizes (one table block and plot panel each); every batch must be >= 2."""
     search: str = "grid"
@@ -70,12 +72,20 @@ class ExperimentSettings:
             "fop": {"lr": [0.02, 0.03]},
             "fngd": {"lr": [0.05, 0.1]},
             "hylo": {"lr": [0.05, 0.1]},
+            # The baselines: lr and one more hyperparameter, each [low, high] about its paper's value
+            # (docs/baselines.md): a Halton range, or the 4 corners of a grid.
+            "lars": {"lr": [1.0, 10.0], "weight_decay": [1e-5, 1e-3]},
+            "lamb": {"lr": [0.003, 0.03], "weight_decay": [0.001, 0.1]},
+            "soap": {"lr": [0.001, 0.01], "weight_decay": [0.001, 0.1]},
+            "shampoo_grafted": {"lr": [0.0003, 0.003], "momentum": [0.8, 0.98]},
+            "muon": {"lr": [0.02, 0.2], "momentum": [0.8, 0.98]},
+            "adamw_schedulefree": {"lr": [0.001, 0.01], "weight_decay": [0.001, 0.1]},
         }
     )
     """Per method, its searched hyperparameters -> grid values, or [low, high] for halton: lr (the base lr
-    at base_batch, required) and any other it reads (weight_decay; momentum but for adamw; damping and
-    ema_decay for kfac and fop). The others keep their config values. lr_grid: {m: [..]} (older configs)
-    is read as {m: {lr: [..]}}."""
+    at base_batch, required) and any other it reads (weight_decay; momentum for sgd, kfac, fop, fngd,
+    hylo, lars, shampoo_grafted, muon; damping and ema_decay for kfac and fop; others_lr for muon). The
+    others keep their config values. lr_grid: {m: [..]} (older configs) is read as {m: {lr: [..]}}."""
     seeds: List[int] = field(default_factory=lambda: [0, 1])
     """Seeds; the first picks each method's point of its search, the others repeat the run at that point."""
 
@@ -103,17 +113,20 @@ class ExperimentSettings:
     label_smoothing: float = 0.1
     """Label smoothing of the cross-entropy loss."""
     weight_decay: float = 5e-4
-    """Weight decay: coupled (the optimizer's L2) for SGD, K-FAC and FOP; decoupled for AdamW."""
+    """Weight decay: coupled (the optimizer's L2) for SGD, K-FAC and FOP; decoupled for AdamW; each
+    baseline's own kind (docs/baselines.md)."""
     momentum: float = 0.9
-    """SGD momentum of sgd, kfac and fop (AdamW uses its own betas)."""
+    """SGD momentum of sgd, kfac and fop; the momentum of lars, shampoo_grafted (β₁) and muon (AdamW and the
+    other baselines use their papers' betas)."""
     others_optimizer: Optional[str] = None
     """kfac, fop: "adamw" = the paper's transformer protocol: SGD momentum on the preconditioned Linear/Conv
     blocks, AdamW on every other parameter (normalization layers, embeddings, tokens), which the maker then
     does not precondition. null: one SGD for all."""
     others_lr: float = 1e-3
-    """others_optimizer's base lr at base_batch, scaled with the batch like the method's lr."""
+    """others_optimizer's base lr at base_batch, scaled with the batch like the method's lr; also that of
+    muon's AdamW (every parameter but the hidden weight matrices)."""
     others_weight_decay: float = 0.05
-    """others_optimizer's (decoupled) weight decay."""
+    """others_optimizer's (decoupled) weight decay; also that of muon's AdamW."""
 
     # --- curvature (kfac, fop) ---
     damping: float = 1.0
@@ -130,7 +143,8 @@ class ExperimentSettings:
     first steps are not preconditioned by a fraction of the curvature (make_gradient_maker(...,
     ema_bias_correction=True))."""
     update_interval: Union[int, str] = "auto"
-    """Curvature = preconditioner update interval in steps: an int, or "auto" =
+    """Curvature = preconditioner update interval in steps (also SOAP's eigenbasis and grafted Shampoo's
+    roots): an int, or "auto" =
     max(5, round(interval_at_base_batch · base_batch / batch)): shorter as the batch grows, never below 5."""
     interval_at_base_batch: int = 10
     """k of update_interval "auto": the interval at base_batch."""

@@ -9,7 +9,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -26,7 +26,13 @@ from .config import (
     load_config,
     training_settings,
 )
-from .environment import ENVIRONMENT, append_environment, describe_environment
+from .environment import (
+    ENVIRONMENT,
+    append_environment,
+    code_differences,
+    describe_environment,
+    first_record,
+)
 from .methods import METHODS
 from .protocol import RunSpec
 from .report import plot_curves, results_markdown
@@ -37,8 +43,9 @@ __all__ = ["main", "build_parser"]
 
 CONFIG_FILE = "config.yaml"
 DESCRIPTION = (
-    "Train one run (train) or compare SGD, AdamW, K-FAC, FOP, FNGD and HyLo over batch sizes, an equal-budget "
-    "hyperparameter search and seeds (compare), from a YAML config (--config) and overrides (--set)."
+    "Train one run (train) or compare SGD, AdamW, K-FAC, FOP, FNGD, HyLo and the baselines (LARS, LAMB, "
+    "SOAP, grafted Shampoo, Muon, Schedule-Free AdamW) over batch sizes, an equal-budget hyperparameter "
+    "search and seeds (compare), from a YAML config (--config) and overrides (--set)."
 )
 
 
@@ -69,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the runs in --out from their checkpoints (bit-identical on CPU); "
         "without --config the config saved in --out is used",
+    )
+    common.add_argument(
+        "--allow-mixed-study",
+        action="store_true",
+        help="with --resume: continue although the library's code (its commit or uncommitted changes), "
+        "the torch thread count or an arithmetic library's version differ from the study's first process "
+        "(refused otherwise: a study is one code version); environment.jsonl then records what differed",
     )
     common.add_argument(
         "--no-progress",
@@ -136,6 +150,8 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
     )
     out = distributed.agree(topo, out)
     environment = describe_environment(argv, topo.device, topo.world_size)
+    if args.resume:
+        _check_same_code(out, environment, args.allow_mixed_study)
     if topo.is_main:
         _save_config(config, out, args.resume)
         append_environment(out, environment)
@@ -195,6 +211,25 @@ def _train_point(config: ExperimentConfig, args: argparse.Namespace) -> RunSpec:
         raise ConfigError("lr", f"no --lr given and search_space has no entry for method {method!r}.")
     batch = config.batch_sizes[0] if args.batch_size is None else args.batch_size
     return RunSpec.at(config, method, batch, point, config.seeds[0] if args.seed is None else args.seed)
+
+
+def _check_same_code(out: Path, environment: Dict[str, Any], allow: bool) -> None:
+    """Refuse to resume a study with code that computes differently from its first process's, unless
+    ``allow``: then ``environment`` (this process's record) says what differed."""
+    first = first_record(out)
+    differences = code_differences(first, environment) if first is not None else []
+    if not differences:
+        return
+    if not allow:
+        git = first["git"] or {}
+        raise RunDirError(
+            f"{out} was started at commit {git.get('commit', '?')[:12]} with {first['threads']['torch']} "
+            f"torch threads ({ENVIRONMENT}, first line); this process differs in: {', '.join(differences)}. "
+            f"A study is one code version: resume it from that commit, without uncommitted library changes "
+            f"if it had none, with the same threads (torch.set_num_threads / OMP_NUM_THREADS) and library "
+            f"versions, or pass --allow-mixed-study, which {ENVIRONMENT} then records."
+        )
+    environment["resumed_despite"] = differences
 
 
 def _save_config(config: ExperimentConfig, out: Path, resume: bool) -> None:

@@ -1,11 +1,12 @@
 """The runner's method table: everything the runner knows about a method is its one :class:`MethodSpec`.
 
-A runner method is a torch optimizer fed by a gradient maker (``fop_asdl.make_gradient_maker``): SGD and
-AdamW step on the plain mean gradient of the ``"sgd"`` maker, K-FAC, FOP, FNGD and HyLo on their
-preconditioned gradients, with SGD momentum. The rest of the runner reads this table and names no method:
-the config checks (which names exist, what each may search, the valid ranges), the search (the order of a
-point's dimensions), the protocol (the optimizer, the maker and its options), the training loop (its
-hooks) and the report.
+A runner method is a torch optimizer fed by a gradient maker (``fop_asdl.make_gradient_maker``): SGD,
+AdamW and the baselines of docs/baselines.md (LARS, LAMB, SOAP, grafted Shampoo, Muon, Schedule-Free AdamW,
+from optional pinned libraries) step on the plain mean gradient of the ``"sgd"`` maker, K-FAC, FOP, FNGD
+and HyLo on their preconditioned gradients, with SGD momentum. The rest of the runner reads this table and
+names no method: the config checks (which names exist, what each may search, the valid ranges), the search
+(the order of a point's dimensions), the protocol (the optimizer, the maker and its options), the training
+loop (its hooks) and the report.
 
 Adding a method is one entry in :data:`METHODS` (and its tests and docs). Inside the entry, a new torch
 optimizer is an :class:`OptimizerSpec`; a new searched value a :class:`Hyperparameter`, which (lr aside)
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import asdl
 import torch
 from torch import nn
 
+from ..optim import baselines
 from .experiment import ExperimentSettings
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "METHODS",
     "searchable",
     "in_range",
+    "missing_library",
 ]
 
 
@@ -61,13 +64,15 @@ MOMENTUM = Hyperparameter("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
 DAMPING = Hyperparameter("damping", _positive, "> 0")
 EMA_DECAY = Hyperparameter("ema_decay", lambda v: 0 < v <= 1, "in (0, 1]")
 FNGD_ALPHA = Hyperparameter("fngd_alpha", _positive, "> 0")
+OTHERS_LR = Hyperparameter("others_lr", _positive, "> 0")
 
 
 # --- the torch optimizers ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OptimizerSpec:
     """A torch optimizer as the runner builds it: ``build(parameters, lr, config)``, with the run's
-    (batch-scaled) lr and its config, reading the config fields of ``hyperparameters`` (lr first)."""
+    (batch-scaled) lr and its config (``update_interval`` resolved to the run's interval in steps, an int),
+    reading the config fields of ``hyperparameters`` (lr first)."""
 
     label: str
     hyperparameters: Tuple[Hyperparameter, ...]
@@ -84,6 +89,24 @@ ADAMW = OptimizerSpec(
     "AdamW", (LR, WEIGHT_DECAY),
     lambda params, lr, c: torch.optim.AdamW(params, lr=lr, weight_decay=c.weight_decay),
 )
+
+# The baselines of docs/baselines.md, each from its pinned library with its paper's defaults
+# (fop_asdl.optim.baselines). SOAP and Shampoo refresh their bases / roots at the run's update interval, as
+# K-FAC and FOP do. The hyperparameter after lr is the one a method's built-in search varies besides lr.
+LARS = OptimizerSpec("LARS", (LR, WEIGHT_DECAY, MOMENTUM), lambda params, lr, c: baselines.lars(
+    params, lr, momentum=c.momentum, weight_decay=c.weight_decay))
+LAMB = OptimizerSpec("LAMB", (LR, WEIGHT_DECAY), lambda params, lr, c: baselines.lamb(
+    params, lr, weight_decay=c.weight_decay))
+SOAP = OptimizerSpec("SOAP", (LR, WEIGHT_DECAY), lambda params, lr, c: baselines.soap(
+    params, lr, weight_decay=c.weight_decay, precondition_frequency=c.update_interval))
+GRAFTED_SHAMPOO = OptimizerSpec(
+    "Shampoo grafted to RMSProp", (LR, MOMENTUM, WEIGHT_DECAY), lambda params, lr, c: baselines.grafted_shampoo(
+        params, lr, momentum=c.momentum, weight_decay=c.weight_decay,
+        precondition_frequency=c.update_interval))
+MUON = OptimizerSpec("Muon", (LR, MOMENTUM, WEIGHT_DECAY, OTHERS_LR), lambda params, lr, c: baselines.muon(
+    params, lr, momentum=c.momentum, weight_decay=c.weight_decay))
+ADAMW_SCHEDULEFREE = OptimizerSpec("Schedule-Free AdamW", (LR, WEIGHT_DECAY), lambda params, lr, c: (
+    baselines.adamw_schedulefree(params, lr, weight_decay=c.weight_decay)))
 
 
 # --- what a method's functions see ------------------------------------------------------------------
@@ -142,6 +165,16 @@ class MethodSpec:
     block_stats: bool = False
     #: Called between epochs (:class:`EpochStart`); None: nothing to do.
     epoch_start: Optional[Callable[[EpochStart], None]] = None
+    #: The import names of the optional libraries its optimizer comes from (the ``baselines`` extra): a
+    #: config or run naming the method is refused, with the command that installs them, when one is missing.
+    libraries: Tuple[str, ...] = ()
+    #: The parameters its optimizer steps when it cannot step them all (Muon: hidden weight matrices); AdamW
+    #: (``others_lr``, ``others_weight_decay``) steps the rest, the two joined by ``HybridOptimizer``.
+    own_parameters: Optional[Callable[[nn.Module], List[nn.Parameter]]] = None
+    #: The optimizer keeps the weights it trains apart from those it evaluates (Schedule-Free: y and x):
+    #: the runner calls ``optimizer.eval()`` before each evaluation, so a checkpoint holds the evaluated
+    #: weights, and ``optimizer.train()`` before each epoch trains.
+    optimizer_modes: bool = False
 
     @property
     def hyperparameters(self) -> Tuple[Hyperparameter, ...]:
@@ -209,6 +242,18 @@ METHODS: Dict[str, MethodSpec] = _table(
         # Its "gradient" switch policy turns to KID for some epochs after an lr decay.
         epoch_start=lambda e: e.maker.on_epoch_start(e.epoch, e.lr_dropped),
     ),
+    # The baselines (docs/baselines.md): optimizers on the plain mean gradient of the "sgd" maker.
+    MethodSpec(name="lars", label="LARS", optimizer=LARS, maker="sgd", libraries=("pytorch_optimizer",)),
+    MethodSpec(name="lamb", label="LAMB", optimizer=LAMB, maker="sgd", libraries=("pytorch_optimizer",)),
+    MethodSpec(name="soap", label="SOAP", optimizer=SOAP, maker="sgd", libraries=("pytorch_optimizer",)),
+    MethodSpec(name="shampoo_grafted", label="Shampoo grafted to RMSProp, an optimizer",
+               optimizer=GRAFTED_SHAMPOO, maker="sgd", libraries=("pytorch_optimizer",)),
+    # Its author's recipe: Muon for the hidden weight matrices, AdamW for every other parameter.
+    MethodSpec(name="muon", label="Muon + AdamW", optimizer=MUON, maker="sgd",
+               libraries=("pytorch_optimizer",), own_parameters=baselines.hidden_matrices),
+    # Trains at y, is evaluated (and checkpointed) at x.
+    MethodSpec(name="adamw_schedulefree", label="Schedule-Free AdamW", optimizer=ADAMW_SCHEDULEFREE,
+               maker="sgd", libraries=("schedulefree",), optimizer_modes=True),
 )
 
 
@@ -227,3 +272,12 @@ def searchable() -> Dict[str, Hyperparameter]:
 def in_range(name: str, value: float) -> bool:
     """``value`` is valid for the searchable hyperparameter ``name``."""
     return searchable()[name].valid(value)
+
+
+def missing_library(method: MethodSpec) -> Optional[str]:
+    """Why ``method`` cannot run here (a library it needs is missing; how to install it), or None."""
+    missing = baselines.missing_libraries(method.libraries)
+    if not missing:
+        return None
+    return (f"method {method.name!r} needs {', '.join(missing)}, which is not installed: "
+            f"{baselines.install_hint(missing)}.")

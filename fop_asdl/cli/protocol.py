@@ -22,7 +22,7 @@ from ..data import DATASETS, ArrayDataset
 from ..optim.hybrid import HybridOptimizer, other_parameters, preconditioned_parameters
 from ..models import build_model
 from .config import ConfigError, ExperimentConfig
-from .methods import METHODS, MakerInputs, MethodSpec
+from .methods import METHODS, MakerInputs, MethodSpec, missing_library
 from .search import Point
 
 __all__ = [
@@ -68,6 +68,9 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError("method", f"unknown value {self.method!r}; choose one of {', '.join(METHODS)}.")
+        missing = missing_library(METHODS[self.method])
+        if missing:
+            raise ConfigError("method", missing)
         reads = self.method_spec.hyperparameter_names
         for name, _ in self.hparams:
             if name == "lr" or name not in reads:
@@ -156,15 +159,25 @@ def build_model_for(config: ExperimentConfig, data: ArrayDataset) -> nn.Module:
 
 
 def build_optimizer(spec: RunSpec, model: nn.Module, maker: asdl.GradientMaker) -> torch.optim.Optimizer:
-    """The method's optimizer over the model's parameters; with ``others_optimizer`` "adamw", for a method
-    that takes it, the paper's transformer protocol: the method's optimizer on the blocks its maker
-    preconditions, AdamW on every other parameter."""
-    c, method = spec.config, spec.method_spec
-    if c.others_optimizer == "adamw" and method.takes_others_optimizer:
-        blocks = method.optimizer.build(preconditioned_parameters(maker), spec.lr, c)
-        others = torch.optim.AdamW(other_parameters(maker), lr=spec.others_lr, weight_decay=c.others_weight_decay)
-        return HybridOptimizer(blocks, others)
-    return method.optimizer.build(model.parameters(), spec.lr, c)
+    """The method's optimizer over the model's parameters (its config's ``update_interval`` resolved to the
+    run's interval), joined by AdamW (``others_lr``, ``others_weight_decay``) on every other parameter
+    when it steps only some: those its ``own_parameters`` picks (Muon's hidden matrices), or, with
+    ``others_optimizer`` "adamw" for a method that takes it (the paper's transformer protocol), the blocks
+    its maker preconditions."""
+    c, method = dataclasses.replace(spec.config, update_interval=spec.interval), spec.method_spec
+    if method.own_parameters is not None:
+        own = method.own_parameters(model)
+        if not own:
+            raise ConfigError("model", f"{spec.method} steps only some parameters (hidden weight matrices) and "
+                                       f"finds none in model {c.model!r}; choose a model with hidden layers.")
+        chosen = set(own)
+        others = [p for p in model.parameters() if p.requires_grad and p not in chosen]
+    elif c.others_optimizer == "adamw" and method.takes_others_optimizer:
+        own, others = preconditioned_parameters(maker), other_parameters(maker)
+    else:
+        return method.optimizer.build(model.parameters(), spec.lr, c)
+    adamw = torch.optim.AdamW(others, lr=spec.others_lr, weight_decay=c.others_weight_decay)
+    return HybridOptimizer(method.optimizer.build(own, spec.lr, c), adamw)
 
 
 def build_scheduler(

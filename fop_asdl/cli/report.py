@@ -192,6 +192,8 @@ def _environment(records: Sequence[Dict[str, Any]]) -> List[str]:
             f"- {e['started']}: `{e['command']}`; fop_asdl {v['fop_asdl']}{commit}, torch {v['torch']}, "
             f"asdl {v['asdl']}; {e['gpu'] or e['cpu']}, {e['cpus_usable']} of {e['cpu_count']} cores usable, "
             f"torch threads {t['torch']}{omp}; device {e['device']}, world size {e['world_size']}."
+            + (f" Resumed with --allow-mixed-study although {', '.join(e['resumed_despite'])} differed "
+               f"from the first process's." if e.get("resumed_despite") else "")
         )
     return lines
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..data import ArrayDataset
 from .batches import AUGMENT_SEED_OFFSET, EpochBatches, augmentation
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import changed_keys, training_settings
+from .config import changed_keys, training_settings, with_defaults
 from .distributed import Topology
 from .methods import EpochStart
 from .protocol import (
@@ -82,6 +82,7 @@ class Trainer:
         """Train one epoch, evaluate, step the plateau schedule; returns the epoch's record."""
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum, steps, seconds = self._train_epoch(on_step)
+        self._optimizer_mode(training=False)  # Schedule-Free: the weights to evaluate (and checkpoint)
         start = time.perf_counter()
         accuracy = evaluate(self.model, self.data.x_test, self.data.y_test, self.spec.config.eval_batch_size)
         eval_seconds = time.perf_counter() - start
@@ -118,6 +119,7 @@ class Trainer:
             self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
         )
         done = sum(r["steps"] for r in self.history)  # steps before this epoch: where the warm-up stands
+        self._optimizer_mode(training=True)
         start = time.perf_counter()
         for x, y in self.batches.epoch():
             self._warmup_now = warmup_factor(done + steps, self.warmup)
@@ -141,6 +143,11 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the clock must include the queued work
         return loss_sum, steps, time.perf_counter() - start
+
+    def _optimizer_mode(self, training: bool) -> None:
+        """``optimizer.train()`` / ``.eval()`` for a method whose entry says its optimizer has modes."""
+        if self.spec.method_spec.optimizer_modes:
+            self.optimizer.train() if training else self.optimizer.eval()
 
     # --- results ----------------------------------------------------------------------------------
     def summary(self, environment: Dict[str, Any]) -> Dict[str, Any]:
@@ -197,7 +204,7 @@ class Trainer:
         for key, current, saved in (
             ("run", self.spec.describe(), state["run"]),
             ("config", training_settings(dataclasses.asdict(self.spec.config)),
-             training_settings(state["config"])),
+             training_settings(with_defaults(state["config"]))),
         ):
             changed = changed_keys(current, saved)
             if changed:
