@@ -80,7 +80,8 @@ def test_the_table_agrees_with_the_makers_on_what_they_take(name: str) -> None:
     def build(**extra):
         config = (asdl.PreconditioningConfig(curvature_upd_interval=1, preconditioner_upd_interval=1)
                   if method.preconditioning else None)
-        return make_gradient_maker(method.maker, nn.Sequential(nn.Linear(4, 3)), config, **options, **extra)
+        lr = {"lr": lambda: 0.1} if method.needs_lr and "lr" not in extra else {}
+        return make_gradient_maker(method.maker, nn.Sequential(nn.Linear(4, 3)), config, **options, **lr, **extra)
 
     build()
     clipped = dict(kl_clip=0.01, lr=lambda: 0.1)

@@ -53,8 +53,9 @@ class ExperimentSettings:
 
     # --- the sweep ---
     methods: List[str] = field(default_factory=lambda: ["sgd", "adamw", "kfac", "fop"])
-    """Methods to compare: sgd, adamw, kfac, fop, fngd, hylo, and the baselines lars, lamb, soap,
-    shampoo_grafted, muon, adamw_schedulefree (docs/baselines.md; pip install ".[baselines]"), all through
+    """Methods to compare: sgd, adamw, kfac, fop, fngd, hylo, ASDL's other preconditioners smw_ng, seng,
+    diag_ng, kbfgs, kron_psgd (docs/methods/), and the baselines lars, lamb, soap, shampoo_grafted, muon,
+    adamw_schedulefree (docs/baselines.md; pip install ".[baselines]"), all through
     fop_asdl.make_gradient_maker."""
     batch_sizes: List[int] = field(default_factory=lambda: [1000])
     """Global batch sizes (one table block and plot panel each); every batch must be >= 2."""
@@ -72,6 +73,12 @@ class ExperimentSettings:
             "fop": {"lr": [0.02, 0.03]},
             "fngd": {"lr": [0.05, 0.1]},
             "hylo": {"lr": [0.05, 0.1]},
+            # ASDL's other preconditioners: F̃⁻¹g on K-FAC's scale (docs/methods/), K-FAC's lrs; not tuned here
+            "smw_ng": {"lr": [0.03, 0.05]},
+            "seng": {"lr": [0.03, 0.05]},
+            "diag_ng": {"lr": [0.03, 0.05]},
+            "kbfgs": {"lr": [0.03, 0.05]},
+            "kron_psgd": {"lr": [0.03, 0.05]},
             # The baselines: lr and one more hyperparameter, each [low, high] about its paper's value
             # (docs/baselines.md): a Halton range, or the 4 corners of a grid.
             "lars": {"lr": [1.0, 10.0], "weight_decay": [1e-5, 1e-3]},

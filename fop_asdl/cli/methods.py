@@ -156,6 +156,7 @@ class MethodSpec:
     #: The method's own maker options, from the run's config and epoch length.
     options: Callable[[MakerInputs], Dict[str, Any]] = _no_options
     takes_kl_clip: bool = False  # kl_clip, with the run's current lr (warm-up and schedule included)
+    needs_lr: bool = False  # the run's current lr whatever kl_clip says (K-BFGS's second pass at θ − lr·Δ)
     takes_ema_bias_correction: bool = False  # ema_bias_correction=True, when set
     #: others_optimizer "adamw" (the paper's transformer protocol): this method's optimizer steps the blocks
     #: its maker preconditions, AdamW (others_lr, others_weight_decay) every other parameter.
@@ -242,6 +243,20 @@ METHODS: Dict[str, MethodSpec] = _table(
         # Its "gradient" switch policy turns to KID for some epochs after an lr decay.
         epoch_start=lambda e: e.maker.on_epoch_start(e.epoch, e.lr_dropped),
     ),
+    # ASDL's other preconditioners, fixed (docs/methods/): SGD momentum on their preconditioned gradients.
+    MethodSpec(name="smw_ng", label="SMW-NG + SGD momentum", optimizer=SGD_MOMENTUM, maker="smw_ng",
+               preconditioning=True, maker_hyperparameters=(DAMPING,), takes_kl_clip=True),
+    MethodSpec(name="seng", label="SENG + SGD momentum", optimizer=SGD_MOMENTUM, maker="seng",
+               preconditioning=True, maker_hyperparameters=(DAMPING,)),  # refuses kl_clip: its step is sketched
+    MethodSpec(name="diag_ng", label="diagonal NG + SGD momentum", optimizer=SGD_MOMENTUM, maker="diag_ng",
+               preconditioning=True, maker_hyperparameters=(DAMPING, EMA_DECAY), takes_kl_clip=True,
+               takes_ema_bias_correction=True),
+    # K-BFGS takes its (s, y) pair from a second pass at θ − lr·Δ: it needs the run's current lr.
+    MethodSpec(name="kbfgs", label="K-BFGS + SGD momentum", optimizer=SGD_MOMENTUM, maker="kbfgs",
+               preconditioning=True, maker_hyperparameters=(DAMPING, EMA_DECAY), needs_lr=True),
+    # Its preconditioner fits itself (precond_lr); the search varies the lr of the step.
+    MethodSpec(name="kron_psgd", label="Kronecker PSGD + SGD momentum", optimizer=SGD_MOMENTUM,
+               maker="kron_psgd", preconditioning=True),
     # The baselines (docs/baselines.md): optimizers on the plain mean gradient of the "sgd" maker.
     MethodSpec(name="lars", label="LARS", optimizer=LARS, maker="sgd", libraries=("pytorch_optimizer",)),
     MethodSpec(name="lamb", label="LAMB", optimizer=LAMB, maker="sgd", libraries=("pytorch_optimizer",)),

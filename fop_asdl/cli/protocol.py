@@ -218,6 +218,8 @@ def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int, step
         )
     if method.takes_kl_clip and c.kl_clip is not None:
         kwargs.update(kl_clip=c.kl_clip, lr=lr)
+    if method.needs_lr:
+        kwargs["lr"] = lr
     if method.takes_ema_bias_correction and c.ema_bias_correction:
         kwargs["ema_bias_correction"] = True
     kwargs.update(method.options(MakerInputs(c, steps_per_epoch)))
