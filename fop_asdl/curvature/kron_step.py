@@ -22,7 +22,7 @@ from ..engine.attention import attention_blocks
 from ..engine.capture import BlockCapture, Chunk
 from ..engine.chunks import summed_loss_backward
 from ..engine.loss import BatchCounts, loss_scale
-from ..engine.selection import ignoring_unsupported
+from ..engine.selection import ignoring_unsupported, shared_blocks
 from ..engine.step import SteppedGradientMaker
 from ..engine.sub_batches import average_and_difference, half_sums
 from ..engine.trust_region import LearningRate, step_factor, validate_kl_clip
@@ -112,6 +112,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             raise ValueError("swift=True (SKFAC) keeps per-sample factor matrices that cannot be summed over "
                              "micro-batches or ranks; use swift=False with micro_batch_size or torch.distributed.")
         self._shapes: Optional[Dict[str, Tuple[torch.Size, Optional[torch.Size]]]] = None
+        self._shared_blocks = shared_blocks(model, self.named_modules_for_curvature)
         #: Whether the stored inverses were built from the stored factors (False after a curvature update
         #: without inversion, and after loading a state): only then can a failed step rebuild dropped ones.
         self._inverses_match_curvature = True
@@ -125,6 +126,22 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
     @property
     def _step_blocks(self) -> Sequence[Tuple[str, nn.Module]]:
         return self.named_modules_for_curvature
+
+    @property
+    def autograd_records(self) -> bool:  # type: ignore[override]
+        """K-FAC needs only each block's whole-batch gradient, which autograd forms anyway."""
+        return not self.two_gradients
+
+    def _captured_blocks(self, plan: CurvaturePlan) -> Sequence[Tuple[str, nn.Module]]:
+        """FOP: every block (its two halves). K-FAC: every block on curvature steps, where a block found to
+        have uses outside it (a plain gradient beside its own: a tied weight, also one used functionally)
+        is remembered; on plain steps only those, the others' sums come from autograd."""
+        if self.two_gradients or plan.update_curvature:
+            return self._step_blocks
+        return self._shared_blocks
+
+    def _record_from_autograd(self, module: nn.Module) -> List[Optional[BlockVector]]:
+        return [(module.weight.grad, None if module.bias is None else module.bias.grad), None]
 
     def _min_local_batch(self) -> Tuple[int, str]:
         if self.two_gradients and self._sync.splits_locally:
@@ -176,6 +193,9 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
                 "curvature": [t for matrix in plan.curvature.values() for t in matrix_tensors(matrix)]}
 
     def _commit(self, plan: CurvaturePlan) -> None:
+        if plan.update_curvature:  # every block was captured: a plain part beside its own means other uses
+            self._shared_blocks = [(name, m) for name, m in self._step_blocks if (name, m) in self._shared_blocks
+                                   or any(p.grad is not None for p in m.parameters())]
         commit_curvature(dict(self.named_modules_for_curvature), self._fisher_attr, plan.curvature,
                          self.config.ema_decay, self.do_accumulate, self.ema_bias_correction, self._ema_updates)
         if plan.curvature:

@@ -100,6 +100,15 @@ class SteppedGradientMaker:
         per-sample data on a step pays no capture there (HyLo between refreshes)."""
         return self._step_blocks
 
+    #: Blocks outside :meth:`_captured_blocks` hand autograd's gradient sums to :meth:`_finish` as their records
+    #: (:meth:`_record_from_autograd`) instead of joining the plain gradients: a method that needs only each
+    #: block's whole-batch sum (K-FAC) pays no capture and keeps autograd's fused kernels (BatchNorm's too).
+    autograd_records = False
+
+    def _record_from_autograd(self, module: nn.Module) -> Any:
+        """The record of a block from its parameters' ``.grad`` (the summed loss's gradient of this process)."""
+        raise NotImplementedError
+
     def _pass_context(self, plan: Any) -> ContextManager:
         """Entered around all forward/backward passes of the step."""
         return contextlib.nullcontext()
@@ -139,6 +148,8 @@ class SteppedGradientMaker:
             records, counts, loss_sum, output, normalizer = self._local_pass(batch_size, plan)
             with full_precision(self.device.type):
                 block_params = {p for _, m in self._captured_blocks(plan) for p in m.parameters()}
+                if self.autograd_records:
+                    block_params |= self._take_autograd_records(plan, records)
                 # Parameters outside blocks, and the uses outside blocks of a block's shared parameter (a tied
                 # embedding and LM head): autograd's gradient, which the commit adds to the blocks' results.
                 plain = [p for p in params if p not in block_params or p.grad is not None]
@@ -171,6 +182,20 @@ class SteppedGradientMaker:
             self._commit(plan)
         self.state["step"] += 1
         return self._model_output, self._loss
+
+    def _take_autograd_records(self, plan: Any, records: Dict[str, Any]) -> set:
+        """Autograd's gradient sums of the blocks outside ``_captured_blocks`` become their records (and leave
+        ``p.grad``); the parameters of those blocks."""
+        captured = {m for _, m in self._captured_blocks(plan)}
+        taken = set()
+        for name, module in self._step_blocks:
+            if module in captured or module.weight.grad is None:
+                continue
+            records[name] = self._record_from_autograd(module)
+            for param in module.parameters():
+                param.grad = None
+                taken.add(param)
+        return taken
 
     def _check_ready(self) -> int:
         if self._model_fn is None:
