@@ -146,6 +146,16 @@ def test_the_curvature_steps_two_syncs_are_the_check_and_the_inverses():
 def test_nan_logits_on_a_monte_carlo_curvature_step_still_raise_or_skip(scaler):
     """Sampling ASDL's Fisher from NaN logits no longer reads the device first: the NaN loss reaches the
     fused check, which raises the clear error, or with a GradScaler skips the step."""
+    validation = torch.distributions.Distribution._validate_args  # torch.compile (dynamo) turns it off for good
+    torch.distributions.Distribution.set_default_validate_args(True)
+    try:
+        check_nan_logits(scaler)
+        assert torch.distributions.Distribution._validate_args  # switched back on after the Fisher pass
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validation)
+
+
+def check_nan_logits(scaler):
     torch.manual_seed(0)
     model = net().float()
     grad_scaler = torch.amp.GradScaler("cpu") if scaler else None
@@ -159,7 +169,6 @@ def test_nan_logits_on_a_monte_carlo_curvature_step_still_raise_or_skip(scaler):
     else:
         with pytest.raises(FloatingPointError, match="NaN or Inf in the loss.*Nothing was updated"):
             step(maker, model, x, t)
-    assert torch.distributions.Distribution._validate_args  # switched back on after the Fisher pass
 
 
 class Masked(nn.Module):
