@@ -1,13 +1,21 @@
-"""Step time and peak memory of SGD, K-FAC, ASDL's own K-FAC and FOP, each method in its own process.
+"""Step time and peak memory of the methods of the switch, ASDL's own K-FAC and AdamW, each in its own process.
 
     python scripts/bench_step.py --model small_cnn --batch-size 256 [--interval 10] [--cycles 2]
     python scripts/bench_step.py --model resnet18 --batch-size 128 --cycles 1 --methods kfac,fop
+    python scripts/bench_step.py --model gpt --methods adamw,kfac,fop,fngd,hylo
+
+Methods: every name of ``fop_asdl.GRADIENT_MAKERS`` (default options, except those in :data:`OPTIONS`),
+``asdl_kfac`` and ``adamw`` (the ``"sgd"`` maker feeding ``torch.optim.AdamW``, lr 1e-3). Models: the small
+CNN, CIFAR ResNet-18, the patch mixer (16 tokens of 64 channels) and the small GPT with its tied embedding
+and LM head (49 pixel tokens), from ``fop_asdl.models``.
 
 What is measured. Every method runs in a fresh Python process (as a user's training run would), with the
-same initial weights (built under ``--seed``), an SGD optimizer (lr 0.01, momentum 0.9) and its gradient
-maker from ``make_gradient_maker``; ``asdl_kfac`` is ``asdl.KfacGradientMaker`` itself, with only the
+same initial weights (built under ``--seed``), an SGD optimizer (lr 0.01, momentum 0.9; AdamW for ``adamw``)
+and its gradient maker from ``make_gradient_maker``; ``asdl_kfac`` is ``asdl.KfacGradientMaker`` itself, with only the
 CPU fix it needs to run (fop_asdl's NVTX stand-in) and ``data_size`` set. One *cycle* is INTERVAL steps:
-a curvature step, then INTERVAL-1 plain steps. After ``--warmup-cycles`` unmeasured cycles, ``--cycles``
+a curvature step, then INTERVAL-1 plain steps (HyLo: a refresh, then steps on the stored kernel; FNGD:
+after the warm-up cycles, whose steps are its coefficient epoch, every step reuses its coefficients, so
+its "curvature" column is a plain step too: ``scripts/bench_fngd.py`` times its coefficient steps). After ``--warmup-cycles`` unmeasured cycles, ``--cycles``
 cycles are timed. A step is ``zero_grad``, ``setup_model_call``, ``setup_loss_call``,
 ``forward_and_backward`` and ``opt.step()``. Inputs are random tensors under a fixed seed (the losses mean
 nothing); the weights are copied back after every step, untimed, so that every step does the full work
@@ -44,9 +52,9 @@ import torch
 from torch import nn
 
 from bench_common import asdl_step
-from fop_asdl import make_gradient_maker
+from fop_asdl import GRADIENT_MAKERS, make_gradient_maker
 from fop_asdl.diagnostics.memory import LiveTensorBytes
-from fop_asdl.models import SmallCNN, resnet18_cifar
+from fop_asdl.models import Mixer, PixelGPT, SmallCNN, resnet18_cifar
 
 warnings.filterwarnings("ignore", message="Using a non-full backward hook")
 
@@ -54,8 +62,18 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...], int, int]] = {
     # name: (builder, input shape, classes, default batch)
     "small_cnn": (SmallCNN, (1, 28, 28), 10, 256),
     "resnet18": (resnet18_cifar, (3, 32, 32), 10, 128),
+    "mixer": (Mixer, (1, 28, 28), 10, 250),
+    "gpt": (PixelGPT, (1, 28, 28), 10, 256),
 }
-METHODS = ("sgd", "kfac", "asdl_kfac", "fop")
+DEFAULT_METHODS = ("sgd", "kfac", "asdl_kfac", "fop")
+METHODS = tuple(GRADIENT_MAKERS) + ("asdl_kfac", "adamw")
+#: Options a maker needs beyond the config: FNGD's epoch (its coefficients come from the warm-up cycle),
+#: HyLo refreshing by KIS every interval, K-BFGS's learning rate (its second pass steps back by it).
+OPTIONS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
+    "fngd": lambda args: {"iters_per_epoch": args.interval * args.warmup_cycles or 1},
+    "hylo": lambda args: {"switch_policy": "kis"},
+    "kbfgs": lambda args: {"lr": 0.01},
+}
 MIB = 2 ** 20
 
 
@@ -65,14 +83,18 @@ class Runner:
     def __init__(self, name: str, model: nn.Module, init: List[torch.Tensor], args: argparse.Namespace):
         self.name, self.model, self.device = name, copy.deepcopy(model), torch.device(args.device)
         self.params, self.init = list(self.model.parameters()), init
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        if name == "adamw":
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         config = asdl.PreconditioningConfig(data_size=args.batch_size, damping=1e-2, ema_decay=0.05,
                                             curvature_upd_interval=args.interval,
                                             preconditioner_upd_interval=args.interval)
         if name == "asdl_kfac":
             self.gm = asdl.KfacGradientMaker(self.model, config)
         else:
-            self.gm = make_gradient_maker(name, self.model, config)
+            maker = "sgd" if name == "adamw" else name
+            self.gm = make_gradient_maker(maker, self.model, config, **OPTIONS.get(maker, lambda a: {})(args))
         self.step_index, self.interval = 0, args.interval
         self.times: List[Tuple[bool, float, float]] = []  # (curvature step?, wall s, process CPU s)
 
@@ -207,7 +229,7 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--cycles", type=int, default=2)
     p.add_argument("--warmup-cycles", type=int, default=1)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
