@@ -77,7 +77,14 @@ def test_train_one_epoch_writes_records_summary_and_checkpoint(tmp_path: Path, c
         "rng",
         "history",
     }
-    assert json.loads(capsys.readouterr().out)["best_accuracy"] == record["test_accuracy"]
+    coverage = summary["coverage"]  # what FOP does with each parameter, printed once at the run's start
+    assert coverage["counts"] == {"preconditioned": {"parameters": 8, "elements": coverage["counts"]
+                                                     ["preconditioned"]["elements"]}}
+    assert {p["name"] for p in coverage["parameters"]} == {f"{b}.{k}" for b in ("conv1", "conv2", "fc1", "fc2")
+                                                            for k in ("weight", "bias")}
+    captured = capsys.readouterr()
+    assert captured.err.count(coverage["summary"]) == 1
+    assert json.loads(captured.out)["best_accuracy"] == record["test_accuracy"]
     (environment,) = [json.loads(line) for line in (tmp_path / "environment.jsonl").read_text().splitlines()]
     assert summary["environment"] == environment
     assert environment["command"] == "fop-asdl " + shlex.join(one_epoch)

@@ -179,6 +179,7 @@ class Trainer:
                 "test_accuracy": accuracies,
                 "train_seconds_total": [r["train_seconds_total"] for r in self.history],
             },
+            "coverage": self.maker.coverage().as_dict(),
             "environment": environment,
         }
         if self.stats is not None:
@@ -258,6 +259,7 @@ def train_run(
             )
         trainer.load_state_dict(load_checkpoint(checkpoint))
     if topo.is_main:
+        print(f"{spec.name}: {trainer.maker.coverage().summary()}", file=sys.stderr, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_lines(run_dir / EPOCHS, trainer.history)  # drops records written after the checkpoint
     steps = trainer.batches.steps_per_epoch

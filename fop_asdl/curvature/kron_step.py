@@ -103,6 +103,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         self.last_stats: Dict[str, Dict[str, Tensor]] = {}
         model = self._init_step(model, micro_batch_size, grad_scaler)
         config = config if config is not None else asdl.PreconditioningConfig()
+        self._user_ignore_modules = list(config.ignore_modules or [])
         with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.engine.attention)
             config = ignoring_unsupported(model, config, self.method_label)
             super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
@@ -142,6 +143,16 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
 
     def _record_from_autograd(self, module: nn.Module) -> List[Optional[BlockVector]]:
         return [(module.weight.grad, None if module.bias is None else module.bias.grad), None]
+
+    def _describe_block(self, name: str, module: nn.Module) -> str:
+        matrix = getattr(module, self._fisher_attr, None)
+        kron, unit = getattr(matrix, "kron", None), getattr(matrix, "unit", None)
+        kind = module.__class__.__name__
+        if kron is not None and kron.A is not None and kron.B is not None:
+            return f"{self.method_label}, {kind}: Kronecker factors A {tuple(kron.A.shape)}, B {tuple(kron.B.shape)}"
+        if unit is not None:
+            return f"{self.method_label}, {kind}: unit-wise 2x2 per channel"
+        return f"{self.method_label}, {kind}: its curvature forms on the first curvature step"
 
     def _min_local_batch(self) -> Tuple[int, str]:
         if self.two_gradients and self._sync.splits_locally:

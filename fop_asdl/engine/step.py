@@ -42,6 +42,7 @@ from asdl.utils import has_reduction
 from torch import Tensor, nn
 
 from .capture import BlockCapture, Chunk
+from .coverage import Coverage, model_coverage
 from .chunks import (chunk_bounds, concat_outputs, detached, loss_arguments, rows_per_sample, sliced_calls,
                      summed_loss_backward, user_loss, validate_micro_batch_size)
 from ..compat import full_precision
@@ -71,6 +72,20 @@ class SteppedGradientMaker:
         self.grad_scaler = grad_scaler
         self.last_step_skipped = False
         return prepared_model(model)
+
+    #: The user's ``ignore_modules`` when ``config`` holds more (K-FAC's copy also ignores unsupported layers).
+    _user_ignore_modules: Optional[Sequence[Any]] = None
+
+    def coverage(self) -> Coverage:
+        """Per parameter of the model: preconditioned (by which block, how), the plain gradient (and why),
+        ignored by the user or frozen, with the other names of a shared one; ``.summary()`` is one line."""
+        rules = self._user_ignore_modules if self._user_ignore_modules is not None else self.config.ignore_modules
+        return model_coverage(self.model, self.method_label, self._step_blocks, self._describe_block, rules,
+                              f"has no {self.method_label} curvature")
+
+    def _describe_block(self, name: str, module: nn.Module) -> str:
+        """How this method preconditions the block ``name`` (for :meth:`coverage`)."""
+        return f"{self.method_label} block ({module.__class__.__name__})"
 
     def setup_model_call(self, model_fn: Any, *args: Any, **kwargs: Any) -> Any:
         """ASDL's ``setup_model_call``; a ``torch.compile``d module is called eagerly (setup.eager_module)."""

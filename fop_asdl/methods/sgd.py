@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..engine.chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward, user_loss,
                      validate_micro_batch_size)
+from ..engine.coverage import Coverage, model_coverage
 from ..engine.setup import batch_size_of, prepared_model
 from ..engine.loss import LossNormalizer
 from ..distributed import make_sync
@@ -32,6 +33,11 @@ class PlainGradientMaker(asdl.GradientMaker):
         self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
         self.grad_scaler = grad_scaler  # backward from the scaled loss; scaler.step() unscales and skips Inf
         self._sync = make_sync(model, [], "auto", two_gradients=False)
+
+    def coverage(self) -> Coverage:
+        """Every trainable parameter: the plain gradient (SGD preconditions nothing)."""
+        return model_coverage(self.model, "SGD", [], lambda name, module: "", None,
+                              "is not preconditioned (SGD preconditions nothing)")
 
     def forward_and_backward(self) -> Tuple[Any, Tensor]:
         """The gradient of the user's loss on the whole batch in ``p.grad`` (replacing what was there, as
