@@ -13,7 +13,9 @@ one stage after the other, each in its own process with a timeout, every result 
 3. ``bench_b512``, ``bench_b2048``: ``scripts/bench_step.py --device cuda`` on CIFAR ResNet-18 for sgd,
    asdl_kfac, kfac, fop (CUDA-event times, ``torch.cuda.max_memory_allocated``) ->
    ``bench_step_resnet18_b{512,2048}.json``;
-4. ``epoch_kfac``, ``epoch_fop``: one epoch of ``configs/cifar10_resnet18.yaml`` at batch 2048 (CIFAR-10 from
+4. ``bench_gpt``: the same on the small GPT (tied embedding and LM head; 49 tokens) at batch 512 for AdamW,
+   K-FAC, FOP, FNGD and HyLo -> ``bench_step_gpt_b512.json``;
+5. ``epoch_kfac``, ``epoch_fop``: one epoch of ``configs/cifar10_resnet18.yaml`` at batch 2048 (CIFAR-10 from
    ``--data-dir``, default ``$FOP_DATA`` or ``../shared/data``) -> ``epoch_{kfac,fop}.json`` (the run's
    epochs and summary; its checkpoint is left in a temporary folder).
 
@@ -105,6 +107,10 @@ def stages(args: argparse.Namespace, scratch: Path) -> List[Dict[str, Any]]:
                                                                  str(out / "bench_step_resnet18_b512.json")]},
         {"name": "bench_b2048", "limit": 150, "command": bench + ["--batch-size", "2048", "--out",
                                                                   str(out / "bench_step_resnet18_b2048.json")]},
+        {"name": "bench_gpt", "limit": 100, "command": [
+            py, "scripts/bench_step.py", "--model", "gpt", "--device", "cuda", "--methods", "adamw,kfac,fop,fngd,hylo",
+            "--interval", "10", "--cycles", "1", "--warmup-cycles", "1", "--batch-size", "512",
+            "--out", str(out / "bench_step_gpt_b512.json")]},
         *({"name": f"epoch_{m}", "limit": 100, "needs_data": True, "run_dir": scratch / m,
            "command": epoch + ["--method", m, "--out", str(scratch / m)]} for m in ("kfac", "fop")),
     ]

@@ -30,7 +30,7 @@ def test_the_plan_runs_files_that_exist_within_eight_minutes():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--plan", "--data-dir", "/data"],
                           env=ENV, capture_output=True, text=True, timeout=60, check=True)
     plan = {stage["name"]: stage["command"] for stage in json.loads(done.stdout)}
-    assert list(plan) == ["tests", "syncs", "bench_b512", "bench_b2048", "epoch_kfac", "epoch_fop"]
+    assert list(plan) == ["tests", "syncs", "bench_b512", "bench_b2048", "bench_gpt", "epoch_kfac", "epoch_fop"]
     for command in plan.values():
         for arg in command:
             if arg.startswith(("scripts/", "configs/", "tests/")):
