@@ -15,6 +15,7 @@ from .methods.kfac import ScalableKfacGradientMaker
 from .methods.kron_psgd import KronPsgdGradientMaker
 from .methods.seng import SengGradientMaker
 from .methods.sgd import PlainGradientMaker
+from .methods.shampoo import ShampooGradientMaker
 from .methods.smw_ng import SmwNgGradientMaker
 
 __all__ = ["GRADIENT_MAKERS", "make_gradient_maker"]
@@ -32,6 +33,7 @@ GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
     "kron_psgd": KronPsgdGradientMaker,
     "seng": SengGradientMaker,
     "smw_ng": SmwNgGradientMaker,
+    "shampoo": ShampooGradientMaker,
 }
 
 
