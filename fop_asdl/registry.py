@@ -7,6 +7,7 @@ import asdl
 from torch import nn
 
 from .methods.diag_ng import DiagNgGradientMaker
+from .methods.ekfac import EkfacGradientMaker
 from .methods.fngd import FNGDGradientMaker
 from .methods.fop import FOPGradientMaker
 from .methods.hylo import HyLoGradientMaker
@@ -33,6 +34,7 @@ GRADIENT_MAKERS: Dict[str, Callable[..., asdl.GradientMaker]] = {
     "kron_psgd": KronPsgdGradientMaker,
     "seng": SengGradientMaker,
     "smw_ng": SmwNgGradientMaker,
+    "ekfac": EkfacGradientMaker,
     "shampoo": ShampooGradientMaker,
 }
 

@@ -21,15 +21,17 @@ HERE = Path(__file__).resolve().parent
 
 
 def train(name: str, net: Callable, cfg, steps: range, batches: Callable = small_image_batch,
-          lr: float = 0.05, **options) -> tuple:
-    """SGD-momentum training with ``name``'s maker from seed 0; (every step's p.grad, loss, maker, model)."""
+          opt_lr: float = 0.05, dtype: torch.dtype = torch.float64, **options) -> tuple:
+    """SGD-momentum training with ``name``'s maker from seed 0 in ``dtype``; ([(every step's p.grad, loss)],
+    maker, model)."""
     torch.manual_seed(0)
-    model = net().double()
+    model = net().to(dtype)
     maker = fop_asdl.make_gradient_maker(name, model, cfg, **options)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=opt_lr, momentum=0.9)
     history = []
     for i in steps:
         x, t = batches(i)
+        x = x.to(dtype)
         opt.zero_grad(set_to_none=True)
         _, loss = step(maker, model, x, t)
         history.append(([p.grad.detach().clone() for p in model.parameters()], loss.detach().clone()))
@@ -69,10 +71,11 @@ def assert_same_state(after: Dict[str, Any], before: Dict[str, Any]) -> None:
             assert after[key] == value, key
 
 
-def micro_batch_check(name: str, net: Callable, cfg, micro_batch_size: int, steps: int = 5, **options) -> None:
-    """A step run as micro-batches equals the one-pass step (11 samples per batch)."""
+def micro_batch_check(name: str, net: Callable, cfg, micro_batch_size: int, steps: int = 5, samples: int = 11,
+                      **options) -> None:
+    """A step run as micro-batches equals the one-pass step (``samples`` per batch)."""
     def batches(i):
-        return small_image_batch(i, 11)
+        return small_image_batch(i, samples)
 
     full = train(name, net, cfg, range(steps), batches, **options)[0]
     chunked = train(name, net, cfg, range(steps), batches, micro_batch_size=micro_batch_size, **options)[0]

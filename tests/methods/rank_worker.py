@@ -15,7 +15,7 @@ import fop_asdl
 from conftest import independent_net, train
 
 STEPS = 5
-LOCAL = 4  # samples per rank
+LOCAL = 16  # samples per rank: 32 or more in all, more than the 27 inputs of independent_net's Linear
 
 
 def global_batch(i: int, world_size: int):
