@@ -167,6 +167,23 @@ def test_it_differs_from_kfac_and_keeps_kfacs_batchnorm():
             assert (a - b).norm() > 0.05 * b.norm()
 
 
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_factors_are_kfacs(bias_correction):
+    """The factors EKFAC forms itself on refresh steps (to decompose them before the commit) are K-FAC's, bit
+    for bit, with and without ema_bias_correction (the parameters stay put: learning rate 0)."""
+    states = []
+    for name in ("ekfac", "kfac"):
+        maker = train(name, conv_bn_ln_net, cfg(), range(5), opt_lr=0.0, fisher_type="fisher_emp",
+                      ema_bias_correction=bias_correction)[1]
+        states.append(maker.state_dict()["curvature"])
+    for block, tensors in states[1].items():
+        for key in ("kron.A", "kron.B", "unit.data"):
+            if key in tensors:
+                assert torch.equal(states[0][block][key], tensors[key]), (block, key)
+        if "ema_updates" in tensors:
+            assert int(states[0][block]["ema_updates"]) == int(tensors["ema_updates"]) == 5
+
+
 def test_rescaling_with_positions_equals_per_sample_products():
     """Σ_i (U_Bᵀ G_i U_A)² with G_i = Σ_p d_ip a_ipᵀ, in sample chunks, against the per-sample matrices."""
     gen = torch.Generator().manual_seed(0)
