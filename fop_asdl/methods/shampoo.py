@@ -76,7 +76,8 @@ class ShampooGradientMaker(SteppedGradientMaker, asdl.PreconditionedGradientMake
         config = config if config is not None else asdl.PreconditioningConfig()
         if block_size is not None and block_size != -1 and (
                 isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-            raise ValueError(f"block_size must be a positive int, or -1/None for whole matrices; got {block_size!r}.")
+            raise ValueError(f"block_size must be a positive int, or -1/None for whole matrices; got "
+                             f"{block_size!r}.")
         if grafting not in GRAFTINGS:
             raise ValueError(f"grafting must be one of {GRAFTINGS}, got {grafting!r}.")
         if not (isinstance(config.damping, (int, float)) and config.damping > 0):
