@@ -81,7 +81,8 @@ class ShampooGradientMaker(SteppedGradientMaker, asdl.PreconditionedGradientMake
         if grafting not in GRAFTINGS:
             raise ValueError(f"grafting must be one of {GRAFTINGS}, got {grafting!r}.")
         if not (isinstance(config.damping, (int, float)) and config.damping > 0):
-            raise ValueError(f"config.damping is Shampoo's ε (roots of L + εI) and must be > 0, got {config.damping!r}.")
+            raise ValueError(f"config.damping is Shampoo's ε (roots of L + εI) and must be > 0, got "
+                             f"{config.damping!r}.")
         if not (isinstance(grafting_eps, (int, float)) and grafting_eps > 0):
             raise ValueError(f"grafting_eps must be > 0, got {grafting_eps!r}.")
         super().__init__(model, config)
