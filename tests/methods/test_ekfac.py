@@ -299,6 +299,20 @@ def test_options_it_does_not_take_are_refused():
         fop_asdl.make_gradient_maker("ekfac", independent_net(), cfg(), swift=True)
     with pytest.raises(ValueError, match="fisher_emp"):
         fop_asdl.make_gradient_maker("ekfac", independent_net(), cfg(), fisher_type="fisher_mc")
+    with pytest.raises(TypeError, match="block_size"):
+        fop_asdl.make_gradient_maker("ekfac", independent_net(), cfg(), block_size=4)
+
+
+def test_layers_without_curvature_are_named_and_get_the_plain_gradient():
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 3)).double()
+    with pytest.warns(UserWarning, match=r"no EKFAC curvature for 0 \(Embedding\)"):
+        maker = fop_asdl.make_gradient_maker("ekfac", model, cfg())
+    x, t = torch.randint(0, 5, (6, 2)), torch.randint(0, 3, (6,))
+    step(maker, model, x, t)
+    written = model[0].weight.grad.clone()
+    model.zero_grad()
+    F.cross_entropy(model(x), t).backward()
+    torch.testing.assert_close(written, model[0].weight.grad)
 
 
 def test_a_block_called_twice_in_one_pass_is_named():
