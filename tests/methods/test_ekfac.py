@@ -154,6 +154,62 @@ def test_written_gradient_equals_the_dense_reference(ema, reduction):
                 assert maker.last_stats[name]["kl_base"] > 0
 
 
+def token_ce(y, t, reduction="mean"):
+    """Cross-entropy over the flattened (B·T) tokens, padding -100 (tests/test_user_loss.py's token loss)."""
+    return F.cross_entropy(y.flatten(0, 1), t.flatten(), reduction=reduction)
+
+
+def token_batch(k, n=6, positions=4, vocab=5):
+    """Batch ``k``: (n, T, 3) inputs and (n, T) targets with a different number of padding tokens per sample."""
+    gen = torch.Generator().manual_seed(300 + k)
+    x = torch.randn(n, positions, 3, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, vocab, (n, positions), generator=gen)
+    for i in range(1, n):
+        t[i, positions - (i % positions):] = -100
+    return x, t
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 4])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_rescaling_takes_the_users_per_sample_terms(reduction, micro_batch_size):
+    """ŝ follows the user's loss normaliser (fop_asdl.engine.loss): with a token-level mean over the tokens not
+    ignored (N of them) or a sum (N = 1), sample i's term of the user's loss is r = n / N times its summed-loss
+    term, so ŝ = mean_i (U_Bᵀ r G_i U_A)² (and (U_Bᵀ r b_i)² for the bias), G_i, b_i the gradients of sample i's
+    summed loss from an autograd pass of its own, in the bases the maker stored. Step 0 refreshes the bases
+    (its rows are kept until they are known), step 1 projects its rows chunk by chunk in them (EMA weight 1:
+    s is the step's ŝ)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    cfg = asdl.PreconditioningConfig(damping=1e-2, ema_decay=1.0, curvature_upd_interval=1,
+                                     preconditioner_upd_interval=2)
+    maker = fop_asdl.make_gradient_maker("ekfac", model, cfg, micro_batch_size=micro_batch_size)
+    bases = None
+    for k in range(2):
+        x, t = token_batch(k)
+        maker.setup_loss_call(token_ce, maker.setup_model_call(model, x), t, reduction=reduction)
+        maker.forward_and_backward()
+        n = len(x)
+        r = n / (1.0 if reduction == "sum" else float((t != -100).sum()))
+        assert abs(r - 1) > 0.5  # the padding (or the sum) makes the user's per-sample terms differ from the sums'
+        state = maker.state_dict()["ekfac"]
+        if k == 1:  # no refresh: step 0's bases
+            assert all(torch.equal(state[name][key], bases[name][key]) for name in bases for key in ("U_A", "U_B"))
+        bases = state
+        for name in ("0", "2"):
+            layer = model[int(name)]
+            weight, bias = [], []
+            for i in range(n):
+                g_w, g_b = torch.autograd.grad(token_ce(model(x[i:i + 1]), t[i:i + 1], reduction="sum"),
+                                               (layer.weight, layer.bias))
+                weight.append(r * g_w)
+                bias.append(r * g_b)
+            u_a, u_b = state[name]["U_A"], state[name]["U_B"]
+            s_w = torch.stack([(u_b.T @ g @ u_a) ** 2 for g in weight]).mean(0)
+            s_b = torch.stack([(g @ u_b) ** 2 for g in bias]).mean(0)
+            torch.testing.assert_close(state[name]["s_w"], s_w, rtol=1e-9, atol=1e-14)
+            torch.testing.assert_close(state[name]["s_b"], s_b, rtol=1e-9, atol=1e-14)
+
+
 def test_it_differs_from_kfac_and_keeps_kfacs_batchnorm():
     """The rescaling is not K-FAC's (so the dense test checks something), while BatchNorm's gradient, K-FAC's
     unit-wise F̃⁻¹g, is K-FAC's exactly (one step: the same parameters)."""
