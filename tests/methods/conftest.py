@@ -15,4 +15,5 @@ _spec = spec_from_file_location("tests_conftest", TESTS / "conftest.py")
 _shared = module_from_spec(_spec)
 sys.modules["tests_conftest"] = _shared
 _spec.loader.exec_module(_shared)
-globals().update({name: value for name, value in vars(_shared).items() if not name.startswith("__")})
+# its helpers, not its pytest hooks (pytest_collection_modifyitems would run twice)
+globals().update({name: value for name, value in vars(_shared).items() if not name.startswith(("__", "pytest_"))})
