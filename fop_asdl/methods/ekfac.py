@@ -32,6 +32,7 @@ from ..curvature.products import apply_inverse, gram, has_inverse
 from ..engine.capture import Chunk
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.per_sample import once_per_pass
+from ..engine.selection import with_other_uses
 from ..engine.vectors import BlockVector, add, scaled, stacked
 
 __all__ = ["EkfacGradientMaker"]
@@ -109,7 +110,14 @@ class EkfacMixin:
         groups["rescaling"] = [t for pair in plan.scales.values() for t in pair if t is not None]
         return groups
 
+    def _record_from_autograd(self, module: nn.Module) -> Tuple[Any, None]:
+        """K-FAC's record, without per-sample rows: only curvature steps estimate ŝ, and they capture every
+        block (:meth:`CurvatureStepMaker._captured_blocks`), so a plain step takes autograd's sums as K-FAC."""
+        return super()._record_from_autograd(module), None
+
     def _commit(self, plan: EkfacPlan) -> None:
+        if plan.update_curvature:  # as K-FAC's: blocks found to have other uses stay captured on plain steps
+            self._shared_blocks = with_other_uses(self._step_blocks, self._shared_blocks)
         refreshed = {name: plan.curvature.pop(name) for name in plan.factors}
         # unit-wise blocks, and Kron blocks between refreshes
         commit_curvature(self._blocks, self._fisher_attr, plan.curvature, self.config.ema_decay,

@@ -80,77 +80,84 @@ def unit_fisher(g):
     return dense
 
 
-def reference(model, steps, ema, refresh_every, reduction):
+def reference(model, steps, ema, refresh_every, reduction, curvature_every=1):
     """Per step, EKFAC's gradient of every block, densely: F_K = B ⊗ A (blockdiag with B for a bias), its
     eigenvectors V from torch.linalg.eigh on refresh steps, s = diag(Vᵀ F_emp V) with F_emp the mean of
     g_i g_iᵀ (EMA: (1 − d)·eigenvalues of F_K at a refresh, else the last s, plus d·diag(Vᵀ F_emp V)), and
-    V diag(1/(s + λ)) Vᵀ g; LayerNorm's F̃⁻¹ g with the unit-wise F + λI inverted on refresh steps."""
+    V diag(1/(s + λ)) Vᵀ g; LayerNorm's F̃⁻¹ g with the unit-wise F + λI inverted on refresh steps. Steps
+    between curvature steps apply the stored V, s and inverses to g."""
     accumulate = ema != -1
     factors, state, out = {}, {}, []
     for k in range(steps):
         x, t = batches(k)
         r = len(x) if reduction == "sum" else 1.0
         grads, kfac = per_sample(model, x, t, r)
-        refresh = k % refresh_every == 0 or not accumulate
+        curvature = k % curvature_every == 0
+        refresh = k % refresh_every == 0 or (curvature and not accumulate)
         expected = {}
         for name, g in grads.items():
-            dense_f = unit_fisher(g) if name not in kfac else None
-            new = dense_f if name not in kfac else kfac[name]
-            old = factors.get(name)
-            if not accumulate:
-                factors[name] = new
-            elif name not in kfac:
-                factors[name] = ema * new if old is None else (1 - ema) * old + ema * new
-            else:
-                factors[name] = tuple(ema * f if old is None else (1 - ema) * o + ema * f
-                                      for f, o in zip(new, old or new))
-            if name not in kfac:  # LayerNorm: K-FAC's unit-wise inverse, refreshed with the inverses
-                if refresh:
-                    state[name] = torch.linalg.inv(factors[name] + DAMPING * torch.eye(len(dense_f), dtype=g.dtype))
-                expected[name] = state[name] @ g.mean(0)
-                continue
-            a, b = factors[name]
-            n_w = a.shape[0] * b.shape[0]
-            pieces = [(kron_w := torch.kron(b, a), g[:, :n_w])] + ([(b, g[:, n_w:])] if g.shape[1] > n_w else [])
-            result = []
-            for j, (f_k, g_part) in enumerate(pieces):
-                if refresh:
-                    values, vectors = torch.linalg.eigh(f_k)
-                    state[(name, j)] = (vectors, values.clamp_min(0))
-                vectors, start = state[(name, j)][0], state[(name, j)][-1]
-                estimate = ((g_part @ vectors) ** 2).mean(0)
-                s = estimate if not accumulate else (1 - ema) * start + ema * estimate
-                state[(name, j)] = (vectors, s)
-                result.append(vectors @ ((vectors.T @ g_part.mean(0)) / (s + DAMPING)))
-            expected[name] = torch.cat(result)
+            if curvature:
+                new, old = kfac[name] if name in kfac else unit_fisher(g), factors.get(name)
+                if not accumulate:
+                    factors[name] = new
+                elif name not in kfac:
+                    factors[name] = ema * new if old is None else (1 - ema) * old + ema * new
+                else:
+                    factors[name] = tuple(ema * f if old is None else (1 - ema) * o + ema * f
+                                          for f, o in zip(new, old or new))
+            if name not in kfac and refresh:  # LayerNorm: K-FAC's unit-wise inverse, refreshed with the inverses
+                state[name] = torch.linalg.inv(factors[name] + DAMPING * torch.eye(len(new), dtype=g.dtype))
+            elif name in kfac and curvature:
+                a, b = factors[name]
+                n_w = a.shape[0] * b.shape[0]
+                pieces = [(torch.kron(b, a), g[:, :n_w])] + ([(b, g[:, n_w:])] if g.shape[1] > n_w else [])
+                for j, (f_k, g_part) in enumerate(pieces):
+                    if refresh:
+                        values, vectors = torch.linalg.eigh(f_k)
+                        state[(name, j)] = (vectors, values.clamp_min(0))
+                    vectors, start = state[(name, j)]
+                    estimate = ((g_part @ vectors) ** 2).mean(0)
+                    state[(name, j)] = (vectors, estimate if not accumulate else (1 - ema) * start + ema * estimate)
+            expected[name] = preconditioned(state, name, g, name in kfac)
         out.append(expected)
     return out
 
 
-@pytest.mark.parametrize("ema, reduction", [(-1, "mean"), (0.5, "mean"), (0.5, "sum")])
-def test_written_gradient_equals_the_dense_reference(ema, reduction):
-    """Curvature every step, eigenbases every 2 (without an EMA every curvature step refreshes them): step 1
-    rescales in step 0's basis. A loss with reduction='sum' has per-sample terms n times its summed ones."""
+def preconditioned(state, name, g, kron):
+    """The stored V diag(1/(s + λ)) Vᵀ (or unit-wise inverse) applied to the mean of g."""
+    if not kron:
+        return state[name] @ g.mean(0)
+    pairs = [state[(name, j)] for j in range(2) if (name, j) in state]
+    parts = torch.split(g.mean(0), [len(v) for v, _ in pairs])
+    return torch.cat([v @ ((v.T @ part) / (s + DAMPING)) for (v, s), part in zip(pairs, parts)])
+
+
+@pytest.mark.parametrize("ema, reduction, curvature_every", [(-1, "mean", 1), (0.5, "mean", 1), (0.5, "sum", 1),
+                                                             (0.5, "mean", 2), (-1, "mean", 2)])
+def test_written_gradient_equals_the_dense_reference(ema, reduction, curvature_every):
+    """Eigenbases every 2 curvature steps (without an EMA every curvature step): with curvature every step,
+    step 1 rescales in step 0's basis; every 2, steps 1 and 3 apply the stored bases and s to autograd's sums.
+    A loss with reduction='sum' has per-sample terms n times its summed ones."""
     torch.manual_seed(0)
     model = tiny_net().double()
-    cfg = asdl.PreconditioningConfig(damping=DAMPING, ema_decay=ema, curvature_upd_interval=1,
-                                     preconditioner_upd_interval=2)
+    cfg = asdl.PreconditioningConfig(damping=DAMPING, ema_decay=ema, curvature_upd_interval=curvature_every,
+                                     preconditioner_upd_interval=2 * curvature_every)
     maker = fop_asdl.make_gradient_maker("ekfac", model, cfg)
     loss_fn = (lambda y, t, reduction="sum": F.cross_entropy(y, t, reduction=reduction)) if reduction == "sum" \
         else F.cross_entropy
-    got = []
-    for k in range(3):
+    got, steps = [], 2 * curvature_every + 1
+    for k in range(steps):
         x, t = batches(k)
         step(maker, model, x, t, loss_fn=loss_fn)
         got.append({name: torch.cat([p.grad.flatten() for p in (m.weight, m.bias) if p is not None])
                     for name, m in model.named_children() if any(True for _ in m.parameters())})
-    want = reference(model, 3, ema, 2, reduction)
+    want = reference(model, steps, ema, 2 * curvature_every, reduction, curvature_every)
     for k, (g_step, w_step) in enumerate(zip(got, want)):
         assert g_step.keys() == w_step.keys()
         for name in w_step:
             torch.testing.assert_close(g_step[name], w_step[name], rtol=1e-7, atol=1e-10,
                                        msg=lambda m: f"step {k}, block {name}: {m}")
-            if k == 2:
+            if k == steps - 1:
                 assert maker.last_stats[name]["kl_base"] > 0
 
 
@@ -272,10 +279,11 @@ def test_asdl_ekfac_leaves_the_gradient_unchanged():
 
 
 # --- the engine's guarantees ------------------------------------------------------------------------------------
+BASE = dict(damping=1e-2, ema_decay=0.2, curvature_upd_interval=1, preconditioner_upd_interval=2)
+
+
 def cfg(**kwargs):
-    base = dict(damping=1e-2, ema_decay=0.2, curvature_upd_interval=1, preconditioner_upd_interval=2)
-    base.update(kwargs)
-    return asdl.PreconditioningConfig(**base)
+    return asdl.PreconditioningConfig(**{**BASE, **kwargs})
 
 
 @pytest.mark.parametrize("micro_batch_size", [13, 16])
@@ -290,17 +298,18 @@ def test_grad_scaler_gives_the_unscaled_result():
 
 
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
-    resume_check(tmp_path, "ekfac", {"config": dict(damping=1e-2, ema_decay=0.2, curvature_upd_interval=1,
-                                                    preconditioner_upd_interval=2)})
+    resume_check(tmp_path, "ekfac", {"config": BASE})
 
 
 @pytest.mark.parametrize("ema", [0.2, -1])
-@pytest.mark.parametrize("refresh_step", [True, False])
+@pytest.mark.parametrize("kind", ["refresh", "rescaling", "plain"])
 @pytest.mark.parametrize("fault", ["nan_input", "inf_gradient", "loss_raises"])
-def test_failed_step_raises_and_changes_nothing(ema, refresh_step, fault):
-    """In float32 (where ASDL's in-place damping would move the factors' last bits) on a refresh step (2) and a
-    rescaling-only step (3)."""
-    _, maker, model = train("ekfac", conv_bn_ln_net, cfg(ema_decay=ema), range(2 if refresh_step else 3),
+def test_failed_step_raises_and_changes_nothing(ema, kind, fault):
+    """In float32 (where ASDL's in-place damping would move the factors' last bits) on a refresh step (2), a
+    rescaling-only step (3) and, with curvature every 2 steps, a step without curvature (3)."""
+    config = cfg(ema_decay=ema, curvature_upd_interval=2, preconditioner_upd_interval=4) if kind == "plain" \
+        else cfg(ema_decay=ema)
+    _, maker, model = train("ekfac", conv_bn_ln_net, config, range(2 if kind == "refresh" else 3),
                             dtype=torch.float32)
     x, t = small_image_batch(9, 10)
     failed_step_check(maker, model, x.float(), t, fault)
@@ -321,8 +330,7 @@ def test_state_dict_holds_bases_and_rescaling_of_every_kron_block():
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_equal_one_process(tmp_path, world_size):
     """Factors and s sharded per block, bases replicated; the gathered state equals one process's."""
-    options = {"config": dict(damping=1e-2, ema_decay=0.2, curvature_upd_interval=1, preconditioner_upd_interval=2),
-               "maker": {"kl_clip": 1e-3, "lr": 0.1}}
+    options = {"config": BASE, "maker": {"kl_clip": 1e-3, "lr": 0.1}}
     ranks = ranks_check(tmp_path, "ekfac", options, world_size)
     import rank_worker as w
     _, maker = w.run("ekfac", options, world_size, rank=None)
