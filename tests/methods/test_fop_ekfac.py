@@ -61,12 +61,15 @@ def test_written_gradient_equals_dense_fop_with_ekfac_curvature(projection_metri
         assert 0 < float(maker.last_stats[name]["eta"])
 
 
-def test_beta_zero_and_no_eta_is_ekfac():
-    cfg = asdl.PreconditioningConfig(damping=1e-2, ema_decay=0.2, curvature_upd_interval=1,
-                                     preconditioner_upd_interval=2)
+@pytest.mark.parametrize("curvature_every", [1, 2])
+def test_beta_zero_and_no_eta_is_ekfac(curvature_every):
+    """Also between curvature steps, where EKFAC takes autograd's sums and FOP captures its two halves."""
+    cfg = asdl.PreconditioningConfig(damping=1e-2, ema_decay=0.2, curvature_upd_interval=curvature_every,
+                                     preconditioner_upd_interval=2 * curvature_every)
     # 40 samples, more than any factor's size, so that the eigenbases are unique (see test_ekfac's micro-batches)
-    ekfac = train("ekfac", independent_net, cfg, range(4), lambda i: small_image_batch(i, 40))[0]
-    fop = train("fop", independent_net, cfg, range(4), lambda i: small_image_batch(i, 40), curvature="ekfac",
+    steps = range(4 * curvature_every)
+    ekfac = train("ekfac", independent_net, cfg, steps, lambda i: small_image_batch(i, 40))[0]
+    fop = train("fop", independent_net, cfg, steps, lambda i: small_image_batch(i, 40), curvature="ekfac",
                 beta=0.0, eta=None)[0]
     assert_histories_close(fop, ekfac, rtol=1e-9, atol=1e-13)
 
