@@ -254,6 +254,11 @@ class EkfacMixin:
         damping = self.config.damping if damped else 0.0
         return em.kfe_apply(vec, u_a, u_b, s_w + damping, None if s_b is None else s_b + damping)
 
+    def _describe_block(self, name: str, module: nn.Module) -> str:
+        """K-FAC's description (:meth:`coverage`), and for a Kron block how EKFAC uses its factors."""
+        text = super()._describe_block(name, module)
+        return f"{text}; steps in the factors' eigenbases, rescaled by s" if self._names[module] in self._kron else text
+
     # --- state ------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """K-FAC's state (factors, unit-wise inverses) and every Kron block's U_A, U_B, s_w, s_b, gathered from

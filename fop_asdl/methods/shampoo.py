@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from . import shampoo_math as sm
 from ..distributed import make_sync
+from ..engine.coverage import Coverage, model_coverage
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.selection import user_ignores
 from ..engine.step import SteppedGradientMaker
@@ -113,6 +114,23 @@ class ShampooGradientMaker(SteppedGradientMaker, asdl.PreconditionedGradientMake
             warnings.warn("fop_asdl: Shampoo does not precondition " + ", ".join(plain) + " (ignore_modules); "
                           "they receive the plain mean gradient.", UserWarning)
         return out
+
+    def coverage(self) -> Coverage:
+        """Shampoo preconditions parameters, not layers: every trainable parameter outside ``ignore_modules``
+        is preconditioned, whichever module holds it (one held directly, a norm layer's, an embedding's)."""
+        preconditioned = {id(p) for _, p, _ in self._params}
+        holders = [(name, m) for name, m in self.model.named_modules()
+                   if any(id(p) in preconditioned for p in m.parameters(recurse=False))]
+        return model_coverage(self.model, self.method_label, holders, self._describe_block, self.config.ignore_modules,
+                              "holds no parameter Shampoo preconditions")
+
+    def _describe_block(self, name: str, module: nn.Module) -> str:
+        layouts = {id(p): layout for _, p, layout in self._params}
+        shapes = ", ".join(f"{key} as a vector" if layouts[id(p)].vector else f"{key} as a {layouts[id(p)].shape} "
+                           f"matrix" for key, p in module.named_parameters(recurse=False) if id(p) in layouts)
+        b = self.block_size
+        cut = f"factors of at most {b}×{b}" if b else "whole-dimension factors"
+        return f"{self.method_label}, {module.__class__.__name__}: {shapes}, {cut}"
 
     # --- the step's hooks -------------------------------------------------------------------------------
     @property
