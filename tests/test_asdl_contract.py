@@ -3,7 +3,8 @@ output kinds and losses that ASDL's own test suite (test/grad_maker/test_grad_ma
 logits with cross-entropy and MSE, a (logits, loss) tuple with ``setup_loss_repr``, a sequence model whose
 output object has ``.logits`` with the user's own flattening and ``ignore_index``, a (loss, logits) tuple —
 and a dict output. The model's output comes back in its own structure, the loss is the user's, and the
-gradient autograd's (for the preconditioning makers in the damped limit, F̃⁻¹ → 1/λ)."""
+gradient autograd's (for the preconditioning makers in the damped limit, F̃⁻¹ → 1/λ; Shampoo's
+G / √λ)."""
 import dataclasses
 
 import asdl
@@ -15,7 +16,7 @@ from torch import nn
 import fop_asdl
 from fop_asdl.curvature.inverses import kron_damping
 
-METHODS = ["sgd", "kfac", "fop", "fngd", "hylo"]
+METHODS = ["sgd", "kfac", "fop", "fngd", "hylo", "ekfac", "shampoo"]
 LAMBDA = 1e16
 IN, HID, OUT, N, SEQ = 5, 4, 3, 6, 8
 
@@ -67,7 +68,7 @@ def check_gradients(gm, name, model, expected):
     for module in model.modules():
         for p in module.parameters(recurse=False):
             g = expected[p]
-            scale = 1.0 if name == "sgd" else LAMBDA
+            scale = {"sgd": 1.0, "shampoo": LAMBDA ** 0.5}.get(name, LAMBDA)  # Shampoo: (λ^(−1/4))² G
             if name in ("kfac", "fop") and p is getattr(module, "bias", None):
                 scale = kron_damping(module.fisher.kron, LAMBDA)[1]  # (B + d_B I)⁻¹ on the bias alone
             torch.testing.assert_close(p.grad * scale, g, rtol=1e-5, atol=1e-9 * float(g.abs().max()))

@@ -56,7 +56,10 @@ def test_the_report_says_what_the_step_does(name):
     assert {report[f"frozen.{k}"].treatment for k in ("weight", "bias")} == {"frozen"}
     expected_skip = "plain gradient" if name == "sgd" else "ignored by the user"
     assert {report[f"skipped.{k}"].treatment for k in ("weight", "bias")} == {expected_skip}
-    assert report["scale"].treatment == "plain gradient" and "holds it directly" in report["scale"].uses[0].detail
+    if name == "shampoo":  # it preconditions parameters, not layers: the root's own one too
+        assert report["scale"].treatment == "preconditioned" and "a vector" in report["scale"].uses[0].detail
+    else:
+        assert report["scale"].treatment == "plain gradient" and "holds it directly" in report["scale"].uses[0].detail
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for (n, p), g in zip(trainable, autograd):
         if report[n].treatment == "preconditioned":

@@ -61,7 +61,8 @@ def test_every_entry_is_complete(name: str) -> None:
     assert method.preconditioning or not method.takes_others_optimizer  # the hybrid splits by the maker's blocks
     assert not (method.own_parameters and method.takes_others_optimizer)  # one way to choose AdamW's share
     assert set(method.libraries) <= set(baselines.PINNED)  # a library it needs is in the baselines extra
-    assert method.hyperparameter_names[: len(defaults.search_space[name])] == tuple(defaults.search_space[name])
+    space = list(defaults.search_space[name])  # in the order of a point's dimensions
+    assert [n for n in method.hyperparameter_names if n in space] == space
 
 
 def test_one_config_field_has_one_range() -> None:
@@ -100,7 +101,24 @@ def test_hylo_hears_of_each_epoch_and_of_lr_drops() -> None:
     METHODS["hylo"].epoch_start(EpochStart(maker, None, 3, True))
     assert calls == [(3, True)]
     assert [m for m in METHODS if METHODS[m].epoch_start is not None] == ["hylo"]
-    assert [m for m in METHODS if METHODS[m].block_stats] == ["fop"]
+    assert [m for m in METHODS if METHODS[m].block_stats] == ["fop", "fop_ekfac"]
+
+
+@pytest.mark.parametrize("name", ["ekfac", "fop_ekfac", "shampoo"])
+def test_the_makers_of_issue_23_train_in_the_runner(tmp_path: Path, name: str) -> None:
+    """Two epochs of 6 steps with curvature every 2 (steps without curvature between), at the first point of
+    the built-in grid: better than chance (10 classes), FOP's β and η reported for FOP over EKFAC, and the
+    maker's own state (EKFAC's bases and rescaling, Shampoo's roots) in the checkpoint."""
+    point = {k: v[0] for k, v in ExperimentSettings().search_space[name].items()}
+    args = ["train", "--method", name, "--batch-size", "100", "--no-progress", "--out", str(tmp_path),
+            "--point", *(f"{k}={v}" for k, v in point.items()), "--set", *SLICE, "epochs=2", "update_interval=2"]
+    assert main(args) == 0
+    (run,) = (tmp_path / "b100" / name).glob("*")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["run"]["point"] == point and summary["best_accuracy"] > 0.2
+    assert ("fop_stats_per_epoch" in summary) == (name == "fop_ekfac")
+    maker = torch.load(run / "checkpoint.pt", weights_only=True)["maker"]
+    assert ("roots" if name == "shampoo" else "ekfac") in maker
 
 
 # --- the committed studies build what they built --------------------------------------------------------

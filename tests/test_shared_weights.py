@@ -1,7 +1,11 @@
 """Shared parameters on every maker: a parameter used by several modules (a tied embedding and LM head, one
 weight in two layers) receives the sum of the contributions of all its uses, each use treated by its own
 block: preconditioned where that block has curvature, the plain gradient where it has none. Checked in the
-damped limit (F̃⁻¹ → 1/λ), where each use's contribution is known from autograd alone."""
+damped limit (F̃⁻¹ → 1/λ), where each use's contribution is known from autograd alone.
+
+Shampoo preconditions parameters, not the modules using them: a tied weight is one Shampoo parameter whose
+gradient (the sum of its uses) is preconditioned as a whole, (L + λI)^(−1/4) G (R + λI)^(−1/4) → G / √λ. Its
+tests check that sum, all uses kept (:func:`tied_expectation`)."""
 import asdl
 import pytest
 import torch
@@ -11,7 +15,7 @@ from torch import nn
 import fop_asdl
 from fop_asdl.curvature.inverses import kron_damping
 
-METHODS = ["sgd", "kfac", "fop", "fngd", "hylo"]
+METHODS = ["sgd", "kfac", "fop", "fngd", "hylo", "ekfac", "shampoo"]
 LAMBDA = 1e16
 V, H, B, T = 7, 5, 6, 3
 
@@ -75,15 +79,27 @@ def make(name, model, micro_batch_size=None):
                                         micro_batch_size=micro_batch_size, **options)
 
 
+def tied_expectation(name, via_head, via_emb):
+    """(c, e): the tied weight's c·p.grad in the damped limit is e. The head's use preconditioned (a block's
+    F̃⁻¹ → 1/λ), the embedding's plain (no block); Shampoo preconditions the parameter, both uses together,
+    by 1/√λ."""
+    if name == "shampoo":
+        return LAMBDA ** 0.5, via_head + via_emb
+    return 1.0, via_head / (1.0 if name == "sgd" else LAMBDA) + via_emb
+
+
 def run(gm, model, x, t, loss_fn):
     gm.setup_loss_call(loss_fn, gm.setup_model_call(model, x), t)
     return gm.forward_and_backward()
 
 
 def scale_of(gm, name, param, module):
-    """λ, or for a K-FAC/FOP bias d_B of the π-split (ASDL applies (B + d_B I)⁻¹ to it alone)."""
+    """λ, or for a K-FAC/FOP bias d_B of the π-split (ASDL applies (B + d_B I)⁻¹ to it alone); EKFAC's bias as
+    its weight (U_B diag(1/(s_b + λ)) U_Bᵀ → 1/λ); Shampoo's √λ (its roots → λ^(−1/4) on both sides)."""
     if name == "sgd":
         return 1.0
+    if name == "shampoo":
+        return LAMBDA ** 0.5
     if name in ("kfac", "fop") and param is getattr(module, "bias", None):
         return kron_damping(module.fisher.kron, LAMBDA)[1]
     return LAMBDA
@@ -103,9 +119,8 @@ def test_tied_embedding_and_head_get_both_parts(name, micro_batch_size):
     via_emb = torch.autograd.grad(token_ce(model(x, (w, w.detach())), t), w)[0]
     gm = make(name, model, micro_batch_size)
     run(gm, model, x, t, token_ce)
-    scale = 1.0 if name == "sgd" else LAMBDA
-    expected = via_head / scale + via_emb
-    torch.testing.assert_close(w.grad, expected, rtol=1e-6, atol=1e-12)
+    scale, expected = tied_expectation(name, via_head, via_emb)
+    torch.testing.assert_close(w.grad * scale, expected, rtol=1e-6, atol=1e-12)
     assert via_emb.norm() > 0.1 * via_head.norm()  # both parts matter: dropping one would fail
 
 
@@ -128,7 +143,7 @@ def test_a_weight_in_two_blocks_gets_the_full_gradient_in_the_damped_limit(name,
 
 @pytest.mark.filterwarnings("ignore:fop_asdl")
 @pytest.mark.parametrize("net", [TiedLM, FunctionalTie])
-@pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo"])
+@pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo", "ekfac", "shampoo"])
 def test_hylo_and_the_others_keep_both_parts_between_curvature_steps(name, net):
     """Between curvature updates (K-FAC and HyLo capture only the blocks known to be shared there: by the
     model's structure, or by a plain part seen on a curvature step) the tie stays exact."""
@@ -140,9 +155,10 @@ def test_hylo_and_the_others_keep_both_parts_between_curvature_steps(name, net):
     gm = fop_asdl.make_gradient_maker(name, model, config, **options)
     gen = torch.Generator().manual_seed(1)
     w = model.head.weight
-    for _ in range(2):  # a curvature (refresh) step, then a plain one
+    for _ in range(2):  # a curvature (refresh) step, then a plain one (EKFAC: stored bases, Shampoo: stored roots)
         x, t = torch.randint(0, V, (B, T), generator=gen), torch.randint(0, V, (B, T), generator=gen)
         via_head = torch.autograd.grad(token_ce(model(x, (w.detach(), w)), t), w)[0]
         via_emb = torch.autograd.grad(token_ce(model(x, (w, w.detach())), t), w)[0]
         run(gm, model, x, t, token_ce)
-        torch.testing.assert_close(w.grad, via_head / LAMBDA + via_emb, rtol=1e-6, atol=1e-12)
+        scale, expected = tied_expectation(name, via_head, via_emb)
+        torch.testing.assert_close(w.grad * scale, expected, rtol=1e-6, atol=1e-12)

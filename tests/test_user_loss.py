@@ -1,8 +1,9 @@
 """The user's loss, exactly, on every maker of the switch: whatever it averages over (samples, tokens, output
 elements, targets not ignored, class weights), the returned loss is the user's loss on the whole batch and
-the gradient autograd's of it (for the preconditioning makers in the damped limit, where F̃⁻¹ → 1/λ), with
-and without micro-batches. FOP's halves: g1, g2 are r times the halves' summed-loss mean gradients
-(r = n / N, fop_asdl.engine.loss), so that their weighted mean is the user's gradient."""
+the gradient autograd's of it (for the preconditioning makers in the damped limit, where F̃⁻¹ → 1/λ, and
+Shampoo's roots → λ^(−1/4)), with and without micro-batches. FOP's halves: g1, g2 are r times the halves'
+summed-loss mean gradients (r = n / N, fop_asdl.engine.loss), so that their weighted mean is the user's
+gradient."""
 import asdl
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 import fop_asdl
 from fop_asdl.curvature.inverses import kron_damping
 
-METHODS = ["sgd", "kfac", "fop", "fngd", "hylo"]
+METHODS = ["sgd", "kfac", "fop", "fngd", "hylo", "ekfac", "shampoo"]
 LAMBDA = 1e16  # the damped limit: F̃⁻¹ g = g / λ up to |A| / √λ (K-FAC damps each factor by ~√λ)
 B, T, V = 6, 4, 5
 
@@ -81,9 +82,13 @@ def maker(name, model, micro_batch_size=None, **options):
 
 def limit_scales(gm, name, model):
     """Per parameter, what p.grad is multiplied by in the damped limit to give the plain gradient: λ, but
-    for a K-FAC/FOP bias ASDL applies (B + d_B I)⁻¹ alone, with d_B ≈ √λ / π of the π-split."""
+    for a K-FAC/FOP bias ASDL applies (B + d_B I)⁻¹ alone, with d_B ≈ √λ / π of the π-split. EKFAC's
+    U diag(1/(s + λ)) Uᵀ → 1/λ on weights and biases alike. Shampoo's ε is λ:
+    (L + λI)^(−1/4) G (R + λI)^(−1/4) → G / √λ, and a vector's (L + λI)^(−1/2) g → g / √λ too."""
+    if name == "shampoo":
+        return {p: LAMBDA ** 0.5 for p in model.parameters()}
     scales = {p: 1.0 if name == "sgd" else LAMBDA for p in model.parameters()}
-    for _, module in getattr(gm, "named_modules_for_curvature", []):
+    for _, module in getattr(gm, "named_modules_for_curvature", []) if name in ("kfac", "fop") else []:
         if getattr(module, "bias", None) is not None and module.fisher.has_kron:
             scales[module.bias] = kron_damping(module.fisher.kron, LAMBDA)[1]
     return scales

@@ -15,9 +15,11 @@ from fop_asdl.models import PixelGPT
 LAMBDA = 1e16
 #: Options that make each method's step F̃⁻¹ g with F̃ → λ·I as λ grows (no adaptive scaling of the step).
 DAMPED = {"fop": dict(beta=0.0, eta=None), "fngd": dict(iters_per_epoch=2, damping_mode="fixed"),
-          "hylo": dict(switch_policy="kis", compression_ratio=1.0)}
-#: The other makers: a valid configuration, checked for finiteness and for their plain parameters.
-OTHERS = {"kbfgs": dict(lr=0.1), "seng": {}, "smw_ng": {}, "diag_ng": {}, "kron_psgd": {}}
+          "hylo": dict(switch_policy="kis", compression_ratio=1.0), "ekfac": {},
+          "fop_ekfac": dict(curvature="ekfac", beta=0.0, eta=None)}  # FOP over EKFAC: the "fop" maker
+#: The other makers: a valid configuration, checked for finiteness and for their plain parameters (Shampoo's
+#: damped limit is G / √λ, tests/test_user_loss.py).
+OTHERS = {"kbfgs": dict(lr=0.1), "seng": {}, "smw_ng": {}, "diag_ng": {}, "kron_psgd": {}, "shampoo": {}}
 
 
 class LSTMClassifier(nn.Module):
@@ -117,7 +119,8 @@ def logits(y, arch):
 
 def make(name, model, damping):
     config = asdl.PreconditioningConfig(damping=damping, curvature_upd_interval=2, preconditioner_upd_interval=2)
-    return fop_asdl.make_gradient_maker(name, model, config, **{**DAMPED, **OTHERS}.get(name, {}))
+    maker = "fop" if name == "fop_ekfac" else name
+    return fop_asdl.make_gradient_maker(maker, model, config, **{**DAMPED, **OTHERS}.get(name, {}))
 
 
 def check_steps(name, arch, damped_limit, steps=3, n=8):

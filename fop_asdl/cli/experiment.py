@@ -54,9 +54,9 @@ class ExperimentSettings:
     # --- the sweep ---
     methods: List[str] = field(default_factory=lambda: ["sgd", "adamw", "kfac", "fop"])
     """Methods to compare: sgd, adamw, kfac, fop, fngd, hylo, ASDL's other preconditioners smw_ng, seng,
-    diag_ng, kbfgs, kron_psgd (docs/methods/), and the baselines lars, lamb, soap, shampoo_grafted, muon,
-    adamw_schedulefree (docs/baselines.md; pip install ".[baselines]"), all through
-    fop_asdl.make_gradient_maker."""
+    diag_ng, kbfgs, kron_psgd, ekfac, fop_ekfac (FOP over EKFAC), shampoo (docs/methods/), and the baselines
+    lars, lamb, soap, shampoo_grafted, muon, adamw_schedulefree (docs/baselines.md; pip install
+    ".[baselines]"), all through fop_asdl.make_gradient_maker."""
     batch_sizes: List[int] = field(default_factory=lambda: [1000])
     """Global batch sizes (one table block and plot panel each); every batch must be >= 2."""
     search: str = "grid"
@@ -79,6 +79,11 @@ class ExperimentSettings:
             "diag_ng": {"lr": [0.03, 0.05]},
             "kbfgs": {"lr": [0.03, 0.05]},
             "kron_psgd": {"lr": [0.03, 0.05]},
+            # EKFAC, FOP over it, SGD-grafted Shampoo (docs/methods/): lr and damping (Shampoo's ε, about its
+            # statistics' scale), 4 trials as the baselines'; not tuned here
+            "ekfac": {"lr": [0.02, 0.03], "damping": [0.1, 1.0]},
+            "fop_ekfac": {"lr": [0.01, 0.02], "damping": [0.1, 1.0]},
+            "shampoo": {"lr": [0.03, 0.05], "damping": [0.0001, 0.001]},
             # The baselines: lr and one more hyperparameter, each [low, high] about its paper's value
             # (docs/baselines.md): a Halton range, or the 4 corners of a grid.
             "lars": {"lr": [1.0, 10.0], "weight_decay": [1e-5, 1e-3]},
@@ -91,8 +96,9 @@ class ExperimentSettings:
     )
     """Per method, its searched hyperparameters -> grid values, or [low, high] for halton: lr (the base lr
     at base_batch, required) and any other it reads (weight_decay; momentum for sgd, kfac, fop, fngd,
-    hylo, lars, shampoo_grafted, muon; damping and ema_decay for kfac and fop; others_lr for muon). The
-    others keep their config values. lr_grid: {m: [..]} (older configs) is read as {m: {lr: [..]}}."""
+    hylo, lars, shampoo_grafted, muon; damping and ema_decay for kfac, fop and the other makers that read
+    them; others_lr for muon). The others keep their config values. lr_grid: {m: [..]} (older configs) is
+    read as {m: {lr: [..]}}."""
     seeds: List[int] = field(default_factory=lambda: [0, 1])
     """Seeds; the first picks each method's point of its search, the others repeat the run at that point."""
 
@@ -137,7 +143,7 @@ class ExperimentSettings:
 
     # --- curvature (kfac, fop) ---
     damping: float = 1.0
-    """Damping of the curvature (asdl.PreconditioningConfig.damping)."""
+    """Damping of the curvature (asdl.PreconditioningConfig.damping; Shampoo's ε, its roots of L + εI)."""
     ema_decay: float = 0.05
     """EMA decay of the curvature factors (asdl.PreconditioningConfig.ema_decay)."""
     fngd_alpha: float = 0.1

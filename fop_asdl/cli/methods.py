@@ -257,6 +257,21 @@ METHODS: Dict[str, MethodSpec] = _table(
     # Its preconditioner fits itself (precond_lr); the search varies the lr of the step.
     MethodSpec(name="kron_psgd", label="Kronecker PSGD + SGD momentum", optimizer=SGD_MOMENTUM,
                maker="kron_psgd", preconditioning=True),
+    # EKFAC (docs/methods/ekfac.md): K-FAC's factors, eigenbases refreshed and rescaling re-estimated at the
+    # run's interval; its damping is added to s, so it is less damped than K-FAC at the same value.
+    MethodSpec(name="ekfac", label="EKFAC + SGD momentum", optimizer=SGD_MOMENTUM, maker="ekfac",
+               preconditioning=True, maker_hyperparameters=(DAMPING, EMA_DECAY), takes_kl_clip=True,
+               takes_ema_bias_correction=True, takes_others_optimizer=True),
+    MethodSpec(name="fop_ekfac", label="FOP over EKFAC + SGD momentum", optimizer=SGD_MOMENTUM, maker="fop",
+               preconditioning=True, maker_hyperparameters=(DAMPING, EMA_DECAY),
+               options=lambda run: {"curvature": "ekfac"}, takes_kl_clip=True, takes_ema_bias_correction=True,
+               takes_others_optimizer=True, block_stats=True),
+    # Shampoo (docs/methods/shampoo.md): damping is its ε (roots of L + εI). Factors of at most 256×256 (ASDL's
+    # whole matrices take seconds per root step on a 3072-wide layer); grafted to SGD's step norm, so SGD's
+    # learning rates carry over (its own step's norm is unrelated to the gradient's). It refuses kl_clip.
+    MethodSpec(name="shampoo", label="Shampoo (SGD-grafted) + SGD momentum", optimizer=SGD_MOMENTUM,
+               maker="shampoo", preconditioning=True, maker_hyperparameters=(DAMPING, EMA_DECAY),
+               options=lambda run: {"block_size": 256, "grafting": "sgd"}),
     # The baselines (docs/baselines.md): optimizers on the plain mean gradient of the "sgd" maker.
     MethodSpec(name="lars", label="LARS", optimizer=LARS, maker="sgd", libraries=("pytorch_optimizer",)),
     MethodSpec(name="lamb", label="LAMB", optimizer=LAMB, maker="sgd", libraries=("pytorch_optimizer",)),

@@ -22,7 +22,7 @@ from ..engine.attention import attention_blocks
 from ..engine.capture import BlockCapture, Chunk
 from ..engine.chunks import summed_loss_backward
 from ..engine.loss import BatchCounts, loss_scale
-from ..engine.selection import ignoring_unsupported, shared_blocks
+from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_uses
 from ..engine.step import SteppedGradientMaker
 from ..engine.sub_batches import average_and_difference, half_sums
 from ..engine.trust_region import LearningRate, step_factor, validate_kl_clip
@@ -205,8 +205,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
 
     def _commit(self, plan: CurvaturePlan) -> None:
         if plan.update_curvature:  # every block was captured: a plain part beside its own means other uses
-            self._shared_blocks = [(name, m) for name, m in self._step_blocks if (name, m) in self._shared_blocks
-                                   or any(p.grad is not None for p in m.parameters())]
+            self._shared_blocks = with_other_uses(self._step_blocks, self._shared_blocks)
         commit_curvature(dict(self.named_modules_for_curvature), self._fisher_attr, plan.curvature,
                          self.config.ema_decay, self.do_accumulate, self.ema_bias_correction, self._ema_updates)
         if plan.curvature:

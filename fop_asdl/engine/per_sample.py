@@ -12,7 +12,7 @@ from .capture import Chunk
 from .selection import linear_conv_blocks
 from .step import SteppedGradientMaker
 
-__all__ = ["PerSampleStepMaker"]
+__all__ = ["PerSampleStepMaker", "once_per_pass"]
 
 
 class PerSampleStepMaker(SteppedGradientMaker):
@@ -29,13 +29,8 @@ class PerSampleStepMaker(SteppedGradientMaker):
         self._modules = dict(self.blocks)
 
     def _once_per_pass(self, starts: List[int], chunk: Chunk, module: nn.Module, needs: str) -> None:
-        """Record the chunk a per-sample block saw; refuse a block that runs twice in one forward pass (shared
-        weights), whose rows would mix two calls."""
-        if chunk.start in starts:
-            raise ValueError(f"fop_asdl: a {module.__class__.__name__} block ran more than once in one forward "
-                             f"pass; {self.method_label} needs {needs}. List it in "
-                             f"PreconditioningConfig.ignore_modules.")
-        starts.append(chunk.start)
+        """:func:`once_per_pass` with this method's label."""
+        once_per_pass(starts, chunk, module, self.method_label, needs)
 
     def _rank_state(self) -> Dict[str, Any]:
         """The head of a state that belongs to this rank: step, world size, rank."""
@@ -53,3 +48,13 @@ class PerSampleStepMaker(SteppedGradientMaker):
         unknown = set(saved) - set(known)
         if unknown:
             raise KeyError(f"state_dict has {what} for blocks this model does not have: {sorted(unknown)}")
+
+
+def once_per_pass(starts: List[int], chunk: Chunk, module: nn.Module, label: str, needs: str) -> None:
+    """Record the chunk a per-sample block saw; refuse a block that runs twice in one forward pass (shared
+    weights), whose rows would mix two calls. Also for a method on another base that reads per-sample rows
+    (EKFAC's rescaling)."""
+    if chunk.start in starts:
+        raise ValueError(f"fop_asdl: a {module.__class__.__name__} block ran more than once in one forward "
+                         f"pass; {label} needs {needs}. List it in PreconditioningConfig.ignore_modules.")
+    starts.append(chunk.start)

@@ -62,6 +62,13 @@ def shared_blocks(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]]) -> 
     return [(name, m) for name, m in blocks if any(holders.get(id(p), 0) > 1 for p in m.parameters(recurse=False))]
 
 
+def with_other_uses(blocks: Sequence[Tuple[str, nn.Module]], shared: Sequence[Tuple[str, nn.Module]]
+                    ) -> List[Tuple[str, nn.Module]]:
+    """``shared`` and the blocks with a plain gradient part after a step that captured every block: their
+    parameters have uses outside the block (a tied weight, one used functionally), so they stay captured."""
+    return [(name, m) for name, m in blocks if (name, m) in shared or any(p.grad is not None for p in m.parameters())]
+
+
 def supports_per_sample(module: nn.Module) -> bool:
     """Whether the per-sample math of FNGD (:mod:`fop_asdl.methods.fngd_math`) and HyLo (:mod:`fop_asdl.methods.hylo_math`) covers
     this layer: Linear, and Conv2d without groups, string padding or a non-zero padding mode."""

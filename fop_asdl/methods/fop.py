@@ -70,14 +70,13 @@ class FOPGradientMaker(CurvatureStepMaker):
                 continue  # not owned here, or the block took no part in the loss (autograd leaves None too)
             g_avg, g_diff = gradients.pop(name)
             matrix = getattr(module, attr, None)
-            if not has_inverse(matrix):  # no curvature yet for this block: plain gradient, as K-FAC does
+            if not self._has_curvature(name, matrix):  # none yet for this block: plain gradient, as K-FAC does
                 results[name] = (g_avg, None)
                 continue
             both = scaled(stacked(g_avg, g_diff), self.grad_scale)  # [g_avg, g_diff]
             del g_avg, g_diff
-            inv_both = apply_inverse(matrix, both)  # [F̃⁻¹g_avg, F̃⁻¹g_diff] in one product
-            metric_avg = apply_metric(matrix, _slice(both, 0),
-                                      self._metric_damping(module, matrix) if damped else None)
+            inv_both = self._inverse(name, matrix, both)  # [F̃⁻¹g_avg, F̃⁻¹g_diff] in one product
+            metric_avg = self._metric(name, module, matrix, _slice(both, 0), damped)
             with_metric = gram(both, metric_avg)  # ⟨g_a, M g_a⟩, ⟨g_d, M g_a⟩
             with_inverse = gram(both, inv_both)   # rows g_a, g_d; columns F̃⁻¹g_a, F̃⁻¹g_d
             scalars.append(torch.stack([with_metric[0, 0], with_metric[1, 0], with_inverse[0, 0],
@@ -98,6 +97,18 @@ class FOPGradientMaker(CurvatureStepMaker):
                 bias = None if inv_b is None else torch.addcmul(inv_b[0] * w_avg[i], inv_b[1], w_diff[i])
                 results[name] = ((weight, bias), stats[i])
         return results
+
+    # --- the curvature FOP works with: K-FAC's here, EKFAC's in fop_asdl.methods.fop_ekfac ---------------
+    def _has_curvature(self, name: str, matrix) -> bool:
+        return has_inverse(matrix)
+
+    def _inverse(self, name: str, matrix, vec: BlockVector) -> BlockVector:
+        """F̃⁻¹ v for a stack v."""
+        return apply_inverse(matrix, vec)
+
+    def _metric(self, name: str, module: nn.Module, matrix, vec: BlockVector, damped: bool) -> BlockVector:
+        """The projection's metric, F v or F̃ v."""
+        return apply_metric(matrix, vec, self._metric_damping(module, matrix) if damped else None)
 
     def _metric_damping(self, module: nn.Module, matrix) -> Tuple[Union[float, Tensor], Union[float, Tensor]]:
         """(d_A, d_B) of the damped metric (device tensors for Kron blocks: no host sync), cached until the
