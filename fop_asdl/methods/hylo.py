@@ -259,7 +259,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         loss's normalizer ``n``."""
         names = [name for name, _ in self.blocks if name in records]
         if self._sync.world_size > 1 and (names or self._step_plan.refresh):
-            captured = self.blocks if self._step_plan.refresh else self._shared_blocks
+            captured = self._captured_blocks(self._step_plan)
             if len(names) != len(captured):
                 missing = sorted({name for name, _ in captured} - set(names))
                 raise ValueError(f"fop_asdl: blocks {missing} took no part in the loss on rank {self._sync.rank}; "
