@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, List, Optional
 
 import asdl
 import asdl.operations.operation as _asdl_operation
@@ -18,7 +18,8 @@ import asdl.utils as _asdl_utils
 import torch
 from torch import nn
 
-__all__ = ["full_precision", "kept_requires_grad", "quiet_asdl_hooks"]
+__all__ = ["LOW_PRECISION", "compute_dtype", "factor_precision", "full_precision", "kept_requires_grad",
+           "quiet_asdl_hooks"]
 
 # --- Fix 1: NVTX ----------------------------------------------------------------------------------
 # On a CPU-only PyTorch build torch.cuda.nvtx.range raises "NVTX functions not installed", and ASDL
@@ -79,11 +80,21 @@ def _patch_swift_factors() -> None:
 _patch_swift_factors()
 
 
-# --- Fix 2b: curvature under autocast ---------------------------------------------------------------
+# --- Fix 2b: curvature under autocast and with low-precision weights --------------------------------
 # Under torch.autocast ASDL's hooks see bf16/fp16 activations and output gradients, and autocast (which
 # stays on in CPU backward hooks) turns their factor products into half-precision matmuls: factors and
-# inverses would lose their precision. The hooks run in the parameters' precision instead.
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# inverses would lose their precision. With bf16/fp16 weights the hooks see half-precision tensors anyway,
+# and torch has no half-precision Cholesky. The hooks run in the factor dtype instead: the maker's
+# ``factor_dtype`` inside :func:`factor_precision`, else the parameters' (float32 for bf16/fp16 weights).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: The factor dtype of the ASDL pass running now. A module global, not a ContextVar: on a GPU, autograd runs
+#: the backward hooks in its own device threads, which see no context of the caller.
+_factor_dtype: List[Optional[torch.dtype]] = [None]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a parameter's sums and curvature are computed in: float32 for bf16/fp16, else its own dtype."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 @contextlib.contextmanager
@@ -91,6 +102,16 @@ def full_precision(device_type: str):
     """Autocast off for the block: curvature, inverses and the FOP scalars stay in the parameters' dtype."""
     with torch.autocast(device_type, enabled=False):
         yield
+
+
+@contextlib.contextmanager
+def factor_precision(dtype: torch.dtype) -> Iterator[None]:
+    """ASDL's curvature hooks compute their factors in ``dtype`` during the block."""
+    saved, _factor_dtype[0] = _factor_dtype[0], dtype
+    try:
+        yield
+    finally:
+        _factor_dtype[0] = saved
 
 
 def _patch_hooks_precision() -> None:
@@ -101,10 +122,10 @@ def _patch_hooks_precision() -> None:
             continue
 
         def in_full_precision(self, tensor, *args, _original=original, **kwargs):
-            dtype = self._module.weight.dtype if getattr(self._module, "weight", None) is not None else torch.float32
-            args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype in _LOW_PRECISION else a
-                         for a in args)
-            if tensor.dtype in _LOW_PRECISION:
+            weight = getattr(self._module, "weight", None)
+            dtype = _factor_dtype[0] or compute_dtype(tensor.dtype if weight is None else weight.dtype)
+            args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+            if tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             with full_precision(tensor.device.type):
                 return _original(self, tensor, *args, **kwargs)

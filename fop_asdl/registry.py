@@ -52,7 +52,9 @@ def make_gradient_maker(name: str, model: nn.Module, config: Optional[asdl.Preco
     which needs ``iters_per_epoch``; HyLo: :class:`HyLoGradientMaker`; K-FAC: ``asdl.KfacGradientMaker``'s, on
     the shared step as :class:`ScalableKfacGradientMaker`). All of them take ``micro_batch_size`` (gradient
     accumulation inside one step) and ``grad_scaler`` (fp16), and run sharded when ``torch.distributed`` is
-    initialised with several ranks; SGD then all-reduces its gradients once per step.
+    initialised with several ranks; SGD then all-reduces its gradients once per step. bf16/fp16 weights work
+    with every method but "kbfgs" (float32 internals, ``p.grad`` in the weights' dtype); "kfac", "fop", "fngd"
+    and "hylo" take ``factor_dtype`` and ``inverse_dtype``.
     """
     try:
         build = GRADIENT_MAKERS[name]

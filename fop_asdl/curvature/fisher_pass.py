@@ -2,8 +2,9 @@
 
 On a curvature step every micro-batch runs ASDL's ``FisherMaker`` pass (its forward, its Monte-Carlo or exact
 Fisher backward passes and the loss's backward), with three changes: the curvature is summed over the
-chunk's samples (``data_size=1``) and written into fresh matrices that add up over chunks (the stored
-curvature stays untouched until the step is known to be finite: :func:`fresh_curvature`); the loss ASDL
+chunk's samples (``data_size=1``), in the maker's factor dtype, and written into fresh matrices that add up
+over chunks (the stored curvature stays untouched until the step is known to be finite:
+:func:`fresh_curvature`); the loss ASDL
 backpropagates is the summed (and GradScaler-scaled) loss the step's sums need; and the block capture is
 off during the Fisher backward passes, which are not the loss's gradient. Nothing here reads the device:
 non-finite logits reach the step's one fused check (:func:`finite_sampling`).
@@ -20,7 +21,7 @@ from asdl.grad_maker import DummyObject, GetFirstItem
 from asdl.symmatrix import SymMatrix
 from torch import Tensor
 
-from ..compat import kept_requires_grad, quiet_asdl_hooks
+from ..compat import factor_precision, kept_requires_grad, quiet_asdl_hooks
 from ..engine.capture import BlockCapture
 from ..engine.chunks import as_sum
 
@@ -86,7 +87,7 @@ def curvature_chunk(maker: Any, capture: BlockCapture, first: bool) -> None:
     scale = maker.scale * (maker.config.ema_decay if maker.do_accumulate else 1.0)
     user_logits, maker._dummy_logits = maker._dummy_logits, fisher_logits(maker)
     try:
-        with kept_requires_grad(maker.model), quiet_asdl_hooks():
+        with kept_requires_grad(maker.model), quiet_asdl_hooks(), factor_precision(maker.precision.factor):
             maker.delegate_forward_and_backward(fisher_maker, data_size=1, scale=scale, accumulate=not first,
                                                 calc_loss_grad=True, calc_inv=False)
     finally:

@@ -10,6 +10,9 @@ ASDL's ``update_inv`` reads the device about 7 times per block (its π tests, it
 Cholesky error checks), and checking the result read it once more: on a GPU, a pipeline stall each. The
 same operations run here (bit for bit the same inverses) with every decision kept on the device, and one
 host read per inverse update tells which blocks need the fallback (:func:`invert_all`).
+
+The inverses are taken in the maker's ``inverse_dtype`` (:mod:`fop_asdl.engine.precision`); factors in
+another dtype are cast once per inversion (a copy only then), the stored factors stay as they are.
 """
 from __future__ import annotations
 
@@ -45,15 +48,15 @@ def kron_damping(kron: Kron, damping: float, eps: float = 1e-7) -> tuple[float, 
     return d_a, d_b
 
 
-def _floored_inverse(mat: torch.Tensor, damping: Damping) -> torch.Tensor:
-    """Inverse of ``mat + damping I`` (batched) with eigenvalues floored to stay positive."""
+def _floored_inverse(mat: torch.Tensor, damping: Damping, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``mat + damping I`` (batched) in ``dtype`` with eigenvalues floored to stay positive."""
     sym = 0.5 * (mat + mat.transpose(-1, -2)).double()
     eigvals, eigvecs = torch.linalg.eigh(sym)
     eigvals = eigvals + damping
     floor = torch.clamp(eigvals.abs().amax(dim=-1, keepdim=True) * 1e-6, min=max(damping, 1e-12))
     eigvals = torch.maximum(eigvals, floor)
     inv = (eigvecs / eigvals.unsqueeze(-2)) @ eigvecs.transpose(-1, -2)
-    return inv.to(mat.dtype)
+    return inv.to(dtype)
 
 
 def _gram(mat: torch.Tensor) -> torch.Tensor:
@@ -94,10 +97,11 @@ def _asdl_damping(kron: Kron, damping: float, eps: float = 1e-7) -> Tuple[Dampin
             torch.where(usable, torch.clamp(r / pi, min=eps), fixed))
 
 
-def _factor_inverse(factor: Tensor, damping: Damping) -> Tuple[Tensor, Tensor]:
-    """(inverse of factor + damping I, whether it is usable): ``asdl.utils.cholesky_inv`` (square) or
-    ``smw_inv`` (SKFAC) with the ``_ex`` solvers, whose error codes stay on the device. ASDL skips an
-    all-zero factor; it is marked unusable here, which gives it the fallback it got before."""
+def _factor_inverse(factor: Tensor, damping: Damping, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(inverse of factor + damping I in ``dtype``, whether it is usable): ``asdl.utils.cholesky_inv``
+    (square) or ``smw_inv`` (SKFAC) with the ``_ex`` solvers, whose error codes stay on the device. ASDL skips
+    an all-zero factor; it is marked unusable here, which gives it the fallback it got before."""
+    factor = factor.to(dtype)  # a copy only for another dtype; the damping below is undone on it either way
     ok = ~torch.all(factor == 0)
     if factor.shape[0] == factor.shape[1]:
         diag = torch.diagonal(factor)
@@ -110,7 +114,7 @@ def _factor_inverse(factor: Tensor, damping: Damping) -> Tuple[Tensor, Tensor]:
             return torch.zeros_like(factor), torch.zeros_like(ok)
     else:
         n, d = factor.shape
-        eye = torch.eye(d, device=factor.device)
+        eye = torch.eye(d, dtype=dtype, device=factor.device)
         gram = factor @ factor.T
         diag = torch.diagonal(gram)
         diag += damping * n
@@ -119,10 +123,10 @@ def _factor_inverse(factor: Tensor, damping: Damping) -> Tuple[Tensor, Tensor]:
     return inverse, ok & (info == 0) & torch.isfinite(inverse).all()
 
 
-def _unit_inverse(unit: UnitWise, damping: float) -> Tensor:
-    """``asdl.UnitWise.update_inv`` with ``linalg.inv_ex``; whether the inverse is usable. ASDL's unit-wise
-    inverse does not fail on an indefinite 2×2 block, so positive definiteness is checked too."""
-    data = unit.data
+def _unit_inverse(unit: UnitWise, damping: float, dtype: torch.dtype) -> Tensor:
+    """``asdl.UnitWise.update_inv`` with ``linalg.inv_ex``, in ``dtype``; whether the inverse is usable.
+    ASDL's unit-wise inverse does not fail on an indefinite 2×2 block, so definiteness is checked too."""
+    data = unit.data.to(dtype)
     ok = ~torch.all(data == 0)
     diag = torch.diagonal(data, dim1=1, dim2=2)
     diag += damping
@@ -132,26 +136,26 @@ def _unit_inverse(unit: UnitWise, damping: float) -> Tensor:
     return ok & definite.all() & torch.isfinite(unit.inv).all()
 
 
-def _asdl_inverses(matrix: SymMatrix, damping: float) -> Tensor:
-    """``matrix.update_inv(damping)``'s inverses, bit for bit, without a host sync; whether they are
-    usable, as a 0-d device tensor."""
+def _asdl_inverses(matrix: SymMatrix, damping: float, dtype: torch.dtype) -> Tensor:
+    """``matrix.update_inv(damping)``'s inverses (bit for bit in the factors' dtype) in ``dtype``, without a
+    host sync; whether they are usable, as a 0-d device tensor."""
     checks = []
     if matrix.has_kron:
         kron = matrix.kron
         if not kron.has_data:
             raise ValueError("data do not exist.")
         damping_a, damping_b = _asdl_damping(kron, damping)
-        kron.A_inv, ok_a = _factor_inverse(kron.A, damping_a)
-        kron.B_inv, ok_b = _factor_inverse(kron.B, damping_b)
+        kron.A_inv, ok_a = _factor_inverse(kron.A, damping_a, dtype)
+        kron.B_inv, ok_b = _factor_inverse(kron.B, damping_b, dtype)
         checks += [ok_a, ok_b]
     if matrix.has_unit:
-        checks.append(_unit_inverse(matrix.unit, damping))
+        checks.append(_unit_inverse(matrix.unit, damping, dtype))
     if not checks:
         raise ValueError("fop_asdl inverts Kronecker-factored and unit-wise curvature only.")
     return torch.stack(checks).all()
 
 
-def _fall_back(matrix: SymMatrix, damping: float, name: str, warned: set) -> None:
+def _fall_back(matrix: SymMatrix, damping: float, name: str, warned: set, dtype: torch.dtype) -> None:
     """The eigenvalue-floored inverses of a block whose damped curvature is not positive definite."""
     if name not in warned:
         warned.add(name)
@@ -160,31 +164,33 @@ def _fall_back(matrix: SymMatrix, damping: float, name: str, warned: set) -> Non
     if matrix.has_kron:
         kron = matrix.kron
         damping_a, damping_b = kron_damping(kron, damping)
-        kron.A_inv = _floored_inverse(_gram(kron.A), damping_a)
-        kron.B_inv = _floored_inverse(_gram(kron.B), damping_b)
+        kron.A_inv = _floored_inverse(_gram(kron.A), damping_a, dtype)
+        kron.B_inv = _floored_inverse(_gram(kron.B), damping_b, dtype)
     if matrix.has_unit:
-        matrix.unit.inv = _floored_inverse(matrix.unit.data, damping)
+        matrix.unit.inv = _floored_inverse(matrix.unit.data, damping, dtype)
 
 
-def invert_all(named_matrices: Iterable[Tuple[str, SymMatrix]], damping: float, warned: set) -> None:
-    """Every (name, matrix)'s inverses as ``update_inv(damping)`` builds them, with an eigenvalue-floor
-    fallback (warning once per block, ``warned`` holds the names). One host read for all blocks; the
-    factors come out bit-identical (:func:`_diagonals_kept`)."""
+def invert_all(named_matrices: Iterable[Tuple[str, SymMatrix]], damping: float, warned: set,
+               dtype: torch.dtype) -> None:
+    """Every (name, matrix)'s inverses as ``update_inv(damping)`` builds them, in ``dtype``, with an
+    eigenvalue-floor fallback (warning once per block, ``warned`` holds the names). One host read for all
+    blocks; the factors come out bit-identical (:func:`_diagonals_kept`)."""
     pending: List[Tuple[str, SymMatrix, Tensor]] = []
     for name, matrix in named_matrices:
         with _diagonals_kept(matrix):
-            pending.append((name, matrix, _asdl_inverses(matrix, damping)))
+            pending.append((name, matrix, _asdl_inverses(matrix, damping, dtype)))
     if not pending:
         return
     usable = torch.stack([flag for _, _, flag in pending]).tolist()  # the one host sync
     for (name, matrix, _), ok in zip(pending, usable):
         if not ok:
-            _fall_back(matrix, damping, name, warned)
+            _fall_back(matrix, damping, name, warned, dtype)
 
 
 def robust_update_inv(matrix: SymMatrix, damping: float, name: str, warned: set) -> None:
-    """One block's :func:`invert_all`."""
-    invert_all([(name, matrix)], damping, warned)
+    """One block's :func:`invert_all`, in its factors' dtype."""
+    dtype = (matrix.kron.A if matrix.has_kron else matrix.unit.data).dtype
+    invert_all([(name, matrix)], damping, warned, dtype)
 
 
 def drop_inverses(named_matrices: Iterable) -> List[str]:
@@ -202,6 +208,6 @@ def drop_inverses(named_matrices: Iterable) -> List[str]:
     return dropped
 
 
-def rebuild_inverses(matrices: Dict[str, SymMatrix], damping: float, warned: set) -> None:
+def rebuild_inverses(matrices: Dict[str, SymMatrix], damping: float, warned: set, dtype: torch.dtype) -> None:
     """The inverses of ``matrices`` (by block name) again, as :func:`invert_all` built them."""
-    invert_all(matrices.items(), damping, warned)
+    invert_all(matrices.items(), damping, warned, dtype)

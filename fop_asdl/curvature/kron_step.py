@@ -21,12 +21,13 @@ from ..distributed.sync import HalfSums
 from ..engine.attention import attention_blocks
 from ..engine.capture import BlockCapture, Chunk
 from ..engine.chunks import summed_loss_backward
+from ..engine.coverage import kron_description
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_uses
 from ..engine.step import SteppedGradientMaker
 from ..engine.sub_batches import average_and_difference, half_sums
 from ..engine.trust_region import LearningRate, step_factor, validate_kl_clip
-from ..engine.vectors import BlockVector, add, divided, flat_block, scaled, write_block
+from ..engine.vectors import BlockVector, add, cast, divided, flat_block, scaled, write_block
 from .asdl_kfac import UNSET, KfacGradientMaker
 from .ema import commit_curvature, scale_curvature
 from .fisher_pass import curvature_chunk, fresh_curvature, unscale_empirical
@@ -75,9 +76,12 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             of its scale (0.05 A and 0.05 B after the first at ``ema_decay`` d = 0.05). True divides every
             factor by that, as Adam does, so the first steps are preconditioned by the curvature itself. The
             count k of each block is kept in ``state_dict()``. Measured harmful at low damping (docs/results.md).
+        factor_dtype, inverse_dtype: the dtypes of the Kronecker and unit-wise factors and of the inverses,
+            which the method's products and scalars use too (float32 or float64; None: the parameters',
+            float32 for bf16/fp16 weights, and ``factor_dtype``'s). kfac-pytorch's names.
 
-    Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its
-    inverses and the per-sub-batch gradients are computed in the parameters' precision.
+    Under ``torch.autocast`` the passes run in bf16/fp16, the curvature, inverses and per-sub-batch sums in
+    the parameters' precision; bf16/fp16 weights get all of them in float32 (:mod:`fop_asdl.engine.precision`).
 
     After each step ``last_stats[block name]`` holds the method's per-block stats (``stat_keys``) as 0-d
     device tensors, and with kl_clip ``last_nu`` holds ν (the same on every rank).
@@ -95,7 +99,8 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
                  seed: Optional[int] = None, swift: bool = False, micro_batch_size: Optional[int] = None,
                  sub_batches: str = "auto", grad_scaler: Optional[torch.amp.GradScaler] = None,
                  kl_clip: Optional[float] = None, lr: Optional[LearningRate] = None,
-                 ema_bias_correction: bool = False):
+                 ema_bias_correction: bool = False, factor_dtype: Optional[torch.dtype] = None,
+                 inverse_dtype: Optional[torch.dtype] = None):
         self.kl_clip, self._lr = validate_kl_clip(kl_clip, lr)
         self.ema_bias_correction = bool(ema_bias_correction)
         self._ema_updates: Dict[str, int] = {}  # per block: EMA updates committed so far
@@ -107,8 +112,10 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.engine.attention)
             config = ignoring_unsupported(model, config, self.method_label)
             super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
-                             grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift)
-        self._sync = make_sync(model, self.named_modules_for_curvature, sub_batches, self.two_gradients)
+                             grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift,
+                             factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+        self._sync = make_sync(model, self.named_modules_for_curvature, sub_batches, self.two_gradients,
+                               dtype=self.precision.widest)
         if swift and (self.micro_batch_size is not None or self._sync.world_size > 1):
             raise ValueError("swift=True (SKFAC) keeps per-sample factor matrices that cannot be summed over "
                              "micro-batches or ranks; use swift=False with micro_batch_size or torch.distributed.")
@@ -130,14 +137,14 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
 
     @property
     def autograd_records(self) -> bool:  # type: ignore[override]
-        """K-FAC needs only each block's whole-batch gradient, which autograd forms anyway."""
-        return not self.two_gradients
+        """K-FAC needs only each block's whole-batch gradient, which autograd forms anyway; in bf16/fp16 for
+        such weights, so those blocks are captured and summed in float32."""
+        return not self.two_gradients and not self.precision.low
 
     def _captured_blocks(self, plan: CurvaturePlan) -> Sequence[Tuple[str, nn.Module]]:
-        """FOP: every block (its two halves). K-FAC: every block on curvature steps, where a block found to
-        have uses outside it (a plain gradient beside its own: a tied weight, also one used functionally)
-        is remembered; on plain steps only those, the others' sums come from autograd."""
-        if self.two_gradients or plan.update_curvature:
+        """FOP, curvature steps and bf16/fp16 weights: every block. K-FAC's plain steps: the blocks known to
+        have other uses (:func:`~fop_asdl.engine.selection.with_other_uses`); autograd's sums for the rest."""
+        if self.two_gradients or plan.update_curvature or not self.autograd_records:
             return self._step_blocks
         return self._shared_blocks
 
@@ -145,14 +152,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         return [(module.weight.grad, None if module.bias is None else module.bias.grad), None]
 
     def _describe_block(self, name: str, module: nn.Module) -> str:
-        matrix = getattr(module, self._fisher_attr, None)
-        kron, unit = getattr(matrix, "kron", None), getattr(matrix, "unit", None)
-        kind = module.__class__.__name__
-        if kron is not None and kron.A is not None and kron.B is not None:
-            return f"{self.method_label}, {kind}: Kronecker factors A {tuple(kron.A.shape)}, B {tuple(kron.B.shape)}"
-        if unit is not None:
-            return f"{self.method_label}, {kind}: unit-wise 2x2 per channel"
-        return f"{self.method_label}, {kind}: its curvature forms on the first curvature step"
+        return kron_description(self.method_label, module, getattr(module, self._fisher_attr, None))
 
     def _min_local_batch(self) -> Tuple[int, str]:
         if self.two_gradients and self._sync.splits_locally:
@@ -219,7 +219,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
     def _roll_back(self, plan: CurvaturePlan) -> None:
         modules = dict(self.named_modules_for_curvature)
         rebuild_inverses({name: getattr(modules[name], self._fisher_attr) for name in plan.dropped},
-                         self.config.damping, self._fallback_warned)
+                         self.config.damping, self._fallback_warned, self.precision.inverse)
         plan.dropped = []
 
     def _write_results(self, results: Dict[str, Tuple[BlockVector, Optional[Tensor]]]) -> None:
@@ -245,12 +245,14 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
     def _block_gradients(self, sums: Dict[str, HalfSums], n1, n2) -> BlockGradients:
         """(g_avg, g_diff) per owned block (g_diff None for K-FAC) from the sums over B1 and B2 divided by
         their weights ``n1``, ``n2`` (:meth:`BatchCounts.weights`), as (weight, bias) pairs without the
-        stacking dimension, Conv2d weights flattened to the (out, in·kh·kw) matrix ASDL's Kron acts on."""
+        stacking dimension, Conv2d weights flattened to the (out, in·kh·kw) matrix ASDL's Kron acts on, in the
+        dtype the inverses are applied in."""
         shapes = self._block_shapes()
+        dtype = self.precision.inverse
         out = {}
         while sums:  # consume the sums: each block holds two copies of its gradient, not four
             name, (sum1, sum2) = sums.popitem()
-            sum1, sum2 = (flat_block(s, shapes[name]) for s in (sum1, sum2))
+            sum1, sum2 = (None if s is None else cast(flat_block(s, shapes[name]), dtype) for s in (sum1, sum2))
             if not self.two_gradients:
                 total = add(sum1, sum2)
                 out[name] = (divided(total, n1 + n2), None)

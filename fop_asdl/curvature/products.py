@@ -14,7 +14,7 @@ import torch
 from asdl.symmatrix import SymMatrix
 from torch import Tensor
 
-from ..engine.vectors import BlockVector
+from ..engine.vectors import BlockVector, cast
 
 __all__ = ["apply_inverse", "apply_metric", "gram", "matrix_tensors", "has_inverse"]
 
@@ -53,7 +53,14 @@ def apply_inverse(matrix: SymMatrix, vec: BlockVector) -> BlockVector:
 def apply_metric(matrix: SymMatrix, vec: BlockVector,
                  damping: Optional[Tuple[Union[float, Tensor], Union[float, Tensor]]] = None) -> BlockVector:
     """F v with the stored curvature; with ``damping`` = (d_A, d_B) (Kron) or (λ, λ) (unit-wise) it is
-    the damped F̃ = (B + d_B I) ⊗ (A + d_A I) whose inverse ASDL builds."""
+    the damped F̃ = (B + d_B I) ⊗ (A + d_A I) whose inverse ASDL builds. Formed in the factors' dtype, returned
+    in ``vec``'s (which is the inverses', :mod:`fop_asdl.engine.precision`)."""
+    dtype = vec[0].dtype
+    return cast(_metric(matrix, cast(vec, matrix_tensors(matrix)[0].dtype), damping), dtype)
+
+
+def _metric(matrix: SymMatrix, vec: BlockVector,
+            damping: Optional[Tuple[Union[float, Tensor], Union[float, Tensor]]]) -> BlockVector:
     d_a, d_b = damping if damping is not None else (0.0, 0.0)
     if matrix.has_kron:
         kron = matrix.kron

@@ -24,8 +24,12 @@ def curvature_to_dict(matrix: SymMatrix) -> Dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-def curvature_from_dict(tensors: Dict[str, torch.Tensor], device: torch.device) -> SymMatrix:
-    get = {k: v.to(device).clone() for k, v in tensors.items()}
+def curvature_from_dict(tensors: Dict[str, torch.Tensor], device: torch.device, factor_dtype: torch.dtype,
+                        inverse_dtype: torch.dtype) -> SymMatrix:
+    """The matrix of :func:`curvature_to_dict`'s tensors, its factors in ``factor_dtype`` and its inverses in
+    ``inverse_dtype`` (the loading maker's: a state saved with another precision resumes in this one's)."""
+    get = {k: v.to(device, inverse_dtype if k.endswith("inv") else factor_dtype).clone()
+           for k, v in tensors.items() if k.startswith(("kron.", "unit."))}
     kron = unit = None
     if any(k.startswith("kron.") for k in get):
         kron = Kron(get.get("kron.A"), get.get("kron.B"), get.get("kron.A_inv"), get.get("kron.B_inv"))

@@ -7,6 +7,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..compat import compute_dtype
+
 from .assignment import assign_owners, block_cost
 from .comm import CollectiveError, Communicator
 from .sharded import ShardedSync, resolve_sub_batches
@@ -17,12 +19,17 @@ __all__ = ["assign_owners", "block_cost", "CollectiveError", "Communicator", "Lo
 
 
 def make_sync(model: nn.Module, named_modules: Sequence[Tuple[str, nn.Module]], sub_batches: str,
-              two_gradients: bool, costs: Optional[Dict[str, float]] = None) -> LocalSync:
+              two_gradients: bool, costs: Optional[Dict[str, float]] = None,
+              dtype: Optional[torch.dtype] = None) -> LocalSync:
     """The sharded sync (:mod:`fop_asdl.distributed`) when ``torch.distributed`` runs several ranks, else
-    the local one; ``costs`` (by block name) balance the owners where K-FAC's cost model does not fit."""
+    the local one; ``costs`` (by block name) balance the owners where K-FAC's cost model does not fit.
+    Its buffers are in ``dtype``, by default the parameters' (float32 for bf16/fp16: counts and sums in 8
+    bits would not be exact)."""
     if sub_batches not in ("auto", "ranks", "halves"):
         raise ValueError(f"sub_batches must be 'auto', 'ranks' or 'halves', got {sub_batches!r}.")
     if not several_ranks():
         return LocalSync()
-    dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.get_default_dtype())
+    if dtype is None:
+        dtype = compute_dtype(next((p.dtype for p in model.parameters() if p.requires_grad),
+                                   torch.get_default_dtype()))
     return ShardedSync(named_modules, sub_batches, two_gradients, dtype, costs)

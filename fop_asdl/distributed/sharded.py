@@ -49,7 +49,7 @@ class ShardedSync(LocalSync):
             [(name, costs[name] if costs is not None else block_cost(m)) for name, m in named_modules],
                                                         self.world_size)
         self._blocks = [name for name, _ in named_modules]
-        self._dtype = dtype  # every buffer is in the parameters' dtype, so all ranks agree on sizes
+        self._dtype = dtype  # every buffer is in one dtype (make_sync's), so all ranks agree on sizes
         # "ranks": each rank holds a share of g1 (even ranks) or of g2 (odd ranks), never both, so the two
         # sums are formed inside the parity groups and only the other group's sum travels to the owner.
         self._by_parity = two_gradients and self.sub_batches == "ranks"

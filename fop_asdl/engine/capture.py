@@ -4,8 +4,9 @@ While the capture is active, the parameters of each block stop requiring grad du
 forward call, so autograd computes only the gradient that flows to the block's input and skips the
 weight-gradient GEMM. When the gradient at a block's output arrives, the capture calls the method's
 ``accumulate(module, x, grad_out, chunk, previous)`` with the block input, that gradient (both in the
-parameters' dtype, autocast off) and the chunk the rows belong to; what it returns is kept per module and
-passed back as ``previous`` for the next chunk (micro-batches) or call (shared weights) of that module.
+parameters' dtype, float32 for bf16/fp16 weights, autocast off) and the chunk the rows belong to; what it
+returns is kept per module and passed back as ``previous`` for the next chunk (micro-batches) or call
+(shared weights) of that module.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ..compat import compute_dtype
 
 __all__ = ["Accumulate", "BlockCapture", "Chunk"]
 
@@ -130,7 +133,8 @@ class BlockCapture:
                                f"place after the layer used it; the gradient maker needs it intact for the "
                                f"layer's gradient. Make that operation out of place (e.g. relu without "
                                f"inplace=True).")
-        dtype = module.weight.dtype  # under autocast x and grad_out are bf16/fp16; the records are not
+        # under autocast, or with bf16/fp16 weights, x and grad_out are bf16/fp16; the records are not
+        dtype = compute_dtype(module.weight.dtype)
         x, grad_out = x.to(dtype), grad_out.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             self._records[module] = self.accumulate(module, x, grad_out, chunk, self._records.get(module))

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..compat import LOW_PRECISION
+
 __all__ = ["PER_CLASS_ARGUMENTS", "chunk_bounds", "loss_arguments", "rows_per_sample", "sliced_calls", "summed_loss", "summed_loss_backward", "as_sum", "user_loss", "concat_outputs",
            "detached", "validate_micro_batch_size"]
 
@@ -113,11 +115,29 @@ def summed_loss(maker: Any) -> Iterator[None]:
         kwargs.update(saved)
 
 
-def user_loss(maker: Any) -> Tensor:
-    """The user's loss call, with the user's own reduction, on ``maker``'s last model output, without
-    autograd (the chunk's normalizer is read off it)."""
-    with torch.no_grad():
-        return maker._call_loss_fn().detach()
+def user_loss(maker: Any, loss_sum: Tensor) -> Tuple[Tensor, Tensor]:
+    """(S_c, M_c), what a chunk's normaliser is read off: the user's loss call with the user's own reduction
+    on ``maker``'s last model output, without autograd, and the chunk's summed loss ``loss_sum``. A bf16/fp16
+    output is read in float32, as autocast computes losses, and S_c once more from it: in bf16 S_c / M_c is
+    off by up to 2⁻⁸ (a batch of 250 read as 249 samples)."""
+    output, widened = maker._model_output, []
+
+    def widen(tensor: Tensor) -> Tensor:
+        if tensor.dtype not in LOW_PRECISION:
+            return tensor
+        widened.append(tensor)
+        return tensor.float()
+
+    maker._model_output = _map_structure(output, widen)
+    try:
+        with torch.no_grad():
+            mean = maker._call_loss_fn().detach()
+            if widened:
+                with summed_loss(maker):
+                    loss_sum = maker._call_loss_fn().detach()
+    finally:
+        maker._model_output = output
+    return loss_sum, mean
 
 
 def _map_structure(output: Any, leaf: Callable[[Tensor], Any]) -> Any:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..engine.selection import user_ignores
 
-__all__ = ["Use", "ParameterCoverage", "Coverage", "model_coverage"]
+__all__ = ["Use", "ParameterCoverage", "Coverage", "model_coverage", "kron_description"]
 
 PRECONDITIONED, PLAIN, IGNORED, FROZEN = "preconditioned", "plain gradient", "ignored by the user", "frozen"
 
@@ -130,3 +130,15 @@ def _use(module_name: str, module: nn.Module, param: nn.Parameter, own: List[nn.
     if not all(p.requires_grad for p in own):
         return Use(module_name, PLAIN, f"{kind} partially frozen")
     return Use(module_name, PLAIN, f"{kind} {not_covered}")
+
+
+def kron_description(method: str, module: nn.Module, matrix: Any) -> str:
+    """How a Kronecker-curvature method (K-FAC, FOP) preconditions ``module``, whose ASDL matrix is
+    ``matrix`` (None before its first curvature step)."""
+    kron, unit = getattr(matrix, "kron", None), getattr(matrix, "unit", None)
+    kind = module.__class__.__name__
+    if kron is not None and kron.A is not None and kron.B is not None:
+        return f"{method}, {kind}: Kronecker factors A {tuple(kron.A.shape)}, B {tuple(kron.B.shape)}"
+    if unit is not None:
+        return f"{method}, {kind}: unit-wise 2x2 per channel"
+    return f"{method}, {kind}: its curvature forms on the first curvature step"

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .attention import attention_blocks
+from .precision import block_precision
 from .capture import Chunk
 from .selection import linear_conv_blocks
 from .step import SteppedGradientMaker
@@ -18,15 +19,18 @@ __all__ = ["PerSampleStepMaker", "once_per_pass"]
 class PerSampleStepMaker(SteppedGradientMaker):
     """A :class:`SteppedGradientMaker` over per-sample Linear and Conv2d blocks (``self.blocks``)."""
 
-    def _init_per_sample_step(self, model: nn.Module) -> None:
+    def _init_per_sample_step(self, model: nn.Module, factor_dtype: Optional[torch.dtype] = None,
+                              inverse_dtype: Optional[torch.dtype] = None) -> None:
         """After :meth:`_init_step` and ASDL's constructor: the device, the step counter, ``self.blocks`` (the
         per-sample Linear and Conv2d blocks, the attention projections among them:
-        :mod:`fop_asdl.engine.attention`) and ``self._modules``, the same by name."""
+        :mod:`fop_asdl.engine.attention`), ``self._modules``, the same by name, and ``self.precision``
+        (:mod:`fop_asdl.engine.precision`)."""
         self.device = next(model.parameters()).device
         self.state = {"step": 0}
         with attention_blocks(self, model):
             self.blocks = linear_conv_blocks(model, self.config.ignore_modules, self.method_label)
         self._modules = dict(self.blocks)
+        self.precision = block_precision(self.blocks, self.method_label, factor_dtype, inverse_dtype)
 
     def _once_per_pass(self, starts: List[int], chunk: Chunk, module: nn.Module, needs: str) -> None:
         """:func:`once_per_pass` with this method's label."""

@@ -48,6 +48,7 @@ from .chunks import (chunk_bounds, concat_outputs, detached, loss_arguments, row
 from ..compat import full_precision
 from ..distributed.sync import LocalSync
 from .loss import BatchCounts, LossNormalizer
+from .precision import check_grad_scaler
 from .setup import batch_size_of, eager_module, prepared_model
 
 __all__ = ["SteppedGradientMaker"]
@@ -69,6 +70,7 @@ class SteppedGradientMaker:
         """The preamble of every maker's constructor: micro-batches and the GradScaler checked and kept; the
         module to work on (:func:`~fop_asdl.engine.setup.prepared_model`) returned."""
         self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
+        check_grad_scaler(model, grad_scaler)
         self.grad_scaler = grad_scaler
         self.last_step_skipped = False
         return prepared_model(model)
@@ -258,7 +260,8 @@ class SteppedGradientMaker:
                 with sliced_calls(self, start, end, batch_size):
                     self._chunk_backward(capture, plan, index == 0)
                     loss = self._loss.detach()
-                    normalizer.add(loss, user_loss(self) if normalizer.needs_user_loss else None, end - start)
+                    pair = user_loss(self, loss) if normalizer.needs_user_loss else (loss, None)
+                    normalizer.add(*pair, end - start)
                 loss_sum = loss if loss_sum is None else loss_sum + loss
                 # A chunk's output must not keep its graph (and the block inputs the hooks hold) alive while
                 # the next chunks run: that would make memory grow with the batch, not the micro-batch.

@@ -11,8 +11,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BlockVector", "Shapes", "add", "divided", "flat_block", "numel", "scaled", "shapes_of", "stacked",
-           "write_block"]
+__all__ = ["BlockVector", "Shapes", "add", "cast", "divided", "flat_block", "numel", "scaled", "shapes_of",
+           "stacked", "write_block"]
 
 BlockVector = Tuple[Tensor, Optional[Tensor]]
 #: (weight shape, bias shape or None) of a block vector.
@@ -32,6 +32,11 @@ def scaled(vec: BlockVector, factor: Union[float, Tensor]) -> BlockVector:
     if not isinstance(factor, Tensor) and factor == 1:
         return vec
     return vec[0] * factor, None if vec[1] is None else vec[1] * factor
+
+
+def cast(vec: BlockVector, dtype: torch.dtype) -> BlockVector:
+    """vec in ``dtype`` (the very same tensors when it is in it already)."""
+    return vec[0].to(dtype), None if vec[1] is None else vec[1].to(dtype)
 
 
 def divided(vec: BlockVector, n: Union[float, Tensor]) -> BlockVector:
@@ -62,9 +67,9 @@ def numel(shapes: Shapes) -> int:
 def write_block(module: nn.Module, vec: BlockVector) -> None:
     """Add a block vector, in any shape of the same size, to the module's grads: the step starts from None,
     so a parameter gets the sum of its uses (a shared weight's other blocks, and its plain gradient from
-    uses outside blocks)."""
+    uses outside blocks). The vector is cast to the parameter's dtype (bf16 weights: computed in float32)."""
     for param, value in ((module.weight, vec[0]), (module.bias, vec[1])):
         if value is None:
             continue
-        value = value.reshape(param.shape)
+        value = value.reshape(param.shape).to(param.dtype)
         param.grad = value.contiguous() if param.grad is None else param.grad + value

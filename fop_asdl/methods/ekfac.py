@@ -143,7 +143,7 @@ class EkfacMixin:
             named = [(name, getattr(module, self._fisher_attr, None)) for name, module in
                      self.named_modules_for_curvature]
             invert_all([(name, matrix) for name, matrix in named if matrix is not None and not matrix.has_kron],
-                       self.config.damping, self._fallback_warned)
+                       self.config.damping, self._fallback_warned, self.precision.inverse)
 
     # --- EKFAC proper -----------------------------------------------------------------------------------
     def _next_factors(self, name: str, module: nn.Module, new: Any) -> Optional[Pair]:

@@ -68,6 +68,9 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         micro_batch_size: passes of at most this many samples; the Gram still spans the whole batch.
         grad_scaler: a ``torch.amp.GradScaler``: ``p.grad`` holds scaled results for ``scaler.step``, and a
             non-finite step is skipped (NaN in ``p.grad``, ``last_step_skipped``) instead of raising.
+        factor_dtype: the dtype of the Gram K (float32 or float64; None: the parameters', float32 for
+            bf16/fp16 weights, whose rows and sums are float32 too).
+        inverse_dtype: the dtype of the solve for w and of the bank (float32 or float64; None: ``factor_dtype``'s).
 
     A layer whose per-sample gradients all vanish (K = 0, so λ = 0 under "frobenius") gets w = 0: its d is 0
     whatever w is, and a zero in the bank cannot blow up a later epoch in which the layer is alive.
@@ -81,7 +84,8 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
                  coefficient_epochs: int = 1, scale_mode: str = "ngd", conv_gram: str = "auto",
                  coefficient_scope: str = "local", micro_batch_size: Optional[int] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None, kl_clip: Optional[float] = None,
-                 lr: Any = None):
+                 lr: Any = None, factor_dtype: Optional[torch.dtype] = None,
+                 inverse_dtype: Optional[torch.dtype] = None):
         if kl_clip is not None or lr is not None:  # lr is read only by kl_clip
             raise TypeError("FNGD does not take kl_clip: after its coefficient epochs it reuses stored weights, so "
                             "its step is not F̃⁻¹g for any F̃ of the batch and has no Fisher norm to bound; lower "
@@ -109,9 +113,9 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         self.iters_per_epoch, self.coefficient_epochs = iters_per_epoch, coefficient_epochs
         self.damping, self.damping_mode, self.scale_mode = float(damping), damping_mode, scale_mode
         self.conv_gram, self.coefficient_scope = conv_gram, coefficient_scope
-        self._init_per_sample_step(model)
+        self._init_per_sample_step(model, factor_dtype, inverse_dtype)
         self._names = {m: name for name, m in self.blocks}
-        self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
+        self._sync = make_sync(model, self.blocks, "auto", two_gradients=False, dtype=self.precision.widest)
         #: bank[block][b]: this rank's w of iteration b (its slice of the global batch in "global" scope).
         self.bank: Dict[str, Dict[int, Tensor]] = {name: {} for name, _ in self.blocks}
         self.last_coefficients: Dict[str, Dict[str, Tensor]] = {}
@@ -192,9 +196,11 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         names = list(owned if globally else data)
         sources = owned if globally else data
         weights: Dict[str, Tensor] = {}
+        factor, inverse = self.precision.factor, self.precision.inverse
         if names:
-            grams = torch.stack([self._gram(self._modules[name], *sources[name]) for name in names])
-            grams = grams / scale ** 2  # z carries the loss scale σ: K does σ², and λ must not
+            grams = torch.stack([self._gram(self._modules[name], *(t.to(factor) for t in sources[name]))
+                                 for name in names])
+            grams = grams.to(inverse) / scale ** 2  # z carries the loss scale σ: K does σ², and λ must not
             coef = fngd_math.fngd_coefficients(grams, self.damping, damping_mode=self.damping_mode,
                                          scale_mode=self.scale_mode, min_damping=torch.finfo(grams.dtype).tiny)
             dead = torch.linalg.matrix_norm(grams) == 0  # K = 0: u = 0, so d = 0 whatever w; store w = 0
@@ -207,7 +213,7 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
             m, rank = next(iter(data.values()))[0].shape[0], self._sync.rank
             shared = self._sync.share({name: ((w, None), None) for name, w in weights.items()},
                                       {name: (torch.Size([world * m]), None) for name, _ in self.blocks})
-            weights = {name: shared[name][0][0][rank * m:(rank + 1) * m].clone() for name in data}
+            weights = {name: shared[name][0][0][rank * m:(rank + 1) * m].to(inverse, copy=True) for name in data}
         return weights
 
     def _gram(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
@@ -219,7 +225,9 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
 
     @staticmethod
     def _weighted_sum(module: nn.Module, x: Tensor, z: Tensor, w: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Σ_m w_m u_m, in the rows' dtype (the sums'; w may be kept in a wider one)."""
         bias = module.bias is not None
+        w = w.to(x.dtype)
         if isinstance(module, nn.Conv2d):
             return fngd_math.conv2d_weighted_sum(x, z, w, module.weight.shape, module.stride, module.padding,
                                            module.dilation, bias=bias)
@@ -256,8 +264,9 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._check_rank_state(state_dict, "each rank's bank holds the coefficients of its own samples",
                                "coefficients", state_dict["bank"], self.bank)
-        self.bank = {name: {int(b): w.to(self.device).clone() for b, w in state_dict["bank"].get(name, {}).items()}
-                     for name in self.bank}
+        dtype = self.precision.inverse
+        self.bank = {name: {int(b): w.to(self.device, dtype, copy=True)
+                            for b, w in state_dict["bank"].get(name, {}).items()} for name in self.bank}
         self.state["step"] = int(state_dict["step"])
 
 

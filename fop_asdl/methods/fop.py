@@ -37,10 +37,11 @@ class FOPGradientMaker(CurvatureStepMaker):
         eps: guard for the denominators.
     and, positional or by name, those of every :class:`~fop_asdl.curvature.kron_step.CurvatureStepMaker`
     (documented there: ASDL's ``fisher_type`` ... ``swift``, and ``micro_batch_size``, ``sub_batches``,
-    ``grad_scaler``, ``kl_clip``, ``lr``, ``ema_bias_correction``).
+    ``grad_scaler``, ``kl_clip``, ``lr``, ``ema_bias_correction``, ``factor_dtype``, ``inverse_dtype``).
 
     Under ``torch.autocast`` the forward and backward passes run in bf16/fp16, while the curvature, its
-    inverses, the per-sub-batch gradients and the FOP scalars are computed in the parameters' precision.
+    inverses, the per-sub-batch gradients and the FOP scalars are computed in the parameters' precision;
+    with bf16/fp16 weights in float32 (``inverse_dtype``: the scalars are formed with the inverses).
 
     After each step ``last_stats[block name]`` holds the block's s, β, η, A, D, E and the KL terms as
     0-d tensors (kept on the device, so reading them is the only sync).

@@ -83,6 +83,8 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
             preconditioned blocks scaled together by ν = min(1, sqrt(κ / (lr² Σ_l V_lᵀ Δ_l))), where
             V_lᵀ Δ_l = ‖Δ_l‖²_F̃ because Δ_l = F̃_l⁻¹ V_l with the stored factors; ``last_nu`` holds ν.
         micro_batch_size, grad_scaler: as for the other makers (refresh rows span the whole local batch).
+        factor_dtype, inverse_dtype: the dtypes of the rows (A, G) and of the kernel solves (KIS's Cholesky,
+            KID's Y_i) and M (float32 or float64; None: the parameters', float32 for bf16/fp16; factor_dtype's).
     """
 
     method_label = "HyLo"
@@ -95,7 +97,8 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
                  kid_skeleton: str = "norm_sort", target_damping: Optional[float] = None,
                  damping_decay_updates: int = 50, damping_warmup_steps: int = 0, seed: int = 0,
                  micro_batch_size: Optional[int] = None, grad_scaler: Optional[torch.amp.GradScaler] = None,
-                 kl_clip: Optional[float] = None, lr: Optional[LearningRate] = None):
+                 kl_clip: Optional[float] = None, lr: Optional[LearningRate] = None,
+                 factor_dtype: Optional[torch.dtype] = None, inverse_dtype: Optional[torch.dtype] = None):
         model = self._init_step(model, micro_batch_size, grad_scaler)
         self.kl_clip, self._lr = validate_kl_clip(kl_clip, lr)
         self.last_nu: Optional[Tensor] = None
@@ -130,11 +133,12 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         self.kis_probability, self.kis_reweight = kis_probability, bool(kis_reweight)
         self.damping, self.target_damping = float(self.config.damping), target_damping
         self.damping_decay_updates, self.damping_warmup_steps = damping_decay_updates, damping_warmup_steps
-        self._init_per_sample_step(model)
+        self._init_per_sample_step(model, factor_dtype, inverse_dtype)
         #: Blocks captured between refreshes too: their weights have other uses (found by structure, and on
         #: refreshes by a plain gradient beside the block's own).
         self._shared_blocks = shared_blocks(model, self.blocks)
-        self._sync = make_sync(model, self.blocks, "auto", two_gradients=False, costs=owner_costs(self.blocks, self.compression_ratio))
+        self._sync = make_sync(model, self.blocks, "auto", two_gradients=False,
+                               costs=owner_costs(self.blocks, self.compression_ratio), dtype=self.precision.widest)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed((seed + self._sync.rank * _SEED_MIX) % 2 ** 64)
         #: Per block: the stored operator and the α it was built with (precondition must use that α).
@@ -157,8 +161,9 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
 
     def _captured_blocks(self, plan: _Plan) -> Sequence[Tuple[str, nn.Module]]:
         """All blocks on a refresh; between refreshes only those whose weights are shared with other uses
-        (tied weights), whose own part autograd cannot tell apart from the others'."""
-        return self.blocks if plan.refresh else self._shared_blocks
+        (tied weights), whose own part autograd cannot tell apart from the others' (and all with bf16/fp16
+        weights, whose autograd sums would be half precision)."""
+        return self.blocks if plan.refresh or self.precision.low else self._shared_blocks
 
     def _begin_step(self, batch_size: int) -> _Plan:
         step = self.state["step"]
@@ -185,6 +190,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         if not self._step_plan.refresh:  # a shared block between refreshes: only its own gradient
             return record
         bias = module.bias is not None
+        x, grad_out = x.to(self.precision.factor), grad_out.to(self.precision.factor)
         if isinstance(module, nn.Conv2d):
             rows = hylo_math.conv2d_rows(x, grad_out, module.kernel_size, module.stride, module.padding,
                                        module.dilation, bias=bias, conv_reduction=self.conv_reduction)
@@ -236,8 +242,11 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
             if self.target_damping is not None and self.state["step"] >= self.damping_warmup_steps:
                 kappa = min(1.0, 2 * abs(math.log10(self.damping / self.target_damping)) / self.damping_decay_updates)
                 self.damping = (1 - kappa) * self.damping + kappa * self.target_damping
-        if self.policy.policy == "gradient":
-            self._add_to_epoch_sum(plan.raw)
+        if self.policy.policy == "gradient":  # Δ_e += V; at an epoch's last step ‖Δ_e‖ joins the history
+            _add_to(self._epoch_sum, plan.raw)
+            if (self.state["step"] + 1) % self.iters_per_epoch == 0:
+                self.epoch_grad_norms = self.epoch_grad_norms[-1:] + [_norm(self._epoch_sum)]
+                self._epoch_sum = {}
 
     def _roll_back(self, plan: _Plan) -> None:
         """Only the KIS generator moved before the commit."""
@@ -250,7 +259,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         loss's normalizer ``n``."""
         names = [name for name, _ in self.blocks if name in records]
         if self._sync.world_size > 1 and (names or self._step_plan.refresh):
-            captured = self.blocks if self._step_plan.refresh else self._shared_blocks
+            captured = self._captured_blocks(self._step_plan)
             if len(names) != len(captured):
                 missing = sorted({name for name, _ in captured} - set(names))
                 raise ValueError(f"fop_asdl: blocks {missing} took no part in the loss on rank {self._sync.rank}; "
@@ -263,21 +272,6 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         else:
             out = {name: records[name].grad for name in names}
         return {name: (w / n, None if b is None else b / n) for name, (w, b) in out.items()}
-
-    def _add_to_epoch_sum(self, raw: Dict[str, BlockVector]) -> None:
-        """Δ_e += V of this step; at an epoch's last step ‖Δ_e‖ joins the history (a device scalar)."""
-        for name, v in raw.items():
-            total = self._epoch_sum.get(name)
-            if total is None:
-                self._epoch_sum[name] = (v[0].clone(), None if v[1] is None else v[1].clone())
-            else:
-                for t, u in zip(total, v):
-                    if t is not None:
-                        t.add_(u)
-        if (self.state["step"] + 1) % self.iters_per_epoch == 0:
-            squares = [t.square().sum() for v in self._epoch_sum.values() for t in v if t is not None]
-            self.epoch_grad_norms = self.epoch_grad_norms[-1:] + [torch.stack(squares).sum().sqrt()]
-            self._epoch_sum = {}
 
     # --- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -296,8 +290,9 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._check_rank_state(state_dict, "each rank keeps its own KIS generator", "factors",
                                state_dict["factors"], self._modules)
-        dev = self.device
-        self.factors = {name: (hylo_math.LowRankFactors(f["a"].to(dev), f["g"].to(dev), f["matrix"].to(dev), f["scale"]),
+        dev, factor, inverse = self.device, self.precision.factor, self.precision.inverse
+        self.factors = {name: (hylo_math.LowRankFactors(f["a"].to(dev, factor), f["g"].to(dev, factor),
+                                                        f["matrix"].to(dev, inverse), f["scale"]),
                                float(f["damping"])) for name, f in state_dict["factors"].items()}
         self.generator.set_state(state_dict["generator"])
         self.damping, self.method = float(state_dict["damping"]), state_dict["method"]
@@ -306,3 +301,19 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         self._epoch_sum = {name: tuple(None if t is None else t.to(dev).clone() for t in v)
                            for name, v in state_dict["epoch_sum"].items()}
         self.state["step"] = int(state_dict["step"])
+
+
+def _add_to(total: Dict[str, BlockVector], raw: Dict[str, BlockVector]) -> None:
+    """total += raw, block by block (a new block's vector copied)."""
+    for name, v in raw.items():
+        if name not in total:
+            total[name] = (v[0].clone(), None if v[1] is None else v[1].clone())
+            continue
+        for t, u in zip(total[name], v):
+            if t is not None:
+                t.add_(u)
+
+
+def _norm(vectors: Dict[str, BlockVector]) -> Tensor:
+    """The norm of all blocks' vectors together, a device scalar."""
+    return torch.stack([t.square().sum() for v in vectors.values() for t in v if t is not None]).sum().sqrt()

@@ -191,10 +191,12 @@ def jacobian_transpose_apply(a: Tensor, g: Tensor, y: Tensor) -> Tensor:
 
 
 def apply_factors(v: Tensor, factors: LowRankFactors, damping: Union[float, Tensor]) -> Tensor:
-    """(1/α)[V − c_P Uˢᵀ M Uˢ V] on a combined (d_g, d_a) gradient. Per-step path: no host sync."""
+    """(1/α)[V − c_P Uˢᵀ M Uˢ V] on a combined (d_g, d_a) gradient, in the rows' dtype (M's products in its
+    own), returned in V's. Per-step path: no host sync."""
     f = factors
-    y = f.matrix @ jacobian_apply(f.a, f.g, v.to(f.a.dtype))
-    return ((v.to(f.a.dtype) - f.scale * jacobian_transpose_apply(f.a, f.g, y)) / damping).to(v.dtype)
+    dtype = f.a.dtype
+    y = (f.matrix @ jacobian_apply(f.a, f.g, v.to(dtype)).to(f.matrix.dtype)).to(dtype)
+    return ((v.to(dtype) - f.scale * jacobian_transpose_apply(f.a, f.g, y)) / damping).to(v.dtype)
 
 
 def precondition(grad_weight: Tensor, grad_bias: Optional[Tensor], factors: LowRankFactors,

@@ -22,8 +22,10 @@ def refresh_factors(maker: Any, method: str, chunks: Dict[str, List[Tuple[Tensor
     """Every block's new factors: select locally, one all-gather, owners build M, owners broadcast M.
     ``maker`` is the :class:`~fop_asdl.methods.hylo.HyLoGradientMaker` whose options, generator and sync it
     uses; ``chunks`` each block's (A, G) rows per chunk; ``per_sample`` r of
-    :class:`~fop_asdl.engine.loss.BatchCounts`."""
+    :class:`~fop_asdl.engine.loss.BatchCounts`. The rows stay in the maker's factor dtype, KID's Y_i and M
+    are solved and kept in its inverse dtype."""
     world, names = maker._sync.world_size, list(chunks)
+    factor, inverse = maker.precision.factor, maker.precision.inverse
     # G carries the backpropagated loss's scale σ against the user's per-sample terms (the GradScaler's
     # s, and 1 / r for a loss normalised by more than its samples); K would carry σ² against a fixed α.
     inv_scale = per_sample / loss_scale(maker.grad_scaler, maker.device)
@@ -37,8 +39,10 @@ def refresh_factors(maker: Any, method: str, chunks: Dict[str, List[Tuple[Tensor
             local[name] = hylo_math.kis_select(a, g, rank, maker.generator, probability=maker.kis_probability,
                                         reweight=maker.kis_reweight)
         else:
-            local[name] = hylo_math.kid_select(a, g, rank, maker.damping, kernel_scaling=maker.kernel_scaling,
-                                        total_rows=total, skeleton=maker.kid_skeleton)
+            kept = hylo_math.kid_select(a.to(inverse), g.to(inverse), rank, maker.damping,
+                                        kernel_scaling=maker.kernel_scaling, total_rows=total,
+                                        skeleton=maker.kid_skeleton)
+            local[name] = hylo_math.LocalFactors(kept.a.to(factor), kept.g.to(factor), kept.y, kept.index)
     tensors = {name: [t for t in (local[name].a, local[name].g, local[name].y) if t is not None] for name in names}
     packed = pack(t for name in names for t in tensors[name])
     gathered = maker._sync.all_gather(packed)  # (world, size): every rank's rows of every block
@@ -48,23 +52,23 @@ def refresh_factors(maker: Any, method: str, chunks: Dict[str, List[Tuple[Tensor
     for name in names:
         if not maker._sync.owns(name):
             continue
-        a, g = rows[name][0].flatten(0, 1), rows[name][1].flatten(0, 1)
+        a, g = rows[name][0].flatten(0, 1).to(inverse), rows[name][1].flatten(0, 1).to(inverse)
         if method == "kis":
             f = hylo_math.kis_factors(a, g, maker.damping, kernel_scaling=maker.kernel_scaling,
                                total_rows=total_rows(maker, chunks[name]), reweighted=maker.kis_reweight)
         else:
-            f = hylo_math.kid_factors(a, g, list(rows[name][2]), kernel_scaling=maker.kernel_scaling,
-                               total_rows=total_rows(maker, chunks[name]))
+            f = hylo_math.kid_factors(a, g, [y.to(inverse) for y in rows[name][2]],
+                                      kernel_scaling=maker.kernel_scaling, total_rows=total_rows(maker, chunks[name]))
         matrices[name] = ((f.matrix, None), None)
     shapes = {name: (torch.Size([rows[name][0].shape[0] * rows[name][0].shape[1]] * 2), None)
               for name in names}
     shared = maker._sync.share(matrices, shapes) if names else {}
     factors = {}
     for name in names:
-        a, g = rows[name][0].flatten(0, 1), rows[name][1].flatten(0, 1)
+        a, g = rows[name][0].flatten(0, 1).to(factor), rows[name][1].flatten(0, 1).to(factor)
         scale = hylo_math.prefactor(method, a.shape[0], kernel_scaling=maker.kernel_scaling,
                              total_rows=total_rows(maker, chunks[name]), reweighted=maker.kis_reweight)
-        factors[name] = hylo_math.LowRankFactors(a, g, shared[name][0][0].to(a.dtype), scale)
+        factors[name] = hylo_math.LowRankFactors(a, g, shared[name][0][0].to(inverse), scale)
     return factors
 
 def total_rows(maker: Any, chunks: List[Tuple[Tensor, Tensor]]) -> int:

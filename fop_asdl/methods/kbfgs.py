@@ -24,6 +24,7 @@ from ..engine.capture import Chunk
 from ..engine.loss import BatchCounts, loss_scale
 from ..distributed import make_sync
 from ..engine.per_sample import PerSampleStepMaker
+from ..engine.precision import refuse_low_precision
 from ..engine.sub_batches import half_sums
 from ..engine.trust_region import LearningRate, validate_kl_clip
 from ..engine.vectors import add, write_block
@@ -40,6 +41,11 @@ _REFUSED = {
                "raise the damping; 'kfac', 'fop', 'smw_ng' and 'diag_ng' take kl_clip.",
     "minibatch_hessian_action": "H_a always takes the Hessian-action BFGS step (ASDL's option selects it).",
     "fisher_type": "K-BFGS uses no Fisher."}
+_LOW_PRECISION = ("its (s, y) pair is the difference of two passes at θ and θ − lr·Δ; with bf16/fp16 weights "
+                  "both run in half precision and the move is mostly below the weights' rounding, so the pair "
+                  "would measure rounding. Keep the weights in float32 and run the step under torch.autocast "
+                  "(K-BFGS then takes both passes in full precision), or use 'kfac', 'fop', 'smw_ng' or "
+                  "'diag_ng', which take bf16/fp16 weights.")
 
 
 @dataclasses.dataclass
@@ -111,6 +117,7 @@ class KronBfgsGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         self.damping, self.ema_decay, self.interval = float(damping), decay, interval
         self.mu1, self.mu2 = float(mu1), mu2
         self._init_per_sample_step(model)
+        refuse_low_precision(self.precision, self.method_label, _LOW_PRECISION)
         self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
         warn_plain_parameters(model, self.blocks, self.method_label)
         #: Per block: (A, H_a, H_g).

@@ -63,6 +63,10 @@ class KronPsgdGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     Cost of an update step: the double backward of the Hessian-vector product (about two more backward
     passes, and the memory of a graph built with ``create_graph``), per block two triangular solves and
     O(O³ + I³ + O²I + OI²) products. Other steps: SGD's pass and O(O²I + OI²) per block.
+
+    bf16/fp16 weights: the gradient and H v come from autograd in their dtype (the gradient summed over
+    micro-batches in ``p.grad``, as SGD's), H v's sum over micro-batches, Q_l, Q_r, their fit and the
+    preconditioning are float32 (torch has no half-precision triangular solve), ``p.grad`` the weights' dtype.
     """
 
     method_label = "Kronecker PSGD"
@@ -83,7 +87,7 @@ class KronPsgdGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         super().__init__(model)
         self.precond_lr, self.interval = float(precond_lr), interval
         self._init_per_sample_step(model)
-        self._sync = make_sync(model, self.blocks, "auto", two_gradients=False)
+        self._sync = make_sync(model, self.blocks, "auto", two_gradients=False, dtype=self.precision.widest)
         warn_plain_parameters(model, self.blocks, self.method_label)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -92,7 +96,8 @@ class KronPsgdGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         for name, module in self.blocks:
             weight = module.weight
             width = weight[0].numel() + (module.bias is not None)
-            self.factors[name] = tuple(init_scale * torch.eye(size, dtype=weight.dtype, device=weight.device)
+            self.factors[name] = tuple(init_scale * torch.eye(size, dtype=self.precision.factor,
+                                                              device=weight.device)
                                        for size in (weight.shape[0], width))
 
     # --- the step's hooks -------------------------------------------------------------------------------
@@ -109,9 +114,9 @@ class KronPsgdGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         if plan.update:
             plan.generator_state = self.generator.get_state()
             for name, module in self.blocks:  # every block's probe, in block order on every rank
-                plan.probes[name] = [torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=p.device)
-                                     for p in _params(module)]
-                plan.products[name] = [torch.zeros_like(p) for p in _params(module)]
+                plan.probes[name] = [torch.randn(p.shape, generator=self.generator, dtype=self.precision.factor,
+                                                 device=p.device).to(p.dtype) for p in _params(module)]
+                plan.products[name] = [torch.zeros_like(p, dtype=self.precision.factor) for p in _params(module)]
         return plan
 
     def _chunk_backward(self, capture: BlockCapture, plan: _Plan, first: bool) -> None:
@@ -158,14 +163,15 @@ class KronPsgdGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         for name in names:
             module = self._modules[name]
             grad = _matrix(module, module.weight.grad, None if module.bias is None else module.bias.grad)
+            grad = grad.to(self.precision.factor)
             module.weight.grad = None  # the commit writes the preconditioned one in its place
             if module.bias is not None:
                 module.bias.grad = None
             q_l, q_r = self.factors[name]
             if plan.update:  # dG = H v of the user's loss: the summed loss's, over its normalizer and scale
                 hv = [next(parts) / (sigma * counts.normalizer) for _ in plan.products[name]] + [None]
-                dx = _matrix(module, *(plan.probes[name] + [None])[:2])
-                dg = _matrix(module, *hv[:2])
+                dx = _matrix(module, *(plan.probes[name] + [None])[:2]).to(self.precision.factor)
+                dg = _matrix(module, *hv[:2]).to(self.precision.factor)
                 q_l, q_r = plan.factors[name] = kron_psgd_math.update_factors(q_l, q_r, dx, dg, self.precond_lr)
             plan.grads[name] = _vector(module, kron_psgd_math.precondition(q_l, q_r, grad))
         return {"gradient": [t for d in plan.grads.values() for t in d if t is not None],
@@ -193,8 +199,9 @@ class KronPsgdGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         if unknown:
             raise KeyError(f"state_dict has factors for blocks this model does not have: {sorted(unknown)}")
         dev = self.device
+        dtype = self.precision.factor
         for name, f in state_dict["factors"].items():
-            self.factors[name] = (f["Q_l"].to(dev).clone(), f["Q_r"].to(dev).clone())
+            self.factors[name] = (f["Q_l"].to(dev, dtype, copy=True), f["Q_r"].to(dev, dtype, copy=True))
         self.generator.set_state(state_dict["generator"])
         self.state["step"] = int(state_dict["step"])
 

@@ -14,6 +14,7 @@ from ..engine.chunks import (chunk_bounds, concat_outputs, detached, sliced_call
 from ..engine.coverage import Coverage, model_coverage
 from ..engine.setup import batch_size_of, prepared_model
 from ..engine.loss import LossNormalizer
+from ..engine.precision import check_grad_scaler
 from ..distributed import make_sync
 
 __all__ = ["PlainGradientMaker"]
@@ -31,6 +32,7 @@ class PlainGradientMaker(asdl.GradientMaker):
                             f"{sorted(options)}.")
         super().__init__(prepared_model(model))
         self.micro_batch_size = validate_micro_batch_size(micro_batch_size)
+        check_grad_scaler(model, grad_scaler)
         self.grad_scaler = grad_scaler  # backward from the scaled loss; scaler.step() unscales and skips Inf
         self._sync = make_sync(model, [], "auto", two_gradients=False)
 
@@ -67,7 +69,8 @@ class PlainGradientMaker(asdl.GradientMaker):
                 with sliced_calls(self, start, end, batch_size):
                     summed_loss_backward(self, self.grad_scaler, end - start)
                     loss = self._loss.detach()
-                    normalizer.add(loss, user_loss(self) if normalizer.needs_user_loss else None, end - start)
+                    pair = user_loss(self, loss) if normalizer.needs_user_loss else (loss, None)
+                    normalizer.add(*pair, end - start)
                 loss_sum = loss if loss_sum is None else loss_sum + loss
                 # A chunk's output must not keep its graph (and the block inputs the hooks hold) alive while
                 # the next chunks run: that would make memory grow with the batch, not the micro-batch.

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import shampoo_math as sm
+from ..compat import compute_dtype
 from ..distributed import make_sync
 from ..engine.coverage import Coverage, model_coverage
 from ..engine.loss import BatchCounts, loss_scale
@@ -102,6 +103,13 @@ class ShampooGradientMaker(SteppedGradientMaker, asdl.PreconditionedGradientMake
         names the others (they receive the plain mean gradient)."""
         ignored = {id(p) for name, m in model.named_modules() if user_ignores(name, m, config.ignore_modules)
                    for p in m.parameters()}
+        for holder, module in model.named_modules():
+            for key, param in module.named_parameters(recurse=False):
+                if param.requires_grad and id(param) not in ignored and not param.is_floating_point():
+                    raise TypeError(f"{self.method_label}: block {holder!r} ({type(module).__name__}) has a "
+                                    f"{param.dtype} {key}; its statistics need real floating-point parameters "
+                                    f"(float16, bfloat16, float32 or float64). Convert the module (e.g. "
+                                    f"module.float()) or list it in PreconditioningConfig.ignore_modules.")
         out, plain = [], []
         for name, param in model.named_parameters():
             if not param.requires_grad:
@@ -154,7 +162,8 @@ class ShampooGradientMaker(SteppedGradientMaker, asdl.PreconditionedGradientMake
         for name, param, layout in self._params:
             if param.grad is None:
                 continue  # took no part in the loss: autograd leaves None, so does Shampoo
-            g = param.grad if sigma is None else param.grad / sigma
+            g = param.grad.to(compute_dtype(param.dtype))  # bf16/fp16 weights: statistics and roots in float32
+            g = g if sigma is None else g / sigma
             grads[name] = g
             blocks[name] = sm.split(g.reshape(layout.shape), layout)
             if plan.update_stats:
@@ -167,7 +176,8 @@ class ShampooGradientMaker(SteppedGradientMaker, asdl.PreconditionedGradientMake
         for name, param, layout in self._params:
             if name in grads:
                 update = self._update(name, grads[name], blocks.pop(name), layout, plan)
-                plan.updates[name] = (update if sigma is None else update * sigma).reshape(param.shape)
+                update = update if sigma is None else update * sigma
+                plan.updates[name] = update.reshape(param.shape).to(param.dtype)
         state = [t for pairs in (*plan.stats.values(), *plan.roots.values()) for pair in pairs for t in pair
                  if t is not None]
         return {"gradient": list(plan.updates.values()), "curvature": state + list(plan.graft.values())}
