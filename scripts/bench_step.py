@@ -5,7 +5,8 @@
     python scripts/bench_step.py --model gpt --methods adamw,kfac,fop,fngd,hylo
 
 Methods: every name of ``fop_asdl.GRADIENT_MAKERS`` (default options, except those in :data:`OPTIONS`),
-``asdl_kfac`` and ``adamw`` (the ``"sgd"`` maker feeding ``torch.optim.AdamW``, lr 1e-3). Models: the small
+``asdl_kfac``, ``adamw`` (the ``"sgd"`` maker feeding ``torch.optim.AdamW``, lr 1e-3) and ``bare`` (no maker:
+``loss.backward()`` on the model's cross-entropy, the floor of the ``"sgd"`` maker). Models: the small
 CNN, CIFAR ResNet-18, the patch mixer (16 tokens of 64 channels) and the small GPT with its tied embedding
 and LM head (49 pixel tokens), from ``fop_asdl.models``.
 
@@ -49,6 +50,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import asdl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench_common import asdl_step
@@ -66,7 +68,7 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...], int, int]] = {
     "gpt": (PixelGPT, (1, 28, 28), 10, 256),
 }
 DEFAULT_METHODS = ("sgd", "kfac", "asdl_kfac", "fop")
-METHODS = tuple(GRADIENT_MAKERS) + ("asdl_kfac", "adamw")
+METHODS = tuple(GRADIENT_MAKERS) + ("asdl_kfac", "adamw", "bare")
 #: Options a maker needs beyond the config: FNGD's epoch (its coefficients come from the warm-up cycle),
 #: HyLo refreshing by KIS every interval, K-BFGS's learning rate (its second pass steps back by it).
 OPTIONS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
@@ -90,7 +92,9 @@ class Runner:
         config = asdl.PreconditioningConfig(data_size=args.batch_size, damping=1e-2, ema_decay=0.05,
                                             curvature_upd_interval=args.interval,
                                             preconditioner_upd_interval=args.interval)
-        if name == "asdl_kfac":
+        if name == "bare":
+            self.gm = None
+        elif name == "asdl_kfac":
             self.gm = asdl.KfacGradientMaker(self.model, config)
         else:
             maker = "sgd" if name == "adamw" else name
@@ -111,7 +115,12 @@ class Runner:
         return events
 
     def step(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        asdl_step(self.gm, self.model, self.opt, x, t)
+        if self.gm is None:
+            self.opt.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(x), t).backward()
+            self.opt.step()
+        else:
+            asdl_step(self.gm, self.model, self.opt, x, t)
 
     def cycle(self, batches: List[Tuple[torch.Tensor, torch.Tensor]], measure: bool,
               peaks: Optional[Dict[str, int]] = None) -> None:
@@ -171,7 +180,7 @@ def worker(args: argparse.Namespace) -> Dict:
     runner.cycle(batches, measure=False, peaks=peaks)
     times = runner.times
     out = {"peak_rss_mib": peak_rss / MIB, "live_peak_mib": {k: v / MIB for k, v in peaks.items()},
-           "maker": type(runner.gm).__name__, "steps": len(times)}
+           "maker": type(runner.gm).__name__ if runner.gm is not None else None, "steps": len(times)}
     for key, index in (("wall", 1), ("cpu", 2)):
         out[key] = {"mean_s": _mean([s[index] for s in times]),
                     "plain_s": _mean([s[index] for s in times if not s[0]]),
