@@ -2,11 +2,8 @@
 
 ``FOPGradientMaker`` is a drop-in replacement for ``asdl.KfacGradientMaker``; ``make_gradient_maker``
 builds FOP, K-FAC, FNGD, HyLo or SGD by name. Importing the package applies the ASDL 0.1a5 fixes in
-``compat``, and imports the torch modules that would otherwise keep a later process group alive past its
-destruction (``distributed.group``).
+``compat``.
 """
-import torch.distributed
-
 from .curvature.asdl_kfac import KfacGradientMaker
 from .methods.fngd import FNGDGradientMaker
 from .methods.fop import FOPGradientMaker
@@ -15,9 +12,6 @@ from .methods.kfac import ScalableKfacGradientMaker
 from .engine.sub_batches import average_and_difference
 from .methods.fop_math import FOPCoefficients, FOPOptions, fop_coefficients
 from .registry import GRADIENT_MAKERS, make_gradient_maker
-
-if torch.distributed.is_available():  # binds group.WORLD while no group exists yet: see distributed/group.py
-    import torch.distributed.nn  # noqa: F401
 
 __all__ = [
     "FOPGradientMaker", "FNGDGradientMaker", "HyLoGradientMaker", "KfacGradientMaker", "ScalableKfacGradientMaker",

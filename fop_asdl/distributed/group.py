@@ -9,9 +9,9 @@ tensors there needs the GIL, and CPython ends a thread that asks for the GIL dur
 ``pthread_exit``, whose unwinding through gloo's noexcept ``~AsyncWork`` aborts the process: ``terminate
 called without an active exception`` (SIGABRT), now and then, after every step was done.
 
-Importing ``fop_asdl`` imports ``torch.distributed.nn`` first, so those defaults bind ``None`` (no group
-yet); :func:`destroy_process_group` then frees the backend, and joins its threads, while Python still runs,
-and warns where something else still holds the group.
+Importing ``fop_asdl`` imports ``torch.distributed.nn`` first (``compat``, fix 12), so those defaults
+bind ``None`` (no group yet); :func:`destroy_process_group` then frees the backend, and joins its threads,
+while Python still runs, and warns where something else still holds the group.
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ def destroy_process_group(barrier: bool = True) -> None:
     if world() is not None:
         gc.collect()  # a reference cycle may hold it
     if world() is not None:
-        warnings.warn("fop_asdl: the process group is still referenced after destroy_process_group(), so its "
-                      "backend's threads live on into the interpreter's exit, where gloo may abort the process "
-                      "('terminate called without an active exception'). Import fop_asdl before "
+        warnings.warn("fop_asdl: the process group is still referenced after destroy_process_group(), so "
+                      "its backend's threads live on into the interpreter's exit, where gloo may abort the "
+                      "process ('terminate called without an active exception'). Import fop_asdl before "
                       "init_process_group and drop your references to the group (a DDP module, "
                       "ZeroRedundancyOptimizer, ShardedGradScaler) before destroying it.", RuntimeWarning,
                       stacklevel=2)
