@@ -135,7 +135,7 @@ def tied_equivalence(rank: int, world_size: int, store: str, out: str) -> None:
             model, maker, opt = build(name, "tied", **options)
             results[name] = train(model, maker, opt, range(STEPS), rank_batches(rank, world_size, "tied"))
     torch.save(results, f"{out}.{rank}")
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def resume_sharded(rank: int, world_size: int, store: str, ckpt: str, out: str) -> None:
