@@ -56,6 +56,16 @@ def _patch_nvtx() -> None:
 _patch_nvtx()
 
 
+# --- Fix 12: torch.distributed.nn's default group ----------------------------------------------------
+# torch.distributed.nn.functional binds ``group.WORLD`` into default arguments when it is imported, and the
+# first torch.optim optimizer of a process imports it (through torch._dynamo). Imported after
+# init_process_group, it keeps the group, and gloo's threads, alive past destroy_process_group into the
+# interpreter's exit, where a gloo thread can abort the rank (fop_asdl.distributed.group). Imported here,
+# before any group exists, it binds None.
+if torch.distributed.is_available():
+    import torch.distributed.nn  # noqa: F401
+
+
 # --- Fix 2: SKFAC factors ------------------------------------------------------------------------------
 # With swift=True and fewer rows than features, ASDL returns the layer's own input (or output gradient)
 # as the factor and then scales it in place, corrupting a tensor autograd saved for the backward pass.

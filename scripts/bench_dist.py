@@ -92,6 +92,7 @@ from torch import nn
 
 from bench_common import asdl_step, restore
 from fop_asdl import make_gradient_maker
+from fop_asdl.distributed import destroy_process_group
 from fop_asdl.models import MLP, SmallCNN, resnet18_cifar
 
 MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...], int]] = {
@@ -235,6 +236,7 @@ def rank_main(rank: int, world_size: int, args: argparse.Namespace, store: str, 
         device = torch.device("cpu")
     dist.init_process_group(args.backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=args.timeout))
+    finished = False
     try:
         me = Rank(rank, device, wire=args.backend == "gloo")
         builder, _, _ = MODELS[args.model]
@@ -271,8 +273,9 @@ def rank_main(rank: int, world_size: int, args: argparse.Namespace, store: str, 
                 json.dump({"model": model_summary(runners), "barrier_wire_all_ranks": barrier,
                            "sub_batches": fop.gm._sync.sub_batches if fop is not None else None,
                            "records": {r.name: r.records for r in runners}}, f)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        destroy_process_group(barrier=finished)  # no gloo thread outlives the group (fop_asdl.distributed)
 
 
 # --- summary -----------------------------------------------------------------------------------------

@@ -53,8 +53,7 @@ def main() -> None:
         local, sharded = grads(name, False), grads(name, True)
         report["sharded_equals_local"][name] = all(torch.allclose(a, b, rtol=1e-9, atol=1e-12)
                                                    for a, b in zip(local, sharded))
-    dist.barrier()
-    dist.destroy_process_group()
+    distributed.destroy_process_group()  # a barrier, then no NCCL thread outlives the group
     with open(sys.argv[1], "w") as f:
         json.dump(report, f)
 

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from datetime import timedelta
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
 import fop_asdl
+from fop_asdl.distributed import destroy_process_group
 
 from conftest import TiedTokenNet, TokenNet, config, conv_ln_net, step, train
 
@@ -105,7 +108,7 @@ def equivalence(rank: int, world_size: int, store: str, out: str) -> None:
                                      "state": maker.state_dict(),
                                      "params": [p.detach().clone() for p in model.parameters()]}
     torch.save(results, f"{out}.{rank}")
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def attention_equivalence(rank: int, world_size: int, store: str, out: str) -> None:
@@ -117,7 +120,7 @@ def attention_equivalence(rank: int, world_size: int, store: str, out: str) -> N
         assert any(n.endswith("q_proj") for n, _ in maker.named_modules_for_curvature)
         results[name] = train(model, maker, opt, range(STEPS), rank_batches(rank, world_size, "tokens"))
     torch.save(results, f"{out}.{rank}")
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def tied_equivalence(rank: int, world_size: int, store: str, out: str) -> None:
@@ -132,7 +135,7 @@ def tied_equivalence(rank: int, world_size: int, store: str, out: str) -> None:
             model, maker, opt = build(name, "tied", **options)
             results[name] = train(model, maker, opt, range(STEPS), rank_batches(rank, world_size, "tied"))
     torch.save(results, f"{out}.{rank}")
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def resume_sharded(rank: int, world_size: int, store: str, ckpt: str, out: str) -> None:
@@ -145,13 +148,11 @@ def resume_sharded(rank: int, world_size: int, store: str, ckpt: str, out: str) 
     opt.load_state_dict(state["opt"])
     train(model, maker, opt, range(3, STEPS + 2), rank_batches(rank, world_size))
     torch.save([p.detach().clone() for p in model.parameters()], f"{out}.{rank}")
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def failing_rank(rank: int, world_size: int, store: str, out: str) -> None:
     """Rank 1 gets a batch too small to split and raises before any collective; rank 0 must not hang."""
-    import time
-
     init(rank, world_size, store, timeout_s=5.0)
     model, maker, opt = build("fop", sub_batches="halves")
     x, t = rank_batches(rank, world_size)(0)
@@ -164,5 +165,33 @@ def failing_rank(rank: int, world_size: int, store: str, out: str) -> None:
     except Exception as error:  # noqa: BLE001 - the test inspects it
         outcome = (type(error).__name__, str(error))
     torch.save({"outcome": outcome, "seconds": time.monotonic() - start}, f"{out}.{rank}")
-    if rank == 0:
-        dist.destroy_process_group()
+    destroy_process_group(barrier=False)  # the ranks did not agree on their last collective
+
+
+def gloo_threads() -> List[str]:
+    """The names of this process's gloo threads (``gloo_tcp_loop``, ``pt_gloo_runloop``; Linux's /proc)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return sorted(name for name in names if "gloo" in name)
+
+
+def teardown(rank: int, world_size: int, store: str, out: str) -> None:
+    """FOP on "ranks" (it makes parity groups), optimizer built after init (which imports
+    torch.distributed.nn), then fop_asdl's teardown while the maker lives on: the gloo threads left."""
+    init(rank, world_size, store)
+    model, maker, opt = build("fop", sub_batches="ranks")
+    train(model, maker, opt, range(2), rank_batches(rank, world_size))
+    before = gloo_threads()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        destroy_process_group()
+    deadline = time.monotonic() + 10.0  # a joined thread may leave /proc a moment after its join returned
+    while gloo_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    torch.save({"before": before, "after": gloo_threads(), "warnings": [str(w.message) for w in caught]},
+               f"{out}.{rank}")

@@ -7,6 +7,7 @@ import sys
 import torch
 
 import fop_asdl
+from fop_asdl.distributed import destroy_process_group
 
 from conftest import config, independent_net, train
 from conftest import per_sample_net as net
@@ -39,7 +40,7 @@ def distributed(rank: int, world_size: int, store: str, out: str) -> None:
 
     grads = train(model, maker, opt, range(2 * T), batches)
     torch.save({"grads": grads, "bank": maker.state_dict()["bank"]}, f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
+    destroy_process_group()
 
 
 if __name__ == "__main__":  # resume from argv[1], train steps 4..8, save the parameters to argv[2]

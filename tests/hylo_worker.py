@@ -7,6 +7,7 @@ import sys
 import torch
 
 import fop_asdl
+from fop_asdl.distributed import destroy_process_group
 
 from conftest import config, independent_net, train
 from conftest import per_sample_net as net
@@ -46,7 +47,7 @@ def distributed(rank: int, world_size: int, store: str, out: str, method: str, o
         grads += train(model, maker, opt, [i], lambda _: (x[rows], t[rows]))
         traffic.append({k: v - before.get(k, 0) for k, v in maker._sync.comm.bytes.items()})
     torch.save({"grads": grads, "traffic": traffic, "assignment": maker._sync.assignment}, f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
+    destroy_process_group()
 
 
 if __name__ == "__main__":  # resume from argv[1], train steps 4..8, save the parameters to argv[2]

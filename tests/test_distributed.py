@@ -1,12 +1,14 @@
 """The sharded path equals single-process training on the corresponding global batch (gloo, CPU)."""
+import os
 import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dist_worker as w
-from fop_asdl.distributed import assign_owners, resolve_sub_batches
+from fop_asdl.distributed import assign_owners, destroy_process_group, resolve_sub_batches
 
 
 def spawn(fn, world_size, *args):
@@ -122,6 +124,25 @@ def test_a_rank_that_raises_makes_the_others_fail_in_bounded_time(tmp_path):
     assert waiting["outcome"][0] == "CollectiveError", waiting
     assert "another rank did not join" in waiting["outcome"][1]
     assert waiting["seconds"] < 30 and time.monotonic() - start < 90
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+def test_leaving_the_group_stops_every_gloo_thread_while_python_runs(tmp_path):
+    """A gloo thread alive at the interpreter's exit can abort the rank (fop_asdl.distributed.group)."""
+    spawn(w.teardown, 2, str(tmp_path / "store"), str(tmp_path / "out"))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"out.{rank}")
+        assert "gloo_tcp_loop" in result["before"] and "pt_gloo_runloop" in result["before"]
+        assert result["after"] == [] and result["warnings"] == []
+
+
+def test_leaving_a_group_something_still_holds_warns(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    held = dist.group.WORLD
+    with pytest.warns(RuntimeWarning, match="still referenced after destroy_process_group"):
+        destroy_process_group()
+    assert not dist.is_initialized()
+    del held  # frees it here, while Python runs
 
 
 def test_owners_balance_cost_deterministically():

@@ -14,6 +14,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from ..distributed.group import destroy_process_group
 from .config import ConfigError
 
 __all__ = ["Topology", "start", "agree", "stop"]
@@ -65,6 +66,7 @@ def agree(topo: Topology, value: T) -> T:
     return box[0]
 
 
-def stop() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def stop(finished: bool) -> None:
+    """Leave the process group (after a barrier when the run ``finished``; after an error a peer may never
+    reach it) so that no gloo thread outlives it into the interpreter's exit."""
+    destroy_process_group(barrier=finished)

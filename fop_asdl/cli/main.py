@@ -126,13 +126,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # ASDL 0.1a5 registers non-full backward hooks; PyTorch warns about them on every curvature pass.
     warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+    finished = False
     try:
-        return _run(args, argv)
+        code = _run(args, argv)
+        finished = True
+        return code
     except (ConfigError, RunDirError, FileNotFoundError, DatasetFileError) as error:
         print(f"fop-asdl: error: {error}", file=sys.stderr)
         return 2
     finally:
-        distributed.stop()
+        distributed.stop(finished)
 
 
 def _run(args: argparse.Namespace, argv: List[str]) -> int:

@@ -1,7 +1,8 @@
 """Where each step's sums meet: the sync interface and its single-process implementation (``sync``), the
 sharded path on ``torch.distributed`` (``sharded``: the step's reductions and broadcasts), who owns each
 block (``assignment``), the collectives (``comm``) and their buffers (``packing``). The makers get their
-sync from :func:`make_sync` and use it by themselves when ``torch.distributed`` runs several ranks."""
+sync from :func:`make_sync` and use it by themselves when ``torch.distributed`` runs several ranks.
+``destroy_process_group`` (``group``) ends a run so that no backend thread outlives the group."""
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -11,11 +12,12 @@ from ..compat import compute_dtype
 
 from .assignment import assign_owners, block_cost
 from .comm import CollectiveError, Communicator
+from .group import destroy_process_group
 from .sharded import ShardedSync, resolve_sub_batches
 from .sync import LocalSync, several_ranks
 
 __all__ = ["assign_owners", "block_cost", "CollectiveError", "Communicator", "LocalSync", "ShardedSync",
-           "make_sync", "resolve_sub_batches", "several_ranks"]
+           "destroy_process_group", "make_sync", "resolve_sub_batches", "several_ranks"]
 
 
 def make_sync(model: nn.Module, named_modules: Sequence[Tuple[str, nn.Module]], sub_batches: str,

@@ -9,6 +9,7 @@ collective that fails or times out (another rank raised, or died) is re-raised w
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from typing import Any, Callable, List, Optional
 
@@ -61,15 +62,22 @@ class Communicator:
         return torch.stack(parts)
 
     def make_parity_groups(self) -> None:
-        """Process groups of the even and of the odd ranks (a collective call: every rank makes both)."""
-        self._groups = [dist.new_group(list(range(parity, self.world_size, 2))) for parity in (0, 1)]
+        """Process groups of the even and of the odd ranks (a collective call: every rank makes both).
+
+        Only torch holds this rank's group (a weak reference here), so that destroying the default group
+        frees it and its backend threads with it, even while the maker lives on (see ``group``)."""
+        groups = [dist.new_group(list(range(parity, self.world_size, 2))) for parity in (0, 1)]
+        self._parity_group = weakref.ref(groups[self.rank % 2])
 
     def reduce_within_parity(self, tensor: Tensor, even_dst: int, odd_dst: int) -> None:
         """Sum ``tensor`` over this rank's parity group (even or odd ranks) into that group's ``dst``."""
         size = self.world_size // 2
         nbytes = 2 * tensor.numel() * tensor.element_size() * (size - 1) / self.world_size
         dst = odd_dst if self.rank % 2 else even_dst
-        group = self._groups[self.rank % 2]
+        group = self._parity_group()
+        if group is None:
+            raise CollectiveError("fop_asdl: the process group this maker was built in has been destroyed; "
+                                  "build the maker again in the new one.")
         self._run("reduce", nbytes, lambda: dist.reduce(tensor, dst=dst, group=group) if size > 1 else None)
 
     def hand_over(self, tensor: Tensor, src: int, dst: int) -> Optional[Tensor]:

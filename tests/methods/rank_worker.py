@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 
 import fop_asdl
+from fop_asdl.distributed import destroy_process_group
+
 from conftest import independent_net, train
 
 STEPS = 5
@@ -47,4 +49,4 @@ def equivalence(rank: int, world_size: int, store: str, out: str, name: str, opt
                             timeout=timedelta(seconds=60))
     grads, maker = run(name, json.loads(options), world_size, rank)
     torch.save({"grads": grads, "state": maker.state_dict()}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    destroy_process_group()

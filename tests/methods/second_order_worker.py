@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fop_asdl.distributed import destroy_process_group
+
 from second_order_helpers import METHODS, batch, build, config, train
 
 #: The config of every guarantee test: EMA on, curvature and preconditioner every other step.
@@ -47,7 +49,7 @@ def distributed(rank: int, world_size: int, store: str, out: str) -> None:
         results[label] = {"grads": grads, "state": maker.state_dict(),
                           "bytes": sum(maker._sync.comm.bytes.values()) / 4}
     torch.save(results, f"{out}.{rank}")
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 if __name__ == "__main__":  # resume argv[2] with method argv[1], train steps 3..5, save the parameters to argv[3]
