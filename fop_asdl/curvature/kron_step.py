@@ -22,6 +22,7 @@ from ..engine.attention import attention_blocks
 from ..engine.capture import BlockCapture, Chunk
 from ..engine.chunks import summed_loss_backward
 from ..engine.coverage import kron_description
+from ..engine.layers import CONVS
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_uses
 from ..engine.step import SteppedGradientMaker
@@ -194,7 +195,8 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
     def _finish(self, plan: CurvaturePlan, records: Dict[str, List[Optional[BlockVector]]],
                 counts: BatchCounts) -> Dict[str, List[Tensor]]:
         if plan.curvature and self.fisher_maker.is_fisher_emp:
-            unscale_empirical(plan.curvature, counts.backprop_scale(loss_scale(self.grad_scaler, self.device)))
+            unscale_empirical(plan.curvature, counts.backprop_scale(loss_scale(self.grad_scaler, self.device)),
+                              dict(self.named_modules_for_curvature))
         sums = self._sync.reduce_block_sums({name: tuple(halves) for name, halves in records.items()})
         plan.gradients = self._block_gradients(sums, *counts.weights())
         plan.curvature = self._sync.reduce_curvature(plan.curvature) if plan.update_curvature else {}
@@ -264,14 +266,14 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
 
     # --- shapes and state ----------------------------------------------------------------------------
     def _block_shapes(self) -> Dict[str, Tuple[torch.Size, Optional[torch.Size]]]:
-        """(weight, bias) shapes of each block's vectors as the FOP math sees them (Conv2d flattened)."""
+        """(weight, bias) shapes of each block's vectors as the FOP math sees them (convolutions flattened)."""
         if self._shapes is None:
             self._shapes = {}
             for name, module in self.named_modules_for_curvature:
                 weight = module.weight.shape
-                if isinstance(module, nn.Conv2d):
+                if isinstance(module, CONVS):
                     weight = torch.Size((weight[0], weight[1:].numel()))
-                bias = None if module.bias is None else module.bias.shape
+                bias = None if getattr(module, "bias", None) is None else module.bias.shape
                 self._shapes[name] = (weight, bias)
         return self._shapes
 

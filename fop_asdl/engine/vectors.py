@@ -68,7 +68,7 @@ def write_block(module: nn.Module, vec: BlockVector) -> None:
     """Add a block vector, in any shape of the same size, to the module's grads: the step starts from None,
     so a parameter gets the sum of its uses (a shared weight's other blocks, and its plain gradient from
     uses outside blocks). The vector is cast to the parameter's dtype (bf16 weights: computed in float32)."""
-    for param, value in ((module.weight, vec[0]), (module.bias, vec[1])):
+    for param, value in ((module.weight, vec[0]), (getattr(module, "bias", None), vec[1])):
         if value is None:
             continue
         value = value.reshape(param.shape).to(param.dtype)
