@@ -17,7 +17,7 @@ from fop_asdl.curvature.inverses import kron_damping
 
 METHODS = ["sgd", "kfac", "fop", "fngd", "hylo", "ekfac", "shampoo"]
 #: The methods whose blocks include an Embedding (docs/layers.md).
-EMBEDDING_BLOCKS = ("kfac", "fop")
+EMBEDDING_BLOCKS = ("kfac", "fop", "fngd", "hylo")
 LAMBDA = 1e16
 V, H, B, T = 7, 5, 6, 3
 

@@ -9,7 +9,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import asdl
 from torch import nn
 
+from .layers import CONVS, embedding_problem
 from .sub_batches import supports_half_gradients
+
+#: Norm layers: their parameters get the plain gradient from the per-sample methods by design.
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 __all__ = ["ignoring_unsupported", "linear_conv_blocks", "shared_blocks", "supports_per_sample", "user_ignores"]
 
@@ -26,9 +30,30 @@ def user_ignores(name: str, module: nn.Module, ignore_modules: Optional[Sequence
     return False
 
 
+def _plain_reason(module: nn.Module, per_sample: bool) -> str:
+    """Why a trainable layer gets the plain gradient from a Kronecker (``per_sample`` False) or per-sample
+    method: the text the warning gives after its type."""
+    if next(module.children(), None) is not None:
+        return "parameters of its own beside its submodules"
+    if not all(p.requires_grad for p in module.parameters(recurse=False)):
+        return "partially frozen"
+    if isinstance(module, nn.Embedding) and embedding_problem(module):
+        return embedding_problem(module)
+    if isinstance(module, _NORMS):
+        return "weight or bias missing: the unit-wise 2×2 curvature needs both"
+    if isinstance(module, nn.RNNBase):
+        return "a recurrent layer's weights act at every time step through its state: no per-layer factors"
+    if isinstance(module, nn.ConvTranspose2d):
+        return ("no Kronecker factors for a transposed convolution (its weight is (in, out/groups, kh, kw): "
+                "ASDL's factors are defined on (out, in) weights)" if not per_sample else
+                "grouped transposed convolution" if module.groups != 1 else "no per-sample rows for it")
+    return "no curvature for this layer type"
+
+
 def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, label: str
                           ) -> asdl.PreconditioningConfig:
-    """A copy of ``config`` that also ignores layers without ASDL curvature, with one warning naming them.
+    """A copy of ``config`` that also ignores layers without ASDL curvature, with one warning naming them and
+    why.
 
     Their parameters (and any parameter owned directly by a container module) receive the plain gradient.
     """
@@ -39,10 +64,9 @@ def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, l
         if not any(p.requires_grad for p in own) or user_ignores(name, module, config.ignore_modules):
             continue
         is_leaf = next(module.children(), None) is None
-        partially_frozen = not all(p.requires_grad for p in own)
-        if not is_leaf or not supports_half_gradients(module) or partially_frozen:
-            unsupported.append(f"{name or '<root>'} ({module.__class__.__name__}"
-                               f"{', partially frozen' if partially_frozen else ''})")
+        if not is_leaf or not supports_half_gradients(module) or not all(p.requires_grad for p in own):
+            unsupported.append(f"{name or '<root>'} ({module.__class__.__name__}: "
+                               f"{_plain_reason(module, per_sample=False)})")
             if is_leaf:
                 ignore.append(module)
     if unsupported:
@@ -70,30 +94,31 @@ def with_other_uses(blocks: Sequence[Tuple[str, nn.Module]], shared: Sequence[Tu
 
 
 def supports_per_sample(module: nn.Module) -> bool:
-    """Whether the per-sample math of FNGD (:mod:`fop_asdl.methods.fngd_math`) and HyLo (:mod:`fop_asdl.methods.hylo_math`) covers
-    this layer: Linear, and Conv2d without groups, string padding or a non-zero padding mode."""
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
+    """Whether the per-sample math of FNGD (:mod:`fop_asdl.methods.fngd_math`) and HyLo
+    (:mod:`fop_asdl.methods.hylo_math`) covers this layer: Linear, Conv1d and Conv2d (any groups, dilation,
+    padding and padding mode), Embedding (not sparse, no ``scale_grad_by_freq``)."""
+    if isinstance(module, nn.Embedding):
+        return embedding_problem(module) is None
+    return isinstance(module, (nn.Linear, *CONVS))
 
 
 def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]], label: str
                        ) -> List[Tuple[str, nn.Module]]:
-    """Trainable Linear and Conv2d layers a per-sample method (FNGD, HyLo) preconditions: those
-    :func:`supports_per_sample` covers and not partially frozen; one warning names the others."""
+    """Trainable Linear, convolution and Embedding layers a per-sample method (FNGD, HyLo) preconditions:
+    those :func:`supports_per_sample` covers and not partially frozen. Norm layers (BatchNorm, LayerNorm,
+    GroupNorm) get the plain gradient by design; one warning names every other trainable layer left to it,
+    and why."""
     blocks, unsupported = [], []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or user_ignores(name, module, ignore_modules):
-            continue
         own = list(module.parameters(recurse=False))
-        if not any(p.requires_grad for p in own):
+        if not any(p.requires_grad for p in own) or user_ignores(name, module, ignore_modules):
             continue
         if supports_per_sample(module) and all(p.requires_grad for p in own):
             blocks.append((name, module))
-        else:
-            unsupported.append(f"{name} ({module.__class__.__name__})")
+        elif not (isinstance(module, _NORMS) and all(p.requires_grad for p in own)):
+            unsupported.append(f"{name or '<root>'} ({module.__class__.__name__}: "
+                               f"{_plain_reason(module, per_sample=True)})")
     if unsupported:
-        warnings.warn(f"fop_asdl: {label} cannot precondition " + ", ".join(unsupported) + " (grouped, string "
-                      "padding or partially frozen); their parameters receive the plain mean gradient.", UserWarning)
+        warnings.warn(f"fop_asdl: {label} cannot precondition " + ", ".join(unsupported)
+                      + "; their parameters receive the plain mean gradient.", UserWarning)
     return blocks

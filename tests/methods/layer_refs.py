@@ -43,6 +43,30 @@ def token_loss(y, t, reduction="mean"):
     return F.cross_entropy(y.flatten(0, 1), t.flatten(), ignore_index=-1, reduction=reduction)
 
 
+def token_sum(y, t, reduction="sum"):
+    """``token_loss`` summed: the user's normaliser is 1."""
+    return token_loss(y, t, reduction)
+
+
+class AllNet(nn.Module):
+    """Every new layer type in one net, samples independent (no BatchNorm): Embedding, Conv1d, GroupNorm,
+    grouped and depthwise Conv2d, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D, padding_idx=0)
+        self.seq = nn.Conv1d(D, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.grouped = nn.Conv2d(4, 6, 3, groups=2, padding=1)
+        self.depthwise = nn.Conv2d(6, 6, 3, groups=6, padding="same", padding_mode="reflect")
+        self.head = nn.Linear(6, C)
+
+    def forward(self, ids):
+        h = torch.tanh(self.norm(self.seq(self.emb(ids).transpose(1, 2))))  # (n, 4, T)
+        h = torch.tanh(self.grouped(h.unsqueeze(-1) * h.unsqueeze(-2)))  # (n, 6, T, T)
+        return self.head(torch.tanh(self.depthwise(h)).mean((2, 3)))
+
+
 def conv_net(kind: str) -> nn.Module:
     """The layer under test is ``net.block``: grouped, depthwise (reflect 'same' padding), Conv1d (stride,
     dilation), a Conv2d with GroupNorm after it, or ``block`` a GroupNorm."""
@@ -76,11 +100,13 @@ def case(kind: str, seed: int = 0):
         ids = torch.randint(0, V, shape, generator=gen)
         ids.view(-1)[:2] = 0  # padding tokens
         return EmbedNet(0 if kind == "ids" else T).double(), ids, t, F.cross_entropy, N
-    if kind == "token_loss":
+    if kind in ("token_loss", "token_sum"):
         ids = torch.randint(0, V, (N, T), generator=gen)
         ids[0, 0] = 0
         t = torch.randint(0, C, (N, T), generator=gen)
         t[1, :2] = -1
+        if kind == "token_sum":
+            return TokenNet().double(), ids, t, token_sum, 1
         return TokenNet().double(), ids, t, token_loss, int((t != -1).sum())
     x = torch.randn((N, 4, 9) if kind == "conv1d" else (N, 4, 5, 5), generator=gen, dtype=torch.float64)
     return conv_net(kind).double(), x, t, F.cross_entropy, N
@@ -211,3 +237,24 @@ def dense_fop(g1, g2, n1, n, metric, damped, eps=1e-12):
     g_comb = g_avg + beta * g_perp
     eta = (2 * g_avg @ inv @ g_comb / (g_comb @ inv @ g_comb)).clamp(0.0, 2.0)
     return eta * (u + beta * v)
+
+
+def hylo_rows(model, x, t, loss_fn, normalizer):
+    """(U, V): HyLo's rows of the block under test and its mean gradient, in one layout. An Embedding: one
+    row per token, its one-hot input (padding: zero) ⊗ its output gradient, exact; a convolution: per sample
+    and group the patch and output-gradient means over positions (the bias a 1 per position), u = ⊕_g ĝ âᵀ
+    in the (out, in + bias) layout of [W | b]."""
+    module = block_of(model)
+    inputs, gy = input_and_output_grad(model, module, x, t, loss_fn, normalizer)
+    grads = torch.autograd.grad(loss_fn(model(x), t), params(module))
+    if isinstance(module, nn.Embedding):
+        ids = inputs.reshape(-1)
+        g = gy.reshape(-1, gy.shape[-1]) * (ids != 0)[:, None]
+        u = (F.one_hot(ids, V).double()[:, :, None] * g[:, None, :]).reshape(len(ids), -1)
+        return u, grads[0].reshape(-1)
+    p = patches(module, inputs)
+    n, _, groups, _ = p.shape
+    a = torch.cat([p.mean(1), torch.ones(n, groups, 1, dtype=p.dtype)], 2)
+    g = gy.flatten(2).mean(2).reshape(n, groups, -1)
+    u = torch.einsum("ngo,ngi->ngoi", g, a).reshape(n, -1)
+    return u, torch.cat([grads[0].reshape(grads[0].shape[0], -1), grads[1][:, None]], 1).reshape(-1)

@@ -1,20 +1,26 @@
 """Issue 22 item 2: Embedding, grouped and depthwise Conv2d, Conv1d and GroupNorm preconditioned by every
 method where its math applies, each against a dense float64 reference on a tiny net (tests/methods/layer_refs.py)."""
+import copy
+
 import asdl
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fop_asdl
 
 import layer_refs as ref
 from conftest import step
 
-KINDS = ["ids", "tokens", "token_loss", "grouped", "depthwise", "conv1d", "groupnorm"]
+#: Embedding on ids (n,) and on tokens (n, T) with padding, a token-level mean loss with ignored targets and a
+#: summed one (the user's normaliser N = kept tokens, 1), grouped / depthwise Conv2d, Conv1d, GroupNorm.
+KINDS = ["ids", "tokens", "token_loss", "token_sum", "grouped", "depthwise", "conv1d", "groupnorm"]
+PER_SAMPLE_KINDS = [kind for kind in KINDS if kind != "groupnorm"]
 
 
 def run(name, model, x, t, loss_fn, **options):
-    config = asdl.PreconditioningConfig(damping=ref.DAMPING)
+    config = asdl.PreconditioningConfig(damping=ref.DAMPING, curvature_upd_interval=1)
     maker = fop_asdl.make_gradient_maker(name, model, config, **options)
     return step(maker, model, x, t, loss_fn=loss_fn)
 
@@ -38,3 +44,167 @@ def test_kronecker_methods_equal_the_dense_reference(kind, name):
     _, loss = run(name, model, x, t, loss_fn, fisher_type="fisher_emp")
     torch.testing.assert_close(loss, loss_fn(model(x), t))
     assert_close_rel(ref.flat_grad(block), expected, 1e-9)
+
+
+class OneHotLinear(nn.Module):
+    """``EmbedNet`` with its Embedding written as a Linear on one-hot rows (padding rows zero)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.block = nn.Linear(ref.V, ref.D, bias=False).double()
+        self.block.weight = nn.Parameter(net.block.weight.detach().T.clone())
+        self.head = copy.deepcopy(net.head)
+
+    def forward(self, onehot):
+        return self.head(torch.tanh(self.block(onehot)).reshape(onehot.shape[0], -1))
+
+
+class PerGroup(nn.Module):
+    """A grouped convolution as one ungrouped convolution per group on its channels, weights copied."""
+
+    def __init__(self, conv):
+        super().__init__()
+        g = conv.groups
+        self.parts = nn.ModuleList()
+        for w, b in zip(conv.weight.detach().chunk(g), conv.bias.detach().chunk(g)):
+            part = nn.Conv2d(conv.in_channels // g, conv.out_channels // g, conv.kernel_size, conv.stride,
+                             conv.padding).double()
+            part.weight, part.bias = nn.Parameter(w.clone()), nn.Parameter(b.clone())
+            self.parts.append(part)
+
+    def forward(self, x):
+        return torch.cat([part(h) for part, h in zip(self.parts, x.chunk(len(self.parts), 1))], 1)
+
+
+def twins(kind):
+    """(model, twin, x, twin's x, t, [(model's, twin's) parameter pairs, twin's as the model's shape]):
+    the same function, the new layer against layers ASDL's own operations cover."""
+    if kind == "embedding":
+        model, ids, t, _, _ = ref.case("tokens")
+        twin = OneHotLinear(model)
+        onehot = F.one_hot(ids, ref.V).double() * (ids != 0)[..., None]
+        pairs = [(model.block.weight, lambda: twin.block.weight.grad.T), (model.head.weight, lambda: twin.head.weight.grad)]
+        return model, twin, ids, onehot, t, pairs
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randint(0, ref.C, (ref.N,), generator=gen)
+    if kind == "conv1d":
+        conv = nn.Conv1d(4, 5, 3, stride=2, padding=1)
+        flat = nn.Conv2d(4, 5, (1, 3), stride=(1, 2), padding=(0, 1))
+        flat.weight, flat.bias = nn.Parameter(conv.weight.detach().unsqueeze(2).clone()), nn.Parameter(conv.bias.detach().clone())
+        model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(5 * 5, ref.C)).double()
+        twin = nn.Sequential(flat, nn.Tanh(), nn.Flatten(), copy.deepcopy(model[3])).double()
+        x = torch.randn(ref.N, 4, 9, generator=gen, dtype=torch.float64)
+        return model, twin, x, x.unsqueeze(2), t, [(conv.weight, lambda: flat.weight.grad.squeeze(2))]
+    conv = nn.Conv2d(4, 6, 3, groups=2, padding=1, stride=2) if kind == "grouped" else nn.Conv2d(4, 8, 3, groups=4, padding=1)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(conv.out_channels * (9 if kind == "grouped" else 25), ref.C)).double()
+    split = PerGroup(model[0])
+    twin = nn.Sequential(split, nn.Tanh(), nn.Flatten(), copy.deepcopy(model[3]))
+    x = torch.randn(ref.N, 4, 5, 5, generator=gen, dtype=torch.float64)
+    return model, twin, x, x, t, [(model[0].weight, lambda: torch.cat([p.weight.grad for p in split.parts])),
+                                  (model[0].bias, lambda: torch.cat([p.bias.grad for p in split.parts]))]
+
+
+@pytest.mark.parametrize("kind, name", [("embedding", "kfac"), ("grouped", "kfac"), ("depthwise", "kfac"),
+                                        ("conv1d", "kfac"), ("embedding", "fop"), ("conv1d", "fop")])
+def test_equals_the_twin_that_asdls_own_operations_cover(kind, name):
+    """An Embedding is K-FAC'd as the Linear on one-hot rows, a grouped convolution as one convolution per
+    group, a Conv1d as a Conv2d of unit height: the twins run ASDL's own Linear and Conv2d operations. (FOP's
+    s, β, η belong to a block: a grouped layer has one set, its per-group twin one per group.)"""
+    model, twin, x, x_twin, t, pairs = twins(kind)
+    run(name, model, x, t, F.cross_entropy, fisher_type="fisher_emp")
+    run(name, twin, x_twin, t, F.cross_entropy, fisher_type="fisher_emp")
+    for param, twin_grad in pairs:
+        assert_close_rel(param.grad, twin_grad(), 1e-10)
+
+
+@pytest.mark.parametrize("kind", ["ids", "tokens", "grouped", "depthwise", "conv1d", "groupnorm"])
+def test_asdls_own_kfac_with_the_fixes_equals_the_switchs(kind):
+    """fop_asdl.KfacGradientMaker (ASDL's K-FAC: its own Kron.mvp and update_inv, patched for diagonal and
+    per-group factors) writes what make_gradient_maker('kfac') writes."""
+    grads = []
+    for build in (lambda m, c: fop_asdl.KfacGradientMaker(m, c, fisher_type="fisher_emp"),
+                  lambda m, c: fop_asdl.make_gradient_maker("kfac", m, c, fisher_type="fisher_emp")):
+        model, x, t, loss_fn, _ = ref.case(kind)
+        step(build(model, asdl.PreconditioningConfig(damping=ref.DAMPING)), model, x, t, loss_fn=loss_fn)
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert_close_rel(a, b, 1e-10)
+
+
+def dense_natural_gradient(u, damping):
+    """(λI + F)⁻¹ g with F = UᵀU/M, g = U1/M, from a dense solve."""
+    return torch.linalg.solve(u.T @ u / u.shape[0] + damping * torch.eye(u.shape[1], dtype=u.dtype), u.mean(0))
+
+
+@pytest.mark.parametrize("conv_gram", ["per_sample", "pairwise"])
+@pytest.mark.parametrize("kind", PER_SAMPLE_KINDS)
+def test_fngd_equals_the_dense_damped_natural_gradient(kind, conv_gram):
+    """FNGD's exact damped empirical-Fisher step per block, its per-sample gradients from autograd."""
+    model, x, t, loss_fn, normalizer = ref.case(kind)
+    block = ref.block_of(model)
+    expected = dense_natural_gradient(ref.per_sample_gradients(model, x, t, loss_fn, normalizer, block), ref.DAMPING)
+    run("fngd", model, x, t, loss_fn, iters_per_epoch=1, damping_mode="fixed", conv_gram=conv_gram)
+    assert_close_rel(ref.flat_grad(block), expected, 1e-9)
+
+
+@pytest.mark.parametrize("name", ["fngd", "hylo"])
+def test_groupnorm_gets_the_plain_gradient_from_the_per_sample_methods(name):
+    model, x, t, loss_fn, _ = ref.case("groupnorm")
+    block = ref.block_of(model)
+    expected = torch.autograd.grad(loss_fn(model(x), t), ref.params(block))
+    options = dict(iters_per_epoch=1) if name == "fngd" else dict(switch_policy="kis")
+    run(name, model, x, t, loss_fn, **options)
+    for p, g in zip(ref.params(block), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+
+
+def hylo_layout(module):
+    """[W | b] as HyLo's rows see it (an Embedding's weight as stored)."""
+    if isinstance(module, nn.Embedding):
+        return module.weight.grad.reshape(-1)
+    return torch.cat([module.weight.grad.reshape(module.weight.shape[0], -1), module.bias.grad[:, None]], 1).reshape(-1)
+
+
+@pytest.mark.parametrize("method", ["kis", "kid"])
+@pytest.mark.parametrize("kind", PER_SAMPLE_KINDS)
+def test_hylo_at_ratio_one_equals_the_dense_damped_natural_gradient_on_its_rows(kind, method):
+    """HyLo keeping every row is the SMW natural gradient (UᵀU/N + αI)⁻¹ V on its rows: an Embedding's exact
+    token rows (one-hot inputs, never formed by HyLo), a convolution's rows reduced per group."""
+    model, x, t, loss_fn, normalizer = ref.case(kind)
+    u, v = ref.hylo_rows(model, x, t, loss_fn, normalizer)
+    expected = torch.linalg.solve(u.T @ u / u.shape[0] + ref.DAMPING * torch.eye(u.shape[1], dtype=u.dtype), v)
+    run("hylo", model, x, t, loss_fn, switch_policy=method, compression_ratio=1.0)
+    assert_close_rel(hylo_layout(ref.block_of(model)), expected, 1e-9)
+
+
+OPTIONS = {"kfac": dict(fisher_type="fisher_emp"), "fop": dict(fisher_type="fisher_emp"),
+           "fngd": dict(iters_per_epoch=2), "hylo": dict(switch_policy="kis", compression_ratio=0.5)}
+
+
+def train(name, micro_batch_size, steps=4):
+    """Steps of SGD with momentum on AllNet (curvature every 2nd step with EMA; FNGD's coefficients reused
+    from step 2 on; HyLo refreshing every 2nd step): every step's gradients."""
+    torch.manual_seed(0)
+    model = ref.AllNet().double()
+    config = asdl.PreconditioningConfig(damping=ref.DAMPING, ema_decay=0.5, curvature_upd_interval=2,
+                                        preconditioner_upd_interval=2)
+    maker = fop_asdl.make_gradient_maker(name, model, config, micro_batch_size=micro_batch_size, **OPTIONS[name])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(3)
+    history = []
+    for _ in range(steps):
+        ids, t = torch.randint(0, ref.V, (ref.N, ref.T), generator=gen), torch.randint(0, ref.C, (ref.N,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        step(maker, model, ids, t)
+        history.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+    return history
+
+
+@pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo"])
+def test_micro_batched_steps_equal_one_pass(name):
+    """7 samples as 3 + 3 + 1: curvature, per-half sums, Grams and rows of every new layer type add up."""
+    for full, chunked in zip(train(name, None), train(name, 3)):
+        for a, b in zip(full, chunked):
+            torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
