@@ -154,9 +154,9 @@ def kept_requires_grad(model: nn.Module):
             param.requires_grad_(flag)
 
 
-#: ASDL's layer types and those the package adds (Fix 12): Conv1d, GroupNorm.
-_ASDL_CLASSES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
-                 nn.Embedding)
+#: ASDL's layer types and those the package adds (Fix 12): Conv1d, ConvTranspose2d, GroupNorm.
+_ASDL_CLASSES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm,
+                 nn.GroupNorm, nn.Embedding)
 
 
 # --- Fix 4: ASDL rejects subclasses of its layer types by their class name ------------------------
@@ -192,10 +192,12 @@ def quiet_asdl_hooks() -> Iterator[None]:
 
 
 # --- Fix 12: more layer types -----------------------------------------------------------------------
-# ASDL 0.1a5 has no operation for Conv1d or GroupNorm, a Conv2d operation that refuses dilation and ignores
-# groups and the padding mode, and an Embedding operation with wrong factors (fop_asdl/curvature/layer_ops.py
-# says what and why). Its operation lookup, its lists of supported layers and K-FAC's shapes (GroupNorm
-# unit-wise, as BatchNorm and LayerNorm) take the package's operations for these layers.
+# ASDL 0.1a5 has no operation for Conv1d, ConvTranspose2d or GroupNorm, a Conv2d operation that refuses
+# dilation and ignores groups and the padding mode, and an Embedding operation with wrong factors
+# (fop_asdl/curvature/layer_ops.py says what and why). Its operation lookup, its lists of supported layers
+# and K-FAC's shapes (GroupNorm unit-wise, as BatchNorm and LayerNorm) take the package's operations for
+# these layers. A ConvTranspose2d's gradient must be turned into the layout its factors act on, which ASDL's
+# own preconditioning does not do: it is a block of the package's makers only (their _supported_classes).
 def _patch_layer_types() -> None:
     original = _asdl_core.get_op_class
     if getattr(original, "_fop_asdl_layers", False):
@@ -207,7 +209,7 @@ def _patch_layer_types() -> None:
     get_op_class._fop_asdl_layers = True
     _asdl_core.get_op_class = get_op_class
     extra = (nn.Conv1d, nn.GroupNorm)
-    _asdl_core._supported_module_classes = tuple(_asdl_core._supported_module_classes) + extra
+    _asdl_core._supported_module_classes = tuple(_asdl_core._supported_module_classes) + extra + (nn.ConvTranspose2d,)
     _asdl_ng.NaturalGradientMaker._supported_classes = tuple(_asdl_ng.NaturalGradientMaker._supported_classes) + extra
 
     def kfac_init(self, model, config, fisher_type=_asdl_ng.FISHER_MC, loss_type=_asdl_ng.LOSS_CROSS_ENTROPY,

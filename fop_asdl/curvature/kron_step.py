@@ -22,7 +22,7 @@ from ..engine.attention import attention_blocks
 from ..engine.capture import BlockCapture, Chunk
 from ..engine.chunks import summed_loss_backward
 from ..engine.coverage import kron_description
-from ..engine.layers import CONVS
+from ..engine.layers import CONVS, conv_weight_shape
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_uses
 from ..engine.step import SteppedGradientMaker
@@ -89,6 +89,9 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
     """
 
     two_gradients = True
+    #: ASDL's layer types (with the package's, fop_asdl.compat fix 12) and ConvTranspose2d, whose gradient the
+    #: step turns into the layout its factors act on (ASDL's own preconditioning does not).
+    _supported_classes = KfacGradientMaker._supported_classes + (nn.ConvTranspose2d,)
     #: Names of the per-block stats :meth:`_precondition` returns; those starting with "kl_" add up to ‖Δ‖²_F̃.
     stat_keys: Tuple[str, ...] = ()
     #: Several ranks run the sharded path (fop_asdl.distributed), not ASDL's.
@@ -271,8 +274,9 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             self._shapes = {}
             for name, module in self.named_modules_for_curvature:
                 weight = module.weight.shape
-                if isinstance(module, CONVS):
-                    weight = torch.Size((weight[0], weight[1:].numel()))
+                if isinstance(module, CONVS):  # the Conv2d it is seen as (a ConvTranspose2d's W')
+                    shape = conv_weight_shape(module)
+                    weight = torch.Size((shape[0], shape[1:].numel()))
                 bias = None if getattr(module, "bias", None) is None else module.bias.shape
                 self._shapes[name] = (weight, bias)
         return self._shapes

@@ -9,10 +9,11 @@ factors follow :mod:`fop_asdl.curvature.factors`: B on the rows of the weight as
   B summed over tokens. Here the embedding is that Linear: B = diag(token counts, padding excluded) on the
   rows, stored as the vector of its diagonal (a V×V matrix would not fit a vocabulary), and A = Σ g gᵀ over
   all tokens on the columns, both per sample of the summed loss as for every Kron block.
-* ``Conv``: Conv1d (ASDL has none) as a Conv2d of unit height, and Conv2d with groups, dilation, string
-  padding or a non-zero padding mode (ASDL's im2col refuses dilation and ignores groups and the padding
-  mode): patches by ``F.unfold`` of the input as the layer convolves it; with groups, one (A_g, B_g) pair per
-  group, stacked.
+* ``Conv``: Conv1d (ASDL has none) as a Conv2d of unit height, ConvTranspose2d (ASDL has none) as the
+  Conv2d of its flipped, transposed weight on its zero-inserted input, and Conv2d with groups, dilation,
+  string padding or a non-zero padding mode (ASDL's im2col refuses dilation and ignores groups and the
+  padding mode): ASDL's conv factors on ``F.unfold`` patches of the input as that Conv2d convolves it
+  (:mod:`fop_asdl.engine.layers`); with groups, one (A_g, B_g) pair per group, stacked.
 * ``GroupNorm`` (ASDL has none): the unit-wise 2×2 curvature per channel of (Σ δ x̂, Σ δ) per sample,
   as ASDL's BatchNorm2d op; x̂ from the input and the group statistics (not from dividing the output by
   the weight, which fails for a zero weight).
@@ -152,7 +153,7 @@ def op_class(module: nn.Module):
         return Embedding
     if isinstance(module, nn.GroupNorm):
         return GroupNorm
-    if isinstance(module, nn.Conv1d) or (isinstance(module, nn.Conv2d) and (
+    if isinstance(module, (nn.Conv1d, nn.ConvTranspose2d)) or (isinstance(module, nn.Conv2d) and (
             module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros"
             or isinstance(module.padding, str))):
         return Conv

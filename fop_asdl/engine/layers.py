@@ -1,7 +1,14 @@
-"""The layer types beyond Linear and the norms, as every method's math sees them: convolutions (``Conv1d`` as a
-``Conv2d`` of unit height; any groups, dilation, string padding or padding mode), ``ConvTranspose2d`` and
-``Embedding``. One place says which of them a method can take and why not, and turns a call's tensors into
-the plain 2-D, zero-padded form the curvature, Gram and row formulas are written for.
+"""The layer types beyond Linear and the norms, as every method's math sees them: convolutions and
+``Embedding``. Each convolution is seen as a plain ``Conv2d`` with zero padding on an input prepared here, so
+the curvature, Gram and row formulas are written once:
+
+* ``Conv1d``: a Conv2d of unit height;
+* a non-zero padding mode or string padding (possibly asymmetric): the input padded beforehand, as torch's
+  own forward pads it for the padding mode;
+* ``ConvTranspose2d``: exactly the Conv2d of its flipped, transposed weight W' (out, in/groups, kh, kw),
+  stride 1, on its input with stride − 1 zeros inserted between entries and padded by dilation·(k − 1) −
+  padding (+ output_padding after). Its blocks hold their gradients in W' layout (:func:`to_conv_layout`);
+  ``write_block`` turns them back.
 """
 from __future__ import annotations
 
@@ -11,16 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CONVS", "Geometry", "as_2d", "conv_input", "conv_weight_sum", "embedding_problem", "embedding_tokens",
-           "geometry", "grouped", "unsupported_reason"]
+__all__ = ["CONVS", "Geometry", "as_2d", "conv_input", "conv_weight_shape", "conv_weight_sum", "embedding_problem",
+           "embedding_tokens", "from_conv_layout", "geometry", "to_conv_layout"]
 
 #: Convolutions whose weight gradient is Σ_s g_s p_sᵀ over output positions s (patches p of the input).
-CONVS = (nn.Conv1d, nn.Conv2d)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
 Pair = Tuple[int, int]
 
 
 class Geometry(NamedTuple):
-    """A convolution as a 2-D one on an input padded beforehand: kernel, stride, padding, dilation (pairs)."""
+    """A convolution as a 2-D one on :func:`conv_input`: kernel, stride, padding, dilation (pairs), groups."""
 
     kernel: Pair
     stride: Pair
@@ -30,16 +37,17 @@ class Geometry(NamedTuple):
 
 
 def _explicit_padding(module: nn.Module) -> bool:
-    """Whether the input must be padded before the convolution: a non-zero padding mode, or string padding
-    (which may be asymmetric), as torch's own forward does for the padding mode."""
-    return module.padding_mode != "zeros" or isinstance(module.padding, str)
+    """Whether the input is padded before the convolution: a transposed convolution, a non-zero padding mode
+    or string padding."""
+    return isinstance(module, nn.ConvTranspose2d) or module.padding_mode != "zeros" or isinstance(module.padding, str)
 
 
 def geometry(module: nn.Module) -> Geometry:
     """The 2-D geometry of a Conv1d/Conv2d/ConvTranspose2d on :func:`conv_input`'s input."""
-    one_d = isinstance(module, nn.Conv1d)
+    if isinstance(module, nn.ConvTranspose2d):
+        return Geometry(tuple(module.kernel_size), (1, 1), (0, 0), tuple(module.dilation), module.groups)
     padding = (0, 0) if _explicit_padding(module) else tuple(module.padding)
-    if one_d:
+    if isinstance(module, nn.Conv1d):
         return Geometry((1, module.kernel_size[0]), (1, module.stride[0]), (0, padding[0]),
                         (1, module.dilation[0]), module.groups)
     return Geometry(tuple(module.kernel_size), tuple(module.stride), tuple(padding), tuple(module.dilation),
@@ -47,8 +55,15 @@ def geometry(module: nn.Module) -> Geometry:
 
 
 def conv_input(module: nn.Module, x: Tensor) -> Tensor:
-    """A convolution's input as the layer convolves it: padded here when :func:`geometry` says padding 0."""
-    if isinstance(module, CONVS) and _explicit_padding(module):
+    """A convolution's input as the Conv2d of :func:`geometry` convolves it (padded, zeros inserted)."""
+    if isinstance(module, nn.ConvTranspose2d):
+        (sh, sw), (kh, kw), (dh, dw) = module.stride, module.kernel_size, module.dilation
+        spread = x.new_zeros(x.shape[0], x.shape[1], (x.shape[2] - 1) * sh + 1, (x.shape[3] - 1) * sw + 1)
+        spread[:, :, ::sh, ::sw] = x
+        (ph, pw), (oh, ow) = module.padding, module.output_padding
+        top, left = dh * (kh - 1) - ph, dw * (kw - 1) - pw  # negative: F.pad crops
+        return F.pad(spread, (left, left + ow, top, top + oh))
+    if _explicit_padding(module):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
     return x
@@ -59,23 +74,47 @@ def as_2d(module: nn.Module, t: Tensor) -> Tensor:
     return t.unsqueeze(2) if isinstance(module, nn.Conv1d) else t
 
 
-def conv_weight_sum(module: nn.Module, x: Tensor, grad_out: Tensor, rows: slice = slice(None)) -> Tensor:
-    """The weight gradient of one call summed over ``rows`` of its samples, from its input ``x`` (as the layer
-    received it) and output gradient: the GEMM autograd would run, for every convolution type."""
-    x, grad_out = x[rows], grad_out[rows]
+def conv_weight_shape(module: nn.Module) -> torch.Size:
+    """The 4-D weight shape of the Conv2d a convolution is seen as (out, in/groups, kh, kw)."""
+    shape = module.weight.shape
+    if isinstance(module, nn.Conv1d):
+        return torch.Size((shape[0], shape[1], 1, shape[2]))
+    if isinstance(module, nn.ConvTranspose2d):
+        return torch.Size((module.out_channels, module.in_channels // module.groups, shape[2], shape[3]))
+    return shape
+
+
+def to_conv_layout(module: nn.Module, weight: Tensor) -> Tensor:
+    """A ConvTranspose2d's weight (or gradient) W (in, out/G, kh, kw) as W' (out, in/G, kh, kw): per group
+    transposed, kernel flipped. Other layers' unchanged."""
+    if not isinstance(module, nn.ConvTranspose2d):
+        return weight
+    groups, (c_in, per_group, kh, kw) = module.groups, module.weight.shape
+    w = weight.reshape(groups, c_in // groups, per_group, kh, kw).transpose(1, 2)
+    return w.reshape(module.out_channels, c_in // groups, kh, kw).flip(-2, -1)
+
+
+def from_conv_layout(module: nn.Module, weight: Tensor) -> Tensor:
+    """The inverse of :func:`to_conv_layout`, from any shape of W' (a block vector) to the weight's shape."""
+    if not isinstance(module, nn.ConvTranspose2d):
+        return weight.reshape(module.weight.shape)
+    groups, (c_in, per_group, kh, kw) = module.groups, module.weight.shape
+    w = weight.reshape(groups, per_group, c_in // groups, kh, kw).flip(-2, -1).transpose(1, 2)
+    return w.reshape(module.weight.shape)
+
+
+def conv_weight_sum(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tensor:
+    """The weight gradient of one call summed over its samples (a ConvTranspose2d's in W' layout), from its
+    input ``x`` as the layer received it and its output gradient: the GEMM autograd runs."""
     transposed = isinstance(module, nn.ConvTranspose2d)
-    x = conv_input(module, x)
-    padding = (0,) * (x.dim() - 2) if not transposed and _explicit_padding(module) else module.padding
+    padding = module.padding
+    if not transposed and _explicit_padding(module):
+        x, padding = conv_input(module, x), (0,) * (x.dim() - 2)
     weight = grad_out.new_empty(1).expand(module.weight.shape)
     output_padding = module.output_padding if transposed else (0,) * (x.dim() - 2)
-    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, module.stride, padding, module.dilation,
+    grad = torch.ops.aten.convolution_backward(grad_out, x, weight, None, module.stride, padding, module.dilation,
                                                transposed, output_padding, module.groups, (False, True, False))[1]
-
-
-def grouped(tensor: Tensor, groups: int, dim: int) -> Tensor:
-    """``tensor`` with dim ``dim`` split into (groups, size / groups)."""
-    shape = tensor.shape
-    return tensor.reshape(shape[:dim] + (groups, shape[dim] // groups) + shape[dim + 1:])
+    return to_conv_layout(module, grad)
 
 
 def embedding_problem(module: nn.Embedding) -> Optional[str]:
@@ -93,15 +132,3 @@ def embedding_tokens(module: nn.Embedding, x: Tensor) -> Tuple[Tensor, Tensor]:
     if module.padding_idx is None:
         return ids, torch.ones(ids.shape, dtype=module.weight.dtype, device=ids.device)
     return ids, (ids != module.padding_idx).to(module.weight.dtype)
-
-
-def unsupported_reason(module: nn.Module, per_sample: bool) -> Optional[str]:
-    """Why a layer type this module knows cannot be a block of a Kronecker (``per_sample`` False) or per-sample
-    method, or None when it can. Linear and the norms are not this module's business."""
-    if isinstance(module, nn.Embedding):
-        return embedding_problem(module)
-    if isinstance(module, nn.ConvTranspose2d):
-        if module.groups != 1:
-            return "grouped transposed convolution"
-        return None
-    return None

@@ -30,9 +30,8 @@ def user_ignores(name: str, module: nn.Module, ignore_modules: Optional[Sequence
     return False
 
 
-def _plain_reason(module: nn.Module, per_sample: bool) -> str:
-    """Why a trainable layer gets the plain gradient from a Kronecker (``per_sample`` False) or per-sample
-    method: the text the warning gives after its type."""
+def _plain_reason(module: nn.Module) -> str:
+    """Why a trainable layer gets the plain gradient from a method: the text its warning gives after the type."""
     if next(module.children(), None) is not None:
         return "parameters of its own beside its submodules"
     if not all(p.requires_grad for p in module.parameters(recurse=False)):
@@ -43,10 +42,6 @@ def _plain_reason(module: nn.Module, per_sample: bool) -> str:
         return "weight or bias missing: the unit-wise 2×2 curvature needs both"
     if isinstance(module, nn.RNNBase):
         return "a recurrent layer's weights act at every time step through its state: no per-layer factors"
-    if isinstance(module, nn.ConvTranspose2d):
-        return ("no Kronecker factors for a transposed convolution (its weight is (in, out/groups, kh, kw): "
-                "ASDL's factors are defined on (out, in) weights)" if not per_sample else
-                "grouped transposed convolution" if module.groups != 1 else "no per-sample rows for it")
     return "no curvature for this layer type"
 
 
@@ -66,7 +61,7 @@ def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, l
         is_leaf = next(module.children(), None) is None
         if not is_leaf or not supports_half_gradients(module) or not all(p.requires_grad for p in own):
             unsupported.append(f"{name or '<root>'} ({module.__class__.__name__}: "
-                               f"{_plain_reason(module, per_sample=False)})")
+                               f"{_plain_reason(module)})")
             if is_leaf:
                 ignore.append(module)
     if unsupported:
@@ -117,7 +112,7 @@ def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]]
             blocks.append((name, module))
         elif not (isinstance(module, _NORMS) and all(p.requires_grad for p in own)):
             unsupported.append(f"{name or '<root>'} ({module.__class__.__name__}: "
-                               f"{_plain_reason(module, per_sample=True)})")
+                               f"{_plain_reason(module)})")
     if unsupported:
         warnings.warn(f"fop_asdl: {label} cannot precondition " + ", ".join(unsupported)
                       + "; their parameters receive the plain mean gradient.", UserWarning)

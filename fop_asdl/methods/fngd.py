@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import fngd_math
 from ..engine.capture import Chunk
-from ..engine.layers import CONVS, as_2d, conv_input, embedding_tokens, geometry
+from ..engine.layers import CONVS, as_2d, conv_input, conv_weight_shape, embedding_tokens, geometry
 from ..engine.loss import BatchCounts, loss_scale
 from ..distributed import make_sync
 from ..engine.per_sample import PerSampleStepMaker
@@ -232,7 +232,7 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         bias = getattr(module, "bias", None) is not None
         if isinstance(module, CONVS):
             g = geometry(module)
-            return fngd_math.conv2d_gram(x, z, _weight_2d(module), g.stride, g.padding, g.dilation, bias=bias,
+            return fngd_math.conv2d_gram(x, z, conv_weight_shape(module), g.stride, g.padding, g.dilation, bias=bias,
                                          groups=g.groups, strategy=self.conv_gram)
         if isinstance(module, nn.Embedding):
             return fngd_math.embedding_gram(*embedding_tokens(module, x), z)
@@ -245,7 +245,7 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         w = w.to(z.dtype)  # the output gradients' (an Embedding's x holds token ids)
         if isinstance(module, CONVS):
             g = geometry(module)
-            return fngd_math.conv2d_weighted_sum(x, z, w, _weight_2d(module), g.stride, g.padding, g.dilation,
+            return fngd_math.conv2d_weighted_sum(x, z, w, conv_weight_shape(module), g.stride, g.padding, g.dilation,
                                                  bias=bias, groups=g.groups)
         if isinstance(module, nn.Embedding):
             return fngd_math.embedding_weighted_sum(*embedding_tokens(module, x), z, w, module.num_embeddings), None
@@ -290,8 +290,8 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
 
 def _as_rows(module: nn.Module, x: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
     """A block's call as :mod:`fop_asdl.methods.fngd_math` takes it: a Linear's token dimensions folded into one
-    (M, T, I); a convolution as a Conv2d on its input padded as the layer pads it; an Embedding's ids (M, T)
-    with its output gradients (M, T, D)."""
+    (M, T, I); a convolution as the Conv2d it is seen as (:mod:`fop_asdl.engine.layers`); an Embedding's
+    ids (M, T) with its output gradients (M, T, D)."""
     if isinstance(module, nn.Linear) and x.dim() > 3:
         return x.reshape(x.shape[0], -1, x.shape[-1]), z.reshape(z.shape[0], -1, z.shape[-1])
     if isinstance(module, CONVS):
@@ -299,11 +299,5 @@ def _as_rows(module: nn.Module, x: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
     if isinstance(module, nn.Embedding):
         return x.reshape(x.shape[0], -1), z.reshape(z.shape[0], -1, z.shape[-1])
     return x, z
-
-
-def _weight_2d(module: nn.Module) -> torch.Size:
-    """A convolution's weight shape as a Conv2d's (a Conv1d's of unit height)."""
-    shape = module.weight.shape
-    return torch.Size((shape[0], shape[1], 1, shape[2])) if len(shape) == 3 else shape
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import hylo_math
 from ..engine.capture import Chunk
-from ..engine.layers import CONVS, as_2d, conv_input, embedding_tokens, geometry
+from ..engine.layers import CONVS, as_2d, conv_input, embedding_tokens, geometry, to_conv_layout
 from ..engine.sub_batches import half_sums
 from ..engine.loss import BatchCounts, loss_scale
 from .hylo_refresh import owner_costs, refresh_factors
@@ -214,11 +214,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         else:  # the blocks that were not captured: autograd's gradient, already reduced and divided
             for name, module in self.blocks:
                 if name not in plan.raw and module.weight.grad is not None:
-                    bias = getattr(module, "bias", None)
-                    plan.raw[name] = (module.weight.grad, None if bias is None else bias.grad)
-                    module.weight.grad = None  # the commit writes the preconditioned one in its place
-                    if bias is not None:
-                        bias.grad = None
+                    plan.raw[name] = _take_gradient(module)  # the commit writes the preconditioned one
         norms = []  # V_lᵀ Δ_l of the preconditioned blocks, for kl_clip
         for name, v in plan.raw.items():
             stored = (plan.factors[name], self.damping) if name in plan.factors else self.factors.get(name)
@@ -335,3 +331,14 @@ def _precondition(module: nn.Module, v: BlockVector, factors: hylo_math.LowRankF
     if isinstance(module, nn.Embedding):
         return hylo_math.precondition(v[0].T, None, factors, damping)[0].T, None
     return hylo_math.precondition(v[0], v[1], factors, damping)
+
+
+def _take_gradient(module: nn.Module) -> BlockVector:
+    """A block's autograd gradient as its block vector (a ConvTranspose2d's weight in W' layout), taken out
+    of ``p.grad``."""
+    bias = getattr(module, "bias", None)
+    vector = (to_conv_layout(module, module.weight.grad), None if bias is None else bias.grad)
+    module.weight.grad = None
+    if bias is not None:
+        bias.grad = None
+    return vector

@@ -50,7 +50,7 @@ def token_sum(y, t, reduction="sum"):
 
 class AllNet(nn.Module):
     """Every new layer type in one net, samples independent (no BatchNorm): Embedding, Conv1d, GroupNorm,
-    grouped and depthwise Conv2d, Linear."""
+    grouped and depthwise Conv2d, ConvTranspose2d, Linear."""
 
     def __init__(self):
         super().__init__()
@@ -59,12 +59,14 @@ class AllNet(nn.Module):
         self.norm = nn.GroupNorm(2, 4)
         self.grouped = nn.Conv2d(4, 6, 3, groups=2, padding=1)
         self.depthwise = nn.Conv2d(6, 6, 3, groups=6, padding="same", padding_mode="reflect")
-        self.head = nn.Linear(6, C)
+        self.up = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1)
+        self.head = nn.Linear(4, C)
 
     def forward(self, ids):
         h = torch.tanh(self.norm(self.seq(self.emb(ids).transpose(1, 2))))  # (n, 4, T)
         h = torch.tanh(self.grouped(h.unsqueeze(-1) * h.unsqueeze(-2)))  # (n, 6, T, T)
-        return self.head(torch.tanh(self.depthwise(h)).mean((2, 3)))
+        h = torch.tanh(self.up(torch.tanh(self.depthwise(h))))  # (n, 4, 2T, 2T)
+        return self.head(h.mean((2, 3)))
 
 
 def conv_net(kind: str) -> nn.Module:
@@ -79,6 +81,9 @@ def conv_net(kind: str) -> nn.Module:
     if kind == "conv1d":
         block = nn.Conv1d(4, 5, 3, stride=2, padding=2, dilation=2)
         return nn.Sequential(block, nn.Tanh(), nn.Flatten(), nn.Linear(5 * 5, C))
+    if kind == "transposed":
+        block = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        return nn.Sequential(block, nn.Tanh(), nn.Flatten(), nn.Linear(6 * 6 * 6, C))
     if kind == "groupnorm":
         return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(),
                              nn.Linear(4 * 5 * 5, C))
@@ -108,7 +113,8 @@ def case(kind: str, seed: int = 0):
         if kind == "token_sum":
             return TokenNet().double(), ids, t, token_sum, 1
         return TokenNet().double(), ids, t, token_loss, int((t != -1).sum())
-    x = torch.randn((N, 4, 9) if kind == "conv1d" else (N, 4, 5, 5), generator=gen, dtype=torch.float64)
+    shape = {"conv1d": (N, 4, 9), "transposed": (N, 4, 3, 3)}.get(kind, (N, 4, 5, 5))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
     return conv_net(kind).double(), x, t, F.cross_entropy, N
 
 
@@ -116,8 +122,24 @@ def params(module):
     return [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
 
 
+def conv_layout(module, weight) -> torch.Tensor:
+    """A ConvTranspose2d's weight (in, out/G, kh, kw) as the equivalent Conv2d's (out, in/G, kh, kw): per
+    group transposed, kernel flipped; other weights as they are."""
+    if not isinstance(module, nn.ConvTranspose2d):
+        return weight
+    c_in, per_group, kh, kw = module.weight.shape
+    g = module.groups
+    w = weight.reshape(g, c_in // g, per_group, kh, kw).transpose(1, 2)
+    return w.reshape(g * per_group, c_in // g, kh, kw).flip(-2, -1)
+
+
+def flat(module, grads) -> torch.Tensor:
+    """[weight; bias] of a block as one vector, the weight in the layout its curvature is defined on."""
+    return torch.cat([conv_layout(module, grads[0]).reshape(-1)] + [g.reshape(-1) for g in grads[1:]])
+
+
 def flat_grad(module) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in params(module)])
+    return flat(module, [p.grad for p in params(module)])
 
 
 def per_sample_gradients(model, x, t, loss_fn, normalizer, module) -> torch.Tensor:
@@ -126,7 +148,7 @@ def per_sample_gradients(model, x, t, loss_fn, normalizer, module) -> torch.Tens
     rows = []
     for i in range(x.shape[0]):
         term = loss_fn(model(x[i:i + 1]), t[i:i + 1], reduction="sum") * (x.shape[0] / normalizer)
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(term, params(module))]))
+        rows.append(flat(module, torch.autograd.grad(term, params(module))))
     return torch.stack(rows)
 
 
@@ -145,16 +167,34 @@ def input_and_output_grad(model, module, x, t, loss_fn, normalizer):
     return seen["x"].detach(), seen["y"].grad.detach()
 
 
+def _basis(module, i):
+    """One-hot weights: entry i of the first output channel of every group, that entry counted in the
+    (out, in/G, kh, kw) layout; for a ConvTranspose2d the weight entry (g·in/G + c, 0, kh−1−a, kw−1−b) that the
+    Conv2d entry (c, a, b) of its flipped, transposed weight stands for."""
+    weight, groups = module.weight, module.groups
+    if isinstance(module, nn.ConvTranspose2d):
+        c_in, _, kh, kw = weight.shape
+        c, rest = divmod(i, kh * kw)
+        basis = torch.zeros_like(weight)
+        for g in range(groups):
+            basis[g * (c_in // groups) + c, 0, kh - 1 - rest // kw, kw - 1 - rest % kw] = 1
+        return basis
+    out, width = weight.shape[0], weight[0].numel()
+    basis = torch.zeros(out, width, dtype=weight.dtype)
+    basis[::out // groups, i] = 1
+    return basis.reshape(weight.shape)
+
+
 def patches(module, x) -> torch.Tensor:
     """(n, S, G, a): the input patch each output position of group g multiplies, read off the layer's own
     forward with one-hot weights on the first output channel of each group."""
-    weight, groups = module.weight, module.groups
-    out, width = weight.shape[0], weight[0].numel()
+    groups = module.groups
+    out = module.out_channels
+    width = module.weight[0].numel() if not isinstance(module, nn.ConvTranspose2d) else \
+        module.in_channels // groups * module.weight[0, 0].numel()
     columns = []
     for i in range(width):
-        basis = torch.zeros(out, width, dtype=weight.dtype)
-        basis[::out // groups, i] = 1
-        values = {"weight": basis.reshape(weight.shape)}
+        values = {"weight": _basis(module, i)}
         if module.bias is not None:
             values["bias"] = torch.zeros_like(module.bias)
         y = torch.func.functional_call(module, values, (x,))
@@ -247,6 +287,7 @@ def hylo_rows(model, x, t, loss_fn, normalizer):
     module = block_of(model)
     inputs, gy = input_and_output_grad(model, module, x, t, loss_fn, normalizer)
     grads = torch.autograd.grad(loss_fn(model(x), t), params(module))
+    grads = (conv_layout(module, grads[0]),) + grads[1:]
     if isinstance(module, nn.Embedding):
         ids = inputs.reshape(-1)
         g = gy.reshape(-1, gy.shape[-1]) * (ids != 0)[:, None]

@@ -15,7 +15,7 @@ from conftest import step
 
 #: Embedding on ids (n,) and on tokens (n, T) with padding, a token-level mean loss with ignored targets and a
 #: summed one (the user's normaliser N = kept tokens, 1), grouped / depthwise Conv2d, Conv1d, GroupNorm.
-KINDS = ["ids", "tokens", "token_loss", "token_sum", "grouped", "depthwise", "conv1d", "groupnorm"]
+KINDS = ["ids", "tokens", "token_loss", "token_sum", "grouped", "depthwise", "conv1d", "transposed", "groupnorm"]
 PER_SAMPLE_KINDS = [kind for kind in KINDS if kind != "groupnorm"]
 
 
@@ -160,10 +160,11 @@ def test_groupnorm_gets_the_plain_gradient_from_the_per_sample_methods(name):
 
 
 def hylo_layout(module):
-    """[W | b] as HyLo's rows see it (an Embedding's weight as stored)."""
+    """[W | b] as HyLo's rows see it (an Embedding's weight as stored, a ConvTranspose2d's as its Conv2d's)."""
     if isinstance(module, nn.Embedding):
         return module.weight.grad.reshape(-1)
-    return torch.cat([module.weight.grad.reshape(module.weight.shape[0], -1), module.bias.grad[:, None]], 1).reshape(-1)
+    weight = ref.conv_layout(module, module.weight.grad)
+    return torch.cat([weight.reshape(weight.shape[0], -1), module.bias.grad[:, None]], 1).reshape(-1)
 
 
 @pytest.mark.parametrize("method", ["kis", "kid"])
