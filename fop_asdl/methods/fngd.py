@@ -223,7 +223,7 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         """Every block's global (x, z) at its owner; an Embedding's token ids travel apart, as float64 (exact),
         since one buffer with the output gradients would hold them in their (maybe 16-bit) dtype."""
         ids = {name: [x.double()] for name, (x, _) in data.items() if not x.is_floating_point()}
-        owned = self._sync.rows_at_owners({name: [z] if name in ids else list(xz) for name, xz in data.items()})
+        owned = self._sync.rows_at_owners({name: [xz[1]] if name in ids else list(xz) for name, xz in data.items()})
         owned_ids = self._sync.rows_at_owners(ids) if ids else {}
         return {name: (owned_ids[name][0].long(), rows[0]) if name in owned_ids else tuple(rows)
                 for name, rows in owned.items()}

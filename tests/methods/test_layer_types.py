@@ -209,3 +209,24 @@ def test_micro_batched_steps_equal_one_pass(name):
     for full, chunked in zip(train(name, None), train(name, 3)):
         for a, b in zip(full, chunked):
             torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
+
+
+def test_two_gloo_ranks_equal_one_process():
+    """Every maker, AllNet on 2 ranks of 4 samples each: stacked and diagonal factors reduced at their owners,
+    token ids sent to FNGD's owners, HyLo's grouped and id rows all-gathered: the one-process steps."""
+    import tempfile
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    import layer_worker
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(layer_worker.ranks, args=(2, str(Path(tmp) / "store"), str(Path(tmp) / "out")),
+                           nprocs=2, join=True, start_method="spawn")
+        results = [torch.load(Path(tmp) / f"out.{r}", weights_only=False) for r in range(2)]
+    for name in layer_worker.MAKERS:
+        for step_index, expected in enumerate(layer_worker.single(name, 2)):
+            for rank in results:
+                for got, want in zip(rank[name][step_index], expected):
+                    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10 * float(want.abs().max()))
