@@ -88,21 +88,29 @@ def with_other_uses(blocks: Sequence[Tuple[str, nn.Module]], shared: Sequence[Tu
     return [(name, m) for name, m in blocks if (name, m) in shared or any(p.grad is not None for p in m.parameters())]
 
 
-def supports_per_sample(module: nn.Module) -> bool:
-    """Whether the per-sample math of FNGD (:mod:`fop_asdl.methods.fngd_math`) and HyLo
-    (:mod:`fop_asdl.methods.hylo_math`) covers this layer: Linear, Conv1d and Conv2d (any groups, dilation,
-    padding and padding mode), Embedding (not sparse, no ``scale_grad_by_freq``)."""
-    if isinstance(module, nn.Embedding):
-        return embedding_problem(module) is None
-    return isinstance(module, (nn.Linear, *CONVS))
+def supports_per_sample(module: nn.Module, all_layer_types: bool = True) -> bool:
+    """Whether per-sample math covers this layer: with ``all_layer_types`` (FNGD's
+    :mod:`~fop_asdl.methods.fngd_math`, HyLo's :mod:`~fop_asdl.methods.hylo_rows`) Linear, every convolution
+    of :mod:`fop_asdl.engine.layers` and Embedding (not sparse, no ``scale_grad_by_freq``); without, Linear and
+    Conv2d without groups, string padding or a non-zero padding mode (the other per-sample methods' math)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if all_layer_types:
+        if isinstance(module, nn.Embedding):
+            return embedding_problem(module) is None
+        return isinstance(module, CONVS)
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
 
 
-def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]], label: str
-                       ) -> List[Tuple[str, nn.Module]]:
-    """Trainable Linear, convolution and Embedding layers a per-sample method (FNGD, HyLo) preconditions:
-    those :func:`supports_per_sample` covers and not partially frozen. Norm layers (BatchNorm, LayerNorm,
-    GroupNorm) get the plain gradient by design; one warning names every other trainable layer left to it,
-    and why."""
+def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]], label: str,
+                       all_layer_types: bool = False) -> List[Tuple[str, nn.Module]]:
+    """Trainable layers a per-sample method preconditions: those :func:`supports_per_sample` covers and not
+    partially frozen. With ``all_layer_types`` (FNGD, HyLo) norm layers (BatchNorm, LayerNorm, GroupNorm) get
+    the plain gradient by design and one warning names every other trainable layer left to it, and why;
+    without, one warning names the Linear and Conv2d layers left to it."""
+    if not all_layer_types:
+        return _linear_conv2d_blocks(model, ignore_modules, label)
     blocks, unsupported = [], []
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
@@ -116,4 +124,23 @@ def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]]
     if unsupported:
         warnings.warn(f"fop_asdl: {label} cannot precondition " + ", ".join(unsupported)
                       + "; their parameters receive the plain mean gradient.", UserWarning)
+    return blocks
+
+
+def _linear_conv2d_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]], label: str
+                          ) -> List[Tuple[str, nn.Module]]:
+    blocks, unsupported = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or user_ignores(name, module, ignore_modules):
+            continue
+        own = list(module.parameters(recurse=False))
+        if not any(p.requires_grad for p in own):
+            continue
+        if supports_per_sample(module, all_layer_types=False) and all(p.requires_grad for p in own):
+            blocks.append((name, module))
+        else:
+            unsupported.append(f"{name} ({module.__class__.__name__})")
+    if unsupported:
+        warnings.warn(f"fop_asdl: {label} cannot precondition " + ", ".join(unsupported) + " (grouped, string "
+                      "padding or partially frozen); their parameters receive the plain mean gradient.", UserWarning)
     return blocks

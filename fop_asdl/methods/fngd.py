@@ -81,6 +81,7 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     """
 
     method_label = "FNGD"
+    all_layer_types = True
 
     def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *,
                  iters_per_epoch: Optional[int] = None, alpha: float = 0.1, damping_mode: str = "frobenius",

@@ -89,6 +89,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     """
 
     method_label = "HyLo"
+    all_layer_types = True
 
     def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *,
                  compression_ratio: float = 0.1, switch_policy: Union[str, SwitchPolicy] = "gradient",
@@ -190,20 +191,8 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         record.grad = add(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
         if not self._step_plan.refresh:  # a shared block between refreshes: only its own gradient
             return record
-        bias = getattr(module, "bias", None) is not None
-        grad_out = grad_out.to(self.precision.factor)
-        if x.is_floating_point():  # an Embedding's input is its token ids
-            x = x.to(self.precision.factor)
-        if isinstance(module, CONVS):
-            g = geometry(module)
-            rows = hylo_math.conv2d_rows(as_2d(module, conv_input(module, x)), as_2d(module, grad_out), g.kernel,
-                                         g.stride, g.padding, g.dilation, bias=bias,
-                                         conv_reduction=self.conv_reduction, groups=g.groups)
-        elif isinstance(module, nn.Embedding):
-            rows = hylo_math.embedding_rows(*embedding_tokens(module, x), grad_out)
-        else:
-            rows = hylo_math.linear_rows(x, grad_out, bias, token_reduction=self.token_reduction)
-        record.rows.append(rows)
+        record.rows.append(_rows(module, x, grad_out, self.conv_reduction, self.token_reduction,
+                                 self.precision.factor))
         return record
 
     def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: BatchCounts) -> Dict[str, List[Tensor]]:
@@ -342,3 +331,21 @@ def _take_gradient(module: nn.Module) -> BlockVector:
     if bias is not None:
         bias.grad = None
     return vector
+
+
+def _rows(module: nn.Module, x: Tensor, grad_out: Tensor, conv_reduction: str, token_reduction: str,
+          dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """A block call's per-sample rows (A, G) in ``dtype``, the maker's factor dtype
+    (:mod:`fop_asdl.methods.hylo_rows`); a convolution as the Conv2d it is seen as (:mod:`fop_asdl.engine.layers`)."""
+    bias = getattr(module, "bias", None) is not None
+    grad_out = grad_out.to(dtype)
+    if x.is_floating_point():  # an Embedding's input is its token ids
+        x = x.to(dtype)
+    if isinstance(module, CONVS):
+        g = geometry(module)
+        return hylo_math.conv2d_rows(as_2d(module, conv_input(module, x)), as_2d(module, grad_out), g.kernel,
+                                     g.stride, g.padding, g.dilation, bias=bias, conv_reduction=conv_reduction,
+                                     groups=g.groups)
+    if isinstance(module, nn.Embedding):
+        return hylo_math.embedding_rows(*embedding_tokens(module, x), grad_out, token_reduction)
+    return hylo_math.linear_rows(x, grad_out, bias, token_reduction=token_reduction)

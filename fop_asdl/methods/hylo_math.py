@@ -4,7 +4,7 @@ Nothing here knows about ASDL, hooks, modules or ranks. The three phases the mak
 
 * per rank, on a refresh step: the row builders of :mod:`fop_asdl.methods.hylo_rows` (re-exported here)
   reduce one layer's captured input and output gradient to per-sample rows (A_i, G_i), one (a, g) pair per
-  group for a grouped convolution and token ids for an Embedding's one-hot rows (``vocab``: the width);
+  group for a grouped convolution, ids and weights for an Embedding's multi-hot rows (``vocab``: the width);
   ``kis_select`` or ``kid_select`` keeps r_loc of them;
 * owner, after the all-gather: ``kis_factors`` / ``kid_factors`` build the r×r matrix M;
 * every step: ``precondition`` applies the stored factors to the current mean gradient (no host sync).
@@ -42,7 +42,7 @@ SCALINGS = ("consistent", "reference")
 class LocalFactors:
     """One rank's reduced rows of one layer: what it contributes to the all-gather (§4)."""
 
-    a: Tensor  # (r_loc, d_a), (r_loc, G, d_a / G) with groups, or token ids (r_loc, 1) with a vocabulary
+    a: Tensor  # (r_loc, d_a), (r_loc, G, d_a / G) with groups, or (r_loc, 2, K) ids and weights with a vocab
     g: Tensor  # (r_loc, d_g) or (r_loc, G, d_g / G)
     y: Optional[Tensor]  # (r_loc, r_loc) for KID, None for KIS
     index: Tensor  # which local rows were kept (for logging and tests; not sent)
@@ -52,15 +52,19 @@ class LocalFactors:
 class LowRankFactors:
     """The stored operator of one layer: V ↦ (1/α)[V − scale · Uˢᵀ M Uˢ V] (§2.3 step 6, §2.4 step 9)."""
 
-    a: Tensor  # (r, d_a), (r, G, d_a / G), or token ids (r, 1) when vocab > 0
+    a: Tensor  # (r, d_a), (r, G, d_a / G), or (r, 2, K) ids and weights of multi-hot rows when vocab > 0
     g: Tensor  # (r, d_g) or (r, G, d_g / G)
     matrix: Tensor  # M, (r, r)
     scale: float  # c_P
-    vocab: int = 0  # > 0: the rows of a are one-hot vectors of this width, held as their ids
+    vocab: int = 0  # > 0: the rows of a are multi-hot vectors of this width, held as ids and weights
 
 
-def _check_rows(a: Tensor, g: Tensor) -> int:
-    if a.dim() not in (2, 3) or g.dim() != a.dim() or (a.dim() == 3 and a.shape[1] != g.shape[1]):
+def _check_rows(a: Tensor, g: Tensor, vocab: int = 0) -> int:
+    if vocab:
+        ok = a.dim() == 3 and a.shape[1] == 2 and g.dim() == 2
+    else:
+        ok = a.dim() in (2, 3) and g.dim() == a.dim() and (a.dim() == 2 or a.shape[1] == g.shape[1])
+    if not ok:
         raise ValueError(f"a and g must be (rows, width), or (rows, groups, width) alike, got shapes "
                          f"{tuple(a.shape)} and {tuple(g.shape)}; build them with hylo_rows.")
     if a.shape[0] != g.shape[0]:
@@ -83,14 +87,21 @@ def _check_damping(damping: float) -> None:
         raise ValueError(f"damping must be > 0 (it is the α of (F + αI)⁻¹), got {damping!r}.")
 
 
-def _ids(a: Tensor) -> Tensor:
-    return a[:, 0].long()
+def _ids(a: Tensor) -> Tuple[Tensor, Tensor]:
+    """(ids, weights), each (rows, K), of sparse multi-hot rows (:func:`~fop_asdl.methods.hylo_rows.embedding_rows`)."""
+    return a[:, 0].long(), a[:, 1]
+
+
+def _dense(a: Tensor, vocab: int) -> Tensor:
+    """Sparse multi-hot rows as (rows, vocab): refresh time only (kernels, scores), never stored."""
+    ids, weights = _ids(a)
+    return weights.new_zeros(a.shape[0], vocab).scatter_add_(1, ids, weights)
 
 
 def _products(a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, vocab: int = 0) -> Tensor:
-    """⟨û_i, û_j⟩ = Σ_groups (a1_i·a2_j)(g1_i·g2_j) for all row pairs; one-hot rows compare their ids."""
+    """⟨û_i, û_j⟩ = Σ_groups (a1_i·a2_j)(g1_i·g2_j) for all row pairs (sparse multi-hot rows with a vocab)."""
     if vocab:
-        return (a1[:, 0, None] == a2[None, :, 0]).to(g1.dtype) * (g1 @ g2.T)
+        return (_dense(a1, vocab) @ _dense(a2, vocab).T) * (g1 @ g2.T)
     if a1.dim() == 2:
         return (a1 @ a2.T) * (g1 @ g2.T)
     by_group = lambda x: x.transpose(0, 1)  # (G, rows, width)
@@ -100,7 +111,7 @@ def _products(a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, vocab: int = 0) ->
 def _scores(a: Tensor, g: Tensor, vocab: int = 0) -> Tensor:
     """‖û_j‖² of every row."""
     if vocab:
-        return g.square().sum(1)
+        return _dense(a, vocab).square().sum(1) * g.square().sum(1)
     if a.dim() == 2:
         return a.square().sum(1) * g.square().sum(1)
     return (a.square().sum(2) * g.square().sum(2)).sum(1)
@@ -112,18 +123,21 @@ def kernel(a: Tensor, g: Tensor, scale: float, vocab: int = 0) -> Tensor:
 
 
 def jacobian_apply(a: Tensor, g: Tensor, v: Tensor, vocab: int = 0) -> Tensor:
-    """U V: entry j is g_jᵀ V a_j (per group, summed; for one-hot rows the column of V at the id)."""
+    """U V: entry j is g_jᵀ V a_j (per group, summed; for multi-hot rows the weighted columns of V at the ids)."""
     if vocab:
-        return (v.T[_ids(a)] * g).sum(1)
+        ids, weights = _ids(a)
+        return ((v.T[ids] * weights[..., None]).sum(1) * g).sum(1)
     if a.dim() == 2:
         return ((a @ v.T) * g).sum(1)
     return torch.einsum("rgi,goi,rgo->r", a, v.reshape(a.shape[1], g.shape[2], a.shape[2]), g)
 
 
 def jacobian_transpose_apply(a: Tensor, g: Tensor, y: Tensor, vocab: int = 0) -> Tensor:
-    """Uᵀ y = Σ_j y_j g_j a_jᵀ, shaped like V (for one-hot rows an index_add into the columns of the ids)."""
+    """Uᵀ y = Σ_j y_j g_j a_jᵀ, shaped like V (for multi-hot rows an index_add into the columns of the ids)."""
     if vocab:
-        return g.new_zeros(g.shape[1], vocab).index_add_(1, _ids(a), (y[:, None] * g).T)
+        ids, weights = _ids(a)
+        columns = (y[:, None, None] * weights[..., None] * g[:, None, :]).reshape(-1, g.shape[1])
+        return g.new_zeros(g.shape[1], vocab).index_add_(1, ids.reshape(-1), columns.T)
     if a.dim() == 2:
         return g.T @ (y[:, None] * a)
     return torch.einsum("rgo,r,rgi->goi", g, y, a).reshape(-1, a.shape[2])
@@ -190,7 +204,7 @@ def kis_factors(a_s: Tensor, g_s: Tensor, damping: float, *, kernel_scaling: str
     check reports it on every rank alike (no host sync here).
     """
     _check_damping(damping)
-    rows = _check_rows(a_s, g_s)
+    rows = _check_rows(a_s, g_s, vocab)
     scale = prefactor("kis", rows, kernel_scaling=kernel_scaling, total_rows=total_rows, reweighted=reweighted)
     eye = torch.eye(rows, dtype=g_s.dtype, device=g_s.device)
     chol, info = torch.linalg.cholesky_ex(kernel(a_s, g_s, scale, vocab) + damping * eye)
@@ -223,7 +237,7 @@ def kis_select(a: Tensor, g: Tensor, rank: int, generator: torch.Generator, *,
     RandNLA estimator: with replacement, row j scaled by 1/sqrt(rank·p_j) (pass ``reweighted=True``
     to ``kis_factors``).
     """
-    rows = _check_rows(a, g)
+    rows = _check_rows(a, g, vocab)
     _check_rank(rank, rows)
     p = kis_probabilities(a, g, probability, vocab)
     # a floor of the smallest normal number keeps multinomial valid when fewer than `rank` rows score > 0
@@ -276,7 +290,7 @@ def kid_select(a: Tensor, g: Tensor, rank: int, damping: float, *, kernel_scalin
     _choice("kernel_scaling", kernel_scaling, SCALINGS)
     _choice("kid_skeleton", skeleton, ("norm_sort", "pivoted_qr"))
     _check_damping(damping)
-    m = _check_rows(a, g)
+    m = _check_rows(a, g, vocab)
     _check_rank(rank, m)
     gram_scale = _consistent_scale(kernel_scaling, total_rows, 1.0)
     scores = _scores(a, g, vocab)
@@ -309,7 +323,7 @@ def kid_factors(a_s: Tensor, g_s: Tensor, y_blocks: Sequence[Tensor], *, kernel_
     no inverse of the undamped K̂ and, unlike the difference, no cancellation (at r = m it is
     (K̂ + αI)⁻¹ to rounding even for small α). One LU solve. c_K = c_P = 1/N or 1/r.
     """
-    rows = _check_rows(a_s, g_s)
+    rows = _check_rows(a_s, g_s, vocab)
     y = torch.block_diag(*y_blocks)
     if y.shape != (rows, rows):
         raise ValueError(f"the Y blocks make a {tuple(y.shape)} matrix but there are {rows} gathered "

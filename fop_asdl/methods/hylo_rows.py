@@ -3,8 +3,9 @@
 Row j stands for the rank-one per-sample gradient g_j a_jᵀ in the layer's (d_g × d_a) layout, the bias as
 the last column of a. A Linear's rows are exact (or its tokens'); a convolution's are reduced over output
 positions (the paper's approximation); with groups a row holds one (a, g) pair per group, (rows, G, width),
-standing for the block-diagonal gradient ⊕_g g_g a_gᵀ; an Embedding's rows are its tokens' one-hot inputs,
-held as their ids (rows, 1) beside the vocabulary size, so no V-wide row is ever formed.
+standing for the block-diagonal gradient ⊕_g g_g a_gᵀ; an Embedding's rows are those of the Linear on one-hot
+rows it is, each a's multi-hot row held as its ids and weights beside the vocabulary size: no V-wide row is
+stored, and none is formed outside a refresh's kernel.
 """
 from __future__ import annotations
 
@@ -123,12 +124,21 @@ def conv2d_rows(x: Tensor, grad_out: Tensor, kernel_size: IntPair, stride: IntPa
     return a.reshape(m, groups, -1), g.reshape(m, groups, -1)
 
 
-def embedding_rows(ids: Tensor, keep: Tensor, grad_out: Tensor) -> Tuple[Tensor, Tensor]:
-    """Rows of an nn.Embedding, one per token as a Linear's tokens (flattened): a = the token's one-hot
-    input, held as its id (rows, 1) in the rows' float dtype (exact below 2^24 in float32), g = its output
-    gradient, zero where ``keep`` is 0 (``padding_idx``: that row never gets a gradient)."""
+def embedding_rows(ids: Tensor, keep: Tensor, grad_out: Tensor,
+                   token_reduction: str = "mean") -> Tuple[Tensor, Tensor]:
+    """Rows of an nn.Embedding (ids (m, T)), exactly those of the Linear on one-hot rows it is, tokens
+    flattened or reduced per sample as :func:`linear_rows` does them. a is a sparse multi-hot row held as
+    (rows, 2, K): the ids (in the rows' float dtype, exact below 2^24 in float32) and their weights (``keep``,
+    0 at ``padding_idx``, times the reduction's scale), K = 1 for "flatten", T otherwise; g as for a Linear."""
+    _choice("token_reduction", token_reduction, TOKEN_REDUCTIONS)
     grad_out = _factor_dtype(grad_out).reshape(*ids.shape, -1)
-    g = (grad_out * keep.to(grad_out.dtype)[..., None]).reshape(-1, grad_out.shape[-1])
-    return ids.reshape(-1, 1).to(g.dtype), g
+    weights = keep.to(grad_out.dtype)
+    if token_reduction == "flatten":
+        ids, weights, g = ids.reshape(-1, 1), weights.reshape(-1, 1), grad_out.reshape(-1, grad_out.shape[-1])
+    else:
+        positions = ids.shape[1]
+        weights = weights * (1.0 if token_reduction == "sum" else 1.0 / positions)
+        g = grad_out.sum(1) * (1.0 / positions if token_reduction == "mean" else 1.0)
+    return torch.stack([ids.to(g.dtype), weights], 1), g
 
 

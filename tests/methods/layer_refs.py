@@ -279,20 +279,25 @@ def dense_fop(g1, g2, n1, n, metric, damped, eps=1e-12):
     return eta * (u + beta * v)
 
 
-def hylo_rows(model, x, t, loss_fn, normalizer):
-    """(U, V): HyLo's rows of the block under test and its mean gradient, in one layout. An Embedding: one
-    row per token, its one-hot input (padding: zero) ⊗ its output gradient, exact; a convolution: per sample
-    and group the patch and output-gradient means over positions (the bias a 1 per position), u = ⊕_g ĝ âᵀ
-    in the (out, in + bias) layout of [W | b]."""
+def hylo_rows(model, x, t, loss_fn, normalizer, token_reduction="mean"):
+    """(U, V): HyLo's rows of the block under test and its mean gradient, in one layout. An Embedding: those
+    of the Linear on one-hot rows (padding: zero), one per token (``"flatten"``) or per sample, the one-hots
+    and output gradients averaged over tokens (``"mean"``); a convolution: per sample and group the patch and
+    output-gradient means over positions (the bias a 1 per position), u = ⊕_g ĝ âᵀ in the (out, in + bias)
+    layout of [W | b]."""
     module = block_of(model)
     inputs, gy = input_and_output_grad(model, module, x, t, loss_fn, normalizer)
     grads = torch.autograd.grad(loss_fn(model(x), t), params(module))
     grads = (conv_layout(module, grads[0]),) + grads[1:]
     if isinstance(module, nn.Embedding):
-        ids = inputs.reshape(-1)
-        g = gy.reshape(-1, gy.shape[-1]) * (ids != 0)[:, None]
-        u = (F.one_hot(ids, V).double()[:, :, None] * g[:, None, :]).reshape(len(ids), -1)
-        return u, grads[0].reshape(-1)
+        ids = inputs.reshape(inputs.shape[0], -1)
+        onehot = F.one_hot(ids, V).double() * (ids != 0)[..., None]  # (n, T, V)
+        g = gy.reshape(*ids.shape, -1)
+        if token_reduction == "flatten":
+            a, g = onehot.reshape(-1, V), g.reshape(-1, g.shape[-1])
+        else:
+            a, g = onehot.mean(1), g.mean(1)
+        return (a[:, :, None] * g[:, None, :]).reshape(len(a), -1), grads[0].reshape(-1)
     p = patches(module, inputs)
     n, _, groups, _ = p.shape
     a = torch.cat([p.mean(1), torch.ones(n, groups, 1, dtype=p.dtype)], 2)

@@ -168,15 +168,29 @@ def hylo_layout(module):
 
 
 @pytest.mark.parametrize("method", ["kis", "kid"])
-@pytest.mark.parametrize("kind", PER_SAMPLE_KINDS)
+@pytest.mark.parametrize("kind", PER_SAMPLE_KINDS + ["tokens/flatten"])
 def test_hylo_at_ratio_one_equals_the_dense_damped_natural_gradient_on_its_rows(kind, method):
-    """HyLo keeping every row is the SMW natural gradient (UᵀU/N + αI)⁻¹ V on its rows: an Embedding's exact
-    token rows (one-hot inputs, never formed by HyLo), a convolution's rows reduced per group."""
+    """HyLo keeping every row is the SMW natural gradient (UᵀU/N + αI)⁻¹ V on its rows: an Embedding's rows
+    of the Linear on one-hot rows (tokens averaged per sample, or each a row; no one-hot stored by HyLo), a
+    convolution's rows reduced per group."""
+    kind, _, reduction = kind.partition("/")
     model, x, t, loss_fn, normalizer = ref.case(kind)
-    u, v = ref.hylo_rows(model, x, t, loss_fn, normalizer)
+    u, v = ref.hylo_rows(model, x, t, loss_fn, normalizer, reduction or "mean")
     expected = torch.linalg.solve(u.T @ u / u.shape[0] + ref.DAMPING * torch.eye(u.shape[1], dtype=u.dtype), v)
-    run("hylo", model, x, t, loss_fn, switch_policy=method, compression_ratio=1.0)
+    run("hylo", model, x, t, loss_fn, switch_policy=method, compression_ratio=1.0, token_reduction=reduction or "mean")
     assert_close_rel(hylo_layout(ref.block_of(model)), expected, 1e-9)
+
+
+@pytest.mark.parametrize("options", [dict(token_reduction="mean"), dict(token_reduction="flatten"),
+                                     dict(token_reduction="sum", compression_ratio=0.5, switch_policy="kid")])
+def test_hylo_on_an_embedding_equals_hylo_on_the_linear_on_one_hot_rows(options):
+    """The Embedding's sparse multi-hot rows give HyLo's step on the Linear twin with its dense rows."""
+    options = {"switch_policy": "kis", "compression_ratio": 1.0, **options}
+    model, twin, x, x_twin, t, pairs = twins("embedding")
+    run("hylo", model, x, t, F.cross_entropy, **options)
+    run("hylo", twin, x_twin, t, F.cross_entropy, **options)
+    for param, twin_grad in pairs:
+        assert_close_rel(param.grad, twin_grad(), 1e-10)
 
 
 OPTIONS = {"kfac": dict(fisher_type="fisher_emp"), "fop": dict(fisher_type="fisher_emp"),
