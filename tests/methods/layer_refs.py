@@ -52,20 +52,24 @@ class AllNet(nn.Module):
     """Every new layer type in one net, samples independent (no BatchNorm): Embedding, Conv1d, GroupNorm,
     grouped and depthwise Conv2d, ConvTranspose2d, Linear."""
 
-    def __init__(self):
+    def __init__(self, extra: int = 0):
         super().__init__()
         self.emb = nn.Embedding(V, D, padding_idx=0)
         self.seq = nn.Conv1d(D, 4, 3, padding=1)
         self.norm = nn.GroupNorm(2, 4)
         self.grouped = nn.Conv2d(4, 6, 3, groups=2, padding=1)
         self.depthwise = nn.Conv2d(6, 6, 3, groups=6, padding="same", padding_mode="reflect")
+        self.more = nn.ModuleList(nn.Conv2d(6, 6, 3, groups=3, padding=1) for _ in range(extra))
         self.up = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1)
         self.head = nn.Linear(4, C)
 
     def forward(self, ids):
         h = torch.tanh(self.norm(self.seq(self.emb(ids).transpose(1, 2))))  # (n, 4, T)
         h = torch.tanh(self.grouped(h.unsqueeze(-1) * h.unsqueeze(-2)))  # (n, 6, T, T)
-        h = torch.tanh(self.up(torch.tanh(self.depthwise(h))))  # (n, 4, 2T, 2T)
+        h = torch.tanh(self.depthwise(h))
+        for layer in self.more:
+            h = torch.tanh(layer(h))
+        h = torch.tanh(self.up(h))  # (n, 4, 2T, 2T)
         return self.head(h.mean((2, 3)))
 
 

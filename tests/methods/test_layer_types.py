@@ -197,11 +197,11 @@ OPTIONS = {"kfac": dict(fisher_type="fisher_emp"), "fop": dict(fisher_type="fish
            "fngd": dict(iters_per_epoch=2), "hylo": dict(switch_policy="kis", compression_ratio=0.5)}
 
 
-def train(name, micro_batch_size, steps=4):
+def train(name, micro_batch_size, steps=4, extra=0, each_step=None):
     """Steps of SGD with momentum on AllNet (curvature every 2nd step with EMA; FNGD's coefficients reused
-    from step 2 on; HyLo refreshing every 2nd step): every step's gradients."""
+    from step 2 on; HyLo refreshing every 2nd step): every step's gradients (or ``each_step``'s result)."""
     torch.manual_seed(0)
-    model = ref.AllNet().double()
+    model = ref.AllNet(extra).double()
     config = asdl.PreconditioningConfig(damping=ref.DAMPING, ema_decay=0.5, curvature_upd_interval=2,
                                         preconditioner_upd_interval=2)
     maker = fop_asdl.make_gradient_maker(name, model, config, micro_batch_size=micro_batch_size, **OPTIONS[name])
@@ -211,10 +211,26 @@ def train(name, micro_batch_size, steps=4):
     for _ in range(steps):
         ids, t = torch.randint(0, ref.V, (ref.N, ref.T), generator=gen), torch.randint(0, ref.C, (ref.N,), generator=gen)
         opt.zero_grad(set_to_none=True)
-        step(maker, model, ids, t)
-        history.append([p.grad.clone() for p in model.parameters()])
+        if each_step is None:
+            step(maker, model, ids, t)
+            history.append([p.grad.clone() for p in model.parameters()])
+        else:
+            history.append(each_step(lambda: step(maker, model, ids, t)))
         opt.step()
     return history
+
+
+@pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo"])
+def test_host_syncs_do_not_grow_with_the_new_blocks(name):
+    """Plain steps: at most the fused finiteness check; curvature, coefficient and refresh steps: as many
+    syncs with 3 more grouped convolutions as without (no read per block of any new kind)."""
+    from fop_asdl.diagnostics.syncs import count_syncs
+
+    few, many = (train(name, None, extra=extra, each_step=lambda run: count_syncs(run)[1]) for extra in (0, 3))
+    plain = few[2:] if name == "fngd" else few[1::2]
+    assert all(counter.count <= 1 for counter in plain), [c.report() for c in plain]
+    for small, large in zip(few, many):
+        assert large.count == small.count <= 2, (small.report(), large.report())
 
 
 @pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo"])
