@@ -22,7 +22,7 @@ from ..engine.attention import attention_blocks
 from ..engine.capture import BlockCapture, Chunk
 from ..engine.chunks import summed_loss_backward
 from ..engine.coverage import kron_description
-from ..engine.layers import CONVS, conv_weight_shape
+from ..engine.layers import CONVS, conv_weight_shape, to_conv_layout
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_uses
 from ..engine.step import SteppedGradientMaker
@@ -153,7 +153,10 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         return self._shared_blocks
 
     def _record_from_autograd(self, module: nn.Module) -> List[Optional[BlockVector]]:
-        return [(module.weight.grad, None if module.bias is None else module.bias.grad), None]
+        """The captured record's layout (:func:`~fop_asdl.engine.sub_batches.half_sums`): a ConvTranspose2d's
+        weight in W' layout; an Embedding has no bias."""
+        bias = getattr(module, "bias", None)
+        return [(to_conv_layout(module, module.weight.grad), None if bias is None else bias.grad), None]
 
     def _describe_block(self, name: str, module: nn.Module) -> str:
         return kron_description(self.method_label, module, getattr(module, self._fisher_attr, None))

@@ -206,7 +206,8 @@ class SteppedGradientMaker:
         captured = {m for _, m in self._captured_blocks(plan)}
         taken = set()
         for name, module in self._step_blocks:
-            if module in captured or module.weight.grad is None:
+            weight = getattr(module, "weight", None)  # None: a norm layer without affine parameters
+            if module in captured or weight is None or weight.grad is None:
                 continue
             records[name] = self._record_from_autograd(module)
             for param in module.parameters():

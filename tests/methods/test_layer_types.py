@@ -233,6 +233,19 @@ def test_host_syncs_do_not_grow_with_the_new_blocks(name):
         assert large.count == small.count <= 2, (small.report(), large.report())
 
 
+def test_kfac_plain_steps_from_autograds_sums_equal_the_captured_ones(monkeypatch):
+    """K-FAC's plain steps take autograd's gradient sums as the records: in the captured records' layout for
+    every new layer type (a ConvTranspose2d's W', an Embedding without bias), so the steps are unchanged."""
+    from fop_asdl.curvature.kron_step import CurvatureStepMaker
+
+    from_autograd = train("kfac", None)
+    monkeypatch.setattr(CurvatureStepMaker, "autograd_records", False)  # every block captured on every step
+    monkeypatch.setattr(CurvatureStepMaker, "_captured_blocks", lambda maker, plan: maker._step_blocks)
+    for got, want in zip(from_autograd, train("kfac", None)):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo"])
 def test_micro_batched_steps_equal_one_pass(name):
     """7 samples as 3 + 3 + 1: curvature, per-half sums, Grams and rows of every new layer type add up."""
