@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed.packing import pack, unpack
+from ..engine.layers import CONVS, conv_weight_shape
 from ..engine.loss import loss_scale
 from . import hylo_math
 from .hylo_schedule import local_rows
@@ -88,10 +89,12 @@ def owner_costs(blocks: Sequence[Tuple[str, nn.Module]], compression_ratio: floa
 
 
 def _widths(module: nn.Module) -> Tuple[int, int]:
-    """(d_a, d_g) of a block's rows; d_a counts the bias column (an Embedding: its vocabulary, its width)."""
+    """(d_a, d_g) of a block's rows; d_a counts the bias column (an Embedding: its vocabulary, its width; a
+    convolution: of the Conv2d it is seen as, whose weight a ConvTranspose2d's is transposed)."""
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
-    return module.weight[0].numel() + (module.bias is not None), module.weight.shape[0]
+    shape = conv_weight_shape(module) if isinstance(module, CONVS) else module.weight.shape
+    return shape[1:].numel() + (module.bias is not None), shape[0]
 
 
 def _vocab(module: nn.Module) -> int:
