@@ -1,5 +1,5 @@
 """ASDL operations (the per-module curvature of :mod:`asdl.operations`) for the layers ASDL 0.1a5 lacks or
-gets wrong; :mod:`fop_asdl.compat` puts them in ASDL's lookup (docs/asdl_fixes.md, fixes 12-15). Their
+gets wrong; :mod:`fop_asdl.compat` puts them in ASDL's lookup (docs/asdl_fixes.md, fixes 12-13). Their
 factors follow :mod:`fop_asdl.curvature.factors`: B on the rows of the weight as stored, A on its columns.
 
 * ``Embedding``: the weight is (V, D), one row per token id. ASDL's op crashes on a batch of single ids

@@ -1,8 +1,8 @@
 """FNGDGradientMaker: inverse-free fast natural gradient (Ou et al.; FNGD_SPEC) on the shared step.
 
-Per Linear, convolution (Conv1d, Conv2d with any groups) and Embedding block the damped empirical-Fisher
-natural gradient is a weighted sum of the per-sample
-gradients, d = Σ_m w_m u_m (SMW, spec §2.1). In the coefficient epochs every step forms the block's Gram K,
+Per Linear, convolution (Conv1d, Conv2d with any groups, ConvTranspose2d) and Embedding block the damped
+empirical-Fisher natural gradient is a weighted sum of the per-sample gradients, d = Σ_m w_m u_m (SMW, spec
+§2.1). In the coefficient epochs every step forms the block's Gram K,
 its damping λ and the weights w (:mod:`fop_asdl.methods.fngd_math`) and stores w in a bank under the iteration index b of
 the epoch; later epochs reuse bank[block][b] (by position in the batch) and only form d, which costs what
 SGD's weight gradient costs.

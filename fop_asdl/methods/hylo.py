@@ -1,11 +1,12 @@
 """HyLoGradientMaker: hybrid low-rank natural gradient (Mu et al., SC22; HYLO_SPEC) on the shared step.
 
-Per Linear, convolution (Conv1d, Conv2d with any groups) and Embedding block, on a refresh step (every ``config.curvature_upd_interval`` steps) the capture hands
-each block's input and output gradient to :mod:`fop_asdl.methods.hylo_math`: per-sample rows (A, G), r_loc of them kept
-by KIS or KID, one all-gather of every block's kept rows (and KID's Y_i), the owner's r×r matrix M,
-broadcast. Every step then preconditions the block's current mean gradient with the stored (stale) factors,
-V ↦ (1/α)[V − c Uˢᵀ M Uˢ V]; between refreshes nothing is captured (the blocks' gradients come from
-autograd and travel in the one gradient all-reduce).
+Per Linear, convolution (Conv1d, Conv2d with any groups, ConvTranspose2d) and Embedding block, on a refresh
+step (every ``config.curvature_upd_interval`` steps) the capture hands each block's input and output gradient
+to :mod:`fop_asdl.methods.hylo_math`: per-sample rows (A, G), r_loc of them kept by KIS or KID, one
+all-gather of every block's kept rows (and KID's Y_i), the owner's r×r matrix M, broadcast. Every step then
+preconditions the block's current mean gradient with the stored (stale) factors, V ↦ (1/α)[V − c Uˢᵀ M Uˢ V];
+between refreshes nothing is captured (the blocks' gradients come from autograd and travel in the one
+gradient all-reduce).
 """
 from __future__ import annotations
 
