@@ -22,11 +22,11 @@ from ..engine.attention import attention_blocks
 from ..engine.capture import BlockCapture, Chunk
 from ..engine.chunks import summed_loss_backward
 from ..engine.coverage import kron_description
-from ..engine.layers import CONVS, conv_weight_shape, to_conv_layout
+from ..engine.layers import CONVS, conv_weight_shape
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_uses
 from ..engine.step import SteppedGradientMaker
-from ..engine.sub_batches import average_and_difference, half_sums
+from ..engine.sub_batches import autograd_sums, average_and_difference, half_sums
 from ..engine.trust_region import LearningRate, step_factor, validate_kl_clip
 from ..engine.vectors import BlockVector, add, cast, divided, flat_block, scaled, write_block
 from .asdl_kfac import UNSET, KfacGradientMaker
@@ -153,10 +153,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         return self._shared_blocks
 
     def _record_from_autograd(self, module: nn.Module) -> List[Optional[BlockVector]]:
-        """The captured record's layout (:func:`~fop_asdl.engine.sub_batches.half_sums`): a ConvTranspose2d's
-        weight in W' layout; an Embedding has no bias."""
-        bias = getattr(module, "bias", None)
-        return [(to_conv_layout(module, module.weight.grad), None if bias is None else bias.grad), None]
+        return [autograd_sums(module), None]
 
     def _describe_block(self, name: str, module: nn.Module) -> str:
         return kron_description(self.method_label, module, getattr(module, self._fisher_attr, None))

@@ -13,10 +13,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .layers import CONVS, conv_weight_sum, embedding_problem, embedding_tokens
+from .layers import CONVS, conv_weight_sum, embedding_problem, embedding_tokens, to_conv_layout
 from .vectors import BlockVector
 
-__all__ = ["average_and_difference", "first_half_size", "half_sums", "supports_half_gradients"]
+__all__ = ["autograd_sums", "average_and_difference", "first_half_size", "half_sums", "supports_half_gradients"]
 
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -106,6 +106,14 @@ def half_sums(module: nn.Module, x: Tensor, grad_out: Tensor, split: int) -> Lis
     else:
         sums = iter([_param_grads(module, x[rows], grad_out[rows]) for rows in halves])
     return [next(sums) if 0 < split else None, next(sums) if split < size else None]
+
+
+def autograd_sums(module: nn.Module) -> BlockVector:
+    """A block's (weight, bias) sums from autograd's ``.grad`` in :func:`half_sums`' layout (a ConvTranspose2d's
+    weight as W', :func:`~fop_asdl.engine.layers.to_conv_layout`; an Embedding has no bias): K-FAC's plain steps
+    take them in place of captured sums."""
+    bias = getattr(module, "bias", None)
+    return to_conv_layout(module, module.weight.grad), None if bias is None else bias.grad
 
 
 def average_and_difference(sum1: Tensor, sum2: Tensor, n1: Union[float, Tensor], n2: Union[float, Tensor],
