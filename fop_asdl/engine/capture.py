@@ -97,7 +97,9 @@ class BlockCapture:
             raise ValueError(f"fop_asdl: block {module.__class__.__name__} received a tensor with leading "
                              f"dimension {x.shape[0]}, but the batch has {self.chunk.size} samples. The "
                              f"gradient maker needs dim 0 to be the sample index inside every preconditioned "
-                             f"layer; list this module in PreconditioningConfig.ignore_modules.")
+                             f"layer; list this module in PreconditioningConfig.ignore_modules"
+                             + (" or give it ids of shape (n, ...), e.g. positions.expand(n, -1) in place of "
+                                "arange(T)." if isinstance(module, nn.Embedding) else "."))
         for param in (module.weight, getattr(module, "bias", None)):  # an Embedding has no bias
             if param is not None and param.requires_grad:
                 param.requires_grad_(False)
