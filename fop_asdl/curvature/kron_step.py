@@ -114,7 +114,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         config = config if config is not None else asdl.PreconditioningConfig()
         self._user_ignore_modules = list(config.ignore_modules or [])
         with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.engine.attention)
-            config = ignoring_unsupported(model, config, self.method_label)
+            config = ignoring_unsupported(model, config, self.method_label, self.all_layer_types)
             super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
                              grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift,
                              factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)

@@ -30,12 +30,14 @@ def user_ignores(name: str, module: nn.Module, ignore_modules: Optional[Sequence
     return False
 
 
-def _plain_reason(module: nn.Module) -> str:
+def _plain_reason(module: nn.Module, all_layer_types: bool = True) -> str:
     """Why a trainable layer gets the plain gradient from a method: the text its warning gives after the type."""
     if next(module.children(), None) is not None:
         return "parameters of its own beside its submodules"
     if not all(p.requires_grad for p in module.parameters(recurse=False)):
         return "partially frozen"
+    if not all_layer_types and supports_half_gradients(module):
+        return "this method keeps Linear, Conv2d (groups 1, no dilation, zero padding), BatchNorm and LayerNorm"
     if isinstance(module, nn.Embedding) and embedding_problem(module):
         return embedding_problem(module)
     if isinstance(module, _NORMS):
@@ -45,10 +47,10 @@ def _plain_reason(module: nn.Module) -> str:
     return "no curvature for this layer type"
 
 
-def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, label: str
-                          ) -> asdl.PreconditioningConfig:
-    """A copy of ``config`` that also ignores layers without ASDL curvature, with one warning naming them and
-    why.
+def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, label: str,
+                         all_layer_types: bool = True) -> asdl.PreconditioningConfig:
+    """A copy of ``config`` that also ignores layers without ASDL curvature (:func:`supports_half_gradients`
+    with ``all_layer_types``), with one warning naming them and why.
 
     Their parameters (and any parameter owned directly by a container module) receive the plain gradient.
     """
@@ -59,9 +61,10 @@ def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, l
         if not any(p.requires_grad for p in own) or user_ignores(name, module, config.ignore_modules):
             continue
         is_leaf = next(module.children(), None) is None
-        if not is_leaf or not supports_half_gradients(module) or not all(p.requires_grad for p in own):
+        partially_frozen = not all(p.requires_grad for p in own)
+        if not is_leaf or not supports_half_gradients(module, all_layer_types) or partially_frozen:
             unsupported.append(f"{name or '<root>'} ({module.__class__.__name__}: "
-                               f"{_plain_reason(module)})")
+                               f"{_plain_reason(module, all_layer_types)})")
             if is_leaf:
                 ignore.append(module)
     if unsupported:

@@ -26,8 +26,16 @@ def first_half_size(n: int) -> int:
     return (n + 1) // 2
 
 
-def supports_half_gradients(module: nn.Module) -> bool:
-    """Whether this module's per-sub-batch gradients can be formed here (and ASDL has its curvature)."""
+def supports_half_gradients(module: nn.Module, all_layer_types: bool = True) -> bool:
+    """Whether this module's per-sub-batch gradients can be formed here (and ASDL has its curvature); without
+    ``all_layer_types`` only the layers ASDL 0.1a5 itself covers: Linear, Conv2d (groups 1, no dilation, zero
+    padding), BatchNorm1d/2d and LayerNorm (a method whose math knows no diagonal or per-group factor, EKFAC)."""
+    if not all_layer_types:
+        if isinstance(module, nn.Conv2d):
+            return (module.groups == 1 and module.dilation == (1, 1) and module.padding_mode == "zeros"
+                    and not isinstance(module.padding, str))
+        if not isinstance(module, (nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+            return False
     if isinstance(module, (nn.Linear, *CONVS)):
         return True
     if isinstance(module, nn.Embedding):

@@ -159,6 +159,22 @@ def test_groupnorm_gets_the_plain_gradient_from_the_per_sample_methods(name):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(curvature="ekfac")])
+def test_ekfac_leaves_the_new_layer_types_to_the_plain_gradient(options):
+    """EKFAC (and FOP over it) keeps ASDL's own layer types: the others are named, with the reason, in its one
+    warning and reported plain by coverage(); the Linear head stays its block."""
+    name = "fop" if options else "ekfac"
+    model = ref.AllNet().double()
+    with pytest.warns(UserWarning, match="keeps Linear, Conv2d") as caught:
+        maker = fop_asdl.make_gradient_maker(name, model, asdl.PreconditioningConfig(damping=ref.DAMPING), **options)
+    message = " ".join(str(w.message) for w in caught)
+    for layer in ("emb", "seq", "norm", "grouped", "depthwise", "up"):
+        assert f"{layer} (" in message, layer
+    report = {p.name: p.treatment for p in maker.coverage().parameters}
+    assert report.pop("head.weight") == report.pop("head.bias") == "preconditioned"
+    assert set(report.values()) == {"plain gradient"}, report
+
+
 def hylo_layout(module):
     """[W | b] as HyLo's rows see it (an Embedding's weight as stored, a ConvTranspose2d's as its Conv2d's)."""
     if isinstance(module, nn.Embedding):
