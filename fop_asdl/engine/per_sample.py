@@ -19,8 +19,9 @@ __all__ = ["PerSampleStepMaker", "once_per_pass"]
 class PerSampleStepMaker(SteppedGradientMaker):
     """A :class:`SteppedGradientMaker` over per-sample blocks (``self.blocks``)."""
 
-    #: Blocks of every layer type :func:`~fop_asdl.engine.selection.supports_per_sample` knows (Conv1d, any
-    #: Conv2d, ConvTranspose2d, Embedding: FNGD's and HyLo's math covers them), or Linear and ungrouped Conv2d.
+    #: Linear and ungrouped Conv2d blocks (the per-sample methods of issue 23); FNGD and HyLo, whose math covers
+    #: every type :func:`~fop_asdl.engine.selection.supports_per_sample` knows (Conv1d, any Conv2d,
+    #: ConvTranspose2d, Embedding), set it True.
     all_layer_types = False
 
     def _init_per_sample_step(self, model: nn.Module, factor_dtype: Optional[torch.dtype] = None,
