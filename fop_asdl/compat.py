@@ -119,10 +119,9 @@ def factor_precision(dtype: torch.dtype) -> Iterator[None]:
         _factor_dtype[0] = saved
 
 
-def _patch_hooks_precision() -> None:
-    op_class = _asdl_operation.Operation
+def _patch_hooks_precision(op_class: type) -> None:
     for name in ("forward_post_process", "backward_pre_process"):
-        original = getattr(op_class, name)
+        original = vars(op_class)[name]
         if getattr(original, "_fop_asdl_full_precision", False):
             continue
 
@@ -139,7 +138,9 @@ def _patch_hooks_precision() -> None:
         setattr(op_class, name, in_full_precision)
 
 
-_patch_hooks_precision()
+# ASDL's operations, and the package's Embedding operation (fix 12), which overrides both hooks
+_patch_hooks_precision(_asdl_operation.Operation)
+_patch_hooks_precision(_layer_ops.Embedding)
 
 
 @contextlib.contextmanager

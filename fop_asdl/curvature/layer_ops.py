@@ -52,21 +52,22 @@ class Embedding(_AsdlEmbedding):
     """K-FAC of an Embedding as a Linear on one-hot rows (module docstring): B = token counts (diagonal), A
     = output-gradient covariance."""
 
+    # Both hooks run in the factor dtype (fop_asdl.compat fix 2b wraps them as it wraps ASDL's): out_data and
+    # out_grads arrive in it, the token ids as they are.
     def forward_post_process(self, in_data: Tensor, out_data: Tensor):
         module = self._module
         if OP_COV_KRON in self._op_names:
             ids, keep = embedding_tokens(module, in_data)
-            counts = torch.zeros(module.num_embeddings, dtype=keep.dtype, device=keep.device)
-            counts.index_add_(0, ids.reshape(-1), keep.reshape(-1))
+            counts = torch.zeros(module.num_embeddings, dtype=out_data.dtype, device=keep.device)
+            counts.index_add_(0, ids.reshape(-1), keep.reshape(-1).to(out_data.dtype))
             self.accumulate_result(counts.mul_(self._cov_scale), OP_COV_KRON, "B")
         with _without(self, OP_COV_KRON):
             super().forward_post_process(in_data, out_data)
 
     def backward_pre_process(self, out_grads: Tensor, vector: Tensor = None):
         if OP_COV_KRON in self._op_names:
-            g = out_grads.to(self._module.weight.dtype).flatten(end_dim=-2)
-            with torch.autocast(g.device.type, enabled=False):
-                self.accumulate_result((g.T @ g).mul_(self._cov_scale), OP_COV_KRON, "A")
+            g = out_grads.flatten(end_dim=-2)
+            self.accumulate_result((g.T @ g).mul_(self._cov_scale), OP_COV_KRON, "A")
         with _without(self, OP_COV_KRON):
             super().backward_pre_process(out_grads, vector)
 

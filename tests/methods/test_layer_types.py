@@ -262,6 +262,57 @@ def test_kfac_plain_steps_from_autograds_sums_equal_the_captured_ones(monkeypatc
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
 
 
+def low_precision_steps(name, model, data):
+    """Three steps (curvature, plain, curvature) of ``name`` on ``model``: every step's p.grad, and the maker."""
+    config = asdl.PreconditioningConfig(damping=1e-2, curvature_upd_interval=2, preconditioner_upd_interval=2)
+    options = {**OPTIONS, "hylo": dict(switch_policy="kis", compression_ratio=1.0)}.get(name, {})
+    maker = fop_asdl.make_gradient_maker(name, model, None if name == "sgd" else config, **options)
+    out = []
+    for ids, t in data:
+        model.zero_grad(set_to_none=True)
+        step(maker, model, ids, t)
+        out.append([p.grad.clone() for p in model.parameters()])
+    return out, maker
+
+
+def relative_error(low, full):
+    """‖low − full‖ / ‖full‖ of float32 results ``full`` rounded to bf16."""
+    a, b = (torch.cat([t.double().flatten() for t in ts]) for ts in (low, [t.bfloat16() for t in full]))
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.filterwarnings("ignore:fop_asdl")
+@pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo"])
+def test_bf16_weights_give_the_float32_result_rounded(name):
+    """bf16 weights on every new layer type: factors (an Embedding's diagonal, per-group stacks), Grams and rows in
+    float32, so every step is the float32 run's up to what bf16 activations do to a gradient: within 2x the
+    largest relative error of SGD's gradient of any parameter (here 1-4 %; SGD's whole gradient, the bound of
+    tests/test_low_precision.py, is dominated by its head's bias, which bf16 rounds least, and preconditioning
+    weighs the parameters otherwise). Half-precision curvature would fail or add its own, amplified error."""
+    torch.manual_seed(0)
+    weights = ref.AllNet().bfloat16()
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randint(0, ref.V, (ref.N, ref.T), generator=gen), torch.randint(0, ref.C, (ref.N,), generator=gen))
+            for _ in range(3)]
+    (low, maker), (full, _), (sgd_low, _), (sgd_full, _) = (
+        low_precision_steps(method, copy.deepcopy(weights).to(dtype), data)
+        for method in (name, "sgd") for dtype in (torch.bfloat16, torch.float32))
+    for step_low, step_full, s_low, s_full in zip(low, full, sgd_low, sgd_full):
+        assert all(g.dtype == torch.bfloat16 for g in step_low)
+        bf16_effect = max(relative_error([a], [b]) for a, b in zip(s_low, s_full))
+        assert relative_error(step_low, step_full) <= 2 * bf16_effect, (relative_error(step_low, step_full), bf16_effect)
+    floats = [t for t in _tensors(maker.state_dict()) if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float32 for t in floats)
+
+
+def _tensors(state):
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v)]
+    return [t for v in state for t in _tensors(v)] if isinstance(state, (list, tuple)) else []
+
+
 @pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo"])
 def test_micro_batched_steps_equal_one_pass(name):
     """7 samples as 3 + 3 + 1: curvature, per-half sums, Grams and rows of every new layer type add up."""
