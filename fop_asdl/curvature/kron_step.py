@@ -22,7 +22,7 @@ from ..engine.attention import attention_blocks
 from ..engine.capture import BlockCapture, Chunk
 from ..engine.chunks import summed_loss_backward
 from ..engine.coverage import kron_description
-from ..engine.layers import CONVS, conv_weight_shape
+from ..engine.layers import matrix_shapes
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_uses
 from ..engine.step import SteppedGradientMaker
@@ -271,14 +271,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
     def _block_shapes(self) -> Dict[str, Tuple[torch.Size, Optional[torch.Size]]]:
         """(weight, bias) shapes of each block's vectors as the FOP math sees them (convolutions flattened)."""
         if self._shapes is None:
-            self._shapes = {}
-            for name, module in self.named_modules_for_curvature:
-                weight = module.weight.shape
-                if isinstance(module, CONVS):  # the Conv2d it is seen as (a ConvTranspose2d's W')
-                    shape = conv_weight_shape(module)
-                    weight = torch.Size((shape[0], shape[1:].numel()))
-                bias = None if getattr(module, "bias", None) is None else module.bias.shape
-                self._shapes[name] = (weight, bias)
+            self._shapes = {name: matrix_shapes(module) for name, module in self.named_modules_for_curvature}
         return self._shapes
 
     @property

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["CONVS", "Geometry", "as_2d", "conv_input", "conv_weight_shape", "conv_weight_sum", "embedding_problem",
-           "embedding_tokens", "from_conv_layout", "geometry", "to_conv_layout"]
+           "embedding_tokens", "from_conv_layout", "geometry", "matrix_shapes", "to_conv_layout"]
 
 #: Convolutions whose weight gradient is Σ_s g_s p_sᵀ over output positions s (patches p of the input).
 CONVS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
@@ -82,6 +82,18 @@ def conv_weight_shape(module: nn.Module) -> torch.Size:
     if isinstance(module, nn.ConvTranspose2d):
         return torch.Size((module.out_channels, module.in_channels // module.groups, shape[2], shape[3]))
     return shape
+
+
+def matrix_shapes(module: nn.Module) -> Tuple[torch.Size, Optional[torch.Size]]:
+    """(weight, bias) shapes of a block's vectors as the Kronecker math sees them: a convolution's weight as the
+    (out, in/groups·kh·kw) matrix of the Conv2d it is seen as (a ConvTranspose2d's W'); no bias for an
+    Embedding."""
+    weight = module.weight.shape
+    if isinstance(module, CONVS):
+        shape = conv_weight_shape(module)
+        weight = torch.Size((shape[0], shape[1:].numel()))
+    bias = getattr(module, "bias", None)
+    return weight, None if bias is None else bias.shape
 
 
 def to_conv_layout(module: nn.Module, weight: Tensor) -> Tensor:
