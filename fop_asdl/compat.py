@@ -12,11 +12,16 @@ import warnings
 from typing import Any, Iterator, List, Optional
 
 import asdl
+import asdl.core as _asdl_core
 import asdl.operations.operation as _asdl_operation
 import asdl.precondition.natural_gradient as _asdl_ng
 import asdl.utils as _asdl_utils
 import torch
+from asdl.matrices import SHAPE_KRON, SHAPE_SWIFT_KRON, SHAPE_UNIT_WISE
+from asdl.symmatrix import Kron
 from torch import nn
+
+from .curvature import factors as _factors, layer_ops as _layer_ops
 
 __all__ = ["LOW_PRECISION", "compute_dtype", "factor_precision", "full_precision", "kept_requires_grad",
            "quiet_asdl_hooks"]
@@ -56,7 +61,7 @@ def _patch_nvtx() -> None:
 _patch_nvtx()
 
 
-# --- Fix 12: torch.distributed.nn's default group ----------------------------------------------------
+# --- Fix 14: torch.distributed.nn's default group ----------------------------------------------------
 # torch.distributed.nn.functional binds ``group.WORLD`` into default arguments when it is imported, and the
 # first torch.optim optimizer of a process imports it (through torch._dynamo). Imported after
 # init_process_group, it keeps the group, and gloo's threads, alive past destroy_process_group into the
@@ -124,10 +129,9 @@ def factor_precision(dtype: torch.dtype) -> Iterator[None]:
         _factor_dtype[0] = saved
 
 
-def _patch_hooks_precision() -> None:
-    op_class = _asdl_operation.Operation
+def _patch_hooks_precision(op_class: type) -> None:
     for name in ("forward_post_process", "backward_pre_process"):
-        original = getattr(op_class, name)
+        original = vars(op_class)[name]
         if getattr(original, "_fop_asdl_full_precision", False):
             continue
 
@@ -144,7 +148,9 @@ def _patch_hooks_precision() -> None:
         setattr(op_class, name, in_full_precision)
 
 
-_patch_hooks_precision()
+# ASDL's operations, and the package's Embedding operation (fix 12), which overrides both hooks
+_patch_hooks_precision(_asdl_operation.Operation)
+_patch_hooks_precision(_layer_ops.Embedding)
 
 
 @contextlib.contextmanager
@@ -159,7 +165,9 @@ def kept_requires_grad(model: nn.Module):
             param.requires_grad_(flag)
 
 
-_ASDL_CLASSES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.Embedding)
+#: ASDL's layer types and those the package adds (Fix 12): Conv1d, ConvTranspose2d, GroupNorm.
+_ASDL_CLASSES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm,
+                 nn.GroupNorm, nn.Embedding)
 
 
 # --- Fix 4: ASDL rejects subclasses of its layer types by their class name ------------------------
@@ -192,3 +200,87 @@ def quiet_asdl_hooks() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Using a non-full backward hook", category=FutureWarning)
         yield
+
+
+# --- Fix 12: more layer types -----------------------------------------------------------------------
+# ASDL 0.1a5 has no operation for Conv1d, ConvTranspose2d or GroupNorm, a Conv2d operation that refuses
+# dilation and ignores groups and the padding mode, and an Embedding operation with wrong factors
+# (fop_asdl/curvature/layer_ops.py says what and why). Its operation lookup, its lists of supported layers
+# and K-FAC's shapes (GroupNorm unit-wise, as BatchNorm and LayerNorm) take the package's operations for
+# these layers. A ConvTranspose2d's gradient must be turned into the layout its factors act on, which ASDL's
+# own preconditioning does not do: it is a block of the package's makers only (their _supported_classes).
+def _patch_layer_types() -> None:
+    original = _asdl_core.get_op_class
+    if getattr(original, "_fop_asdl_layers", False):
+        return
+
+    def get_op_class(module: nn.Module):
+        return _layer_ops.op_class(module) or original(module)
+
+    get_op_class._fop_asdl_layers = True
+    _asdl_core.get_op_class = get_op_class
+    extra = (nn.Conv1d, nn.GroupNorm)
+    _asdl_core._supported_module_classes = tuple(_asdl_core._supported_module_classes) + extra + (nn.ConvTranspose2d,)
+    _asdl_ng.NaturalGradientMaker._supported_classes = tuple(_asdl_ng.NaturalGradientMaker._supported_classes) + extra
+
+    def kfac_init(self, model, config, fisher_type=_asdl_ng.FISHER_MC, loss_type=_asdl_ng.LOSS_CROSS_ENTROPY,
+                  scale=1, grad_scale=1, n_mc_samples=1, var=1., seed=None, swift=False):
+        fisher_shape = [SHAPE_SWIFT_KRON if swift else SHAPE_KRON, (nn.BatchNorm1d, SHAPE_UNIT_WISE),
+                        (nn.BatchNorm2d, SHAPE_UNIT_WISE), (nn.LayerNorm, SHAPE_UNIT_WISE),
+                        (nn.GroupNorm, SHAPE_UNIT_WISE)]
+        _asdl_ng.NaturalGradientMaker.__init__(self, model, config, fisher_type=fisher_type, fisher_shape=fisher_shape,
+                                               loss_type=loss_type, scale=scale, grad_scale=grad_scale,
+                                               n_mc_samples=n_mc_samples, var=var, seed=seed)
+
+    asdl.KfacGradientMaker.__init__ = kfac_init
+
+
+_patch_layer_types()
+
+
+# --- Fix 13: diagonal and per-group Kronecker factors ------------------------------------------------
+# An Embedding's token-count factor is diagonal (stored as a vector) and a grouped convolution has one
+# factor pair per group (stacked): ASDL's Kron inverts and multiplies dense 2-D factors only. Those kinds
+# go to fop_asdl/curvature/factors.py; dense factors stay with ASDL's own code.
+def _patch_kron_kinds() -> None:
+    original_inv, original_mvp = Kron.update_inv, Kron.mvp
+    if getattr(original_inv, "_fop_asdl_kinds", False):
+        return
+
+    def plain(kron: Kron, a, b) -> bool:
+        return all(t is None or _factors.is_plain(t) for t in (a, b))
+
+    def update_inv(self, damping=1e-7, calc_A_inv=True, calc_B_inv=True, eps=1e-7, replace=False):
+        if plain(self, self.A, self.B):
+            return original_inv(self, damping, calc_A_inv, calc_B_inv, eps, replace)
+        d_a, d_b = _factors.pi_damping(self.A, self.B, damping, eps)
+        for name, d, wanted in (("A", d_a, calc_A_inv), ("B", d_b, calc_B_inv)):
+            factor = getattr(self, name)
+            if wanted and not torch.all(factor == 0):  # as ASDL: no inverse of an all-zero factor
+                inverse, usable = _factors.damped_inverse(factor, d)
+                if not bool(usable):  # as ASDL's Cholesky: an indefinite factor raises
+                    raise torch.linalg.LinAlgError(f"the damped {name} factor is not positive definite")
+                setattr(self, name + "_inv", inverse)
+                if replace:
+                    setattr(self, name, None)
+
+    def mvp(self, vec_weight, vec_bias=None, use_inv=False, inplace=False):
+        a, b = (self.A_inv, self.B_inv) if use_inv else (self.A, self.B)
+        if plain(self, a, b):
+            return original_mvp(self, vec_weight, vec_bias, use_inv, inplace)
+        w = vec_weight.reshape(1, vec_weight.shape[0], -1)
+        mvp_w = _factors.left(b, _factors.right(w, a)).view_as(vec_weight)
+        if inplace:
+            vec_weight.copy_(mvp_w)
+        if vec_bias is None:
+            return mvp_w
+        mvp_b = _factors.left(b, vec_bias.reshape(1, -1, 1)).view_as(vec_bias)
+        if inplace:
+            vec_bias.copy_(mvp_b)
+        return mvp_w, mvp_b
+
+    update_inv._fop_asdl_kinds = True
+    Kron.update_inv, Kron.mvp = update_inv, mvp
+
+
+_patch_kron_kinds()

@@ -37,11 +37,12 @@ def test_unknown_maker_lists_choices():
 
 
 class WithUnsupported(nn.Module):
-    """An Embedding (no FOP curvature), a container-owned Parameter, an ignored and a frozen layer."""
+    """An Embedding that scales its gradient by token frequency (no FOP curvature: a sample's gradient depends on
+    the batch), a container-owned Parameter, an ignored and a frozen layer."""
 
     def __init__(self):
         super().__init__()
-        self.embed = nn.Embedding(5, 4)
+        self.embed = nn.Embedding(5, 4, scale_grad_by_freq=True)
         self.temperature = nn.Parameter(torch.tensor(1.5))
         self.fc = nn.Linear(4, 6)
         self.skipped = nn.Linear(6, 6)
@@ -67,7 +68,7 @@ def test_parameters_without_curvature_get_the_full_batch_gradient_on_every_step(
                                              fisher_type="fisher_emp")
     messages = [str(w.message) for w in caught if "no FOP curvature" in str(w.message)]
     assert len(messages) == 1
-    assert "embed (Embedding)" in messages[0] and "<root> (WithUnsupported)" in messages[0]
+    assert "embed (Embedding: scale_grad_by_freq" in messages[0] and "<root> (WithUnsupported:" in messages[0]
     assert "skipped" not in messages[0]  # ignored by the user: no warning
     plain = ["embed.weight", "temperature", "skipped.weight", "skipped.bias"]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -16,6 +16,8 @@ import fop_asdl
 from fop_asdl.curvature.inverses import kron_damping
 
 METHODS = ["sgd", "kfac", "fop", "fngd", "hylo", "ekfac", "shampoo"]
+#: The methods whose blocks include an Embedding (docs/layers.md).
+EMBEDDING_BLOCKS = ("kfac", "fop", "fngd", "hylo")
 LAMBDA = 1e16
 V, H, B, T = 7, 5, 6, 3
 
@@ -71,21 +73,24 @@ def token_ce(y, t, reduction="mean"):
     return F.cross_entropy(y.flatten(0, 1), t.flatten(), reduction=reduction)
 
 
-def make(name, model, micro_batch_size=None):
-    config = asdl.PreconditioningConfig(damping=LAMBDA, curvature_upd_interval=1, preconditioner_upd_interval=1)
+def make(name, model, micro_batch_size=None, ignore=()):
+    config = asdl.PreconditioningConfig(damping=LAMBDA, curvature_upd_interval=1, preconditioner_upd_interval=1,
+                                        ignore_modules=list(ignore))
     options = {"fop": dict(beta=0.0, eta=None), "fngd": dict(iters_per_epoch=1, damping_mode="fixed"),
                "hylo": dict(switch_policy="kis", compression_ratio=1.0)}.get(name, {})
     return fop_asdl.make_gradient_maker(name, model, None if name == "sgd" else config,
                                         micro_batch_size=micro_batch_size, **options)
 
 
-def tied_expectation(name, via_head, via_emb):
+def tied_expectation(name, via_head, via_emb, emb="block"):
     """(c, e): the tied weight's c·p.grad in the damped limit is e. The head's use preconditioned (a block's
-    F̃⁻¹ → 1/λ), the embedding's plain (no block); Shampoo preconditions the parameter, both uses together,
-    by 1/√λ."""
+    F̃⁻¹ → 1/λ); the embedding's too where ``emb`` is "block" and the method has Embedding blocks, plain where it
+    is "ignored" (by the user) or "functional" (no module). Shampoo preconditions the parameter, both uses
+    together, by 1/√λ, unless a module holding it is ignored."""
     if name == "shampoo":
-        return LAMBDA ** 0.5, via_head + via_emb
-    return 1.0, via_head / (1.0 if name == "sgd" else LAMBDA) + via_emb
+        return (1.0 if emb == "ignored" else LAMBDA ** 0.5), via_head + via_emb
+    scale = 1.0 if name == "sgd" else LAMBDA
+    return 1.0, via_head / scale + via_emb / (scale if emb == "block" and name in EMBEDDING_BLOCKS else 1.0)
 
 
 def run(gm, model, x, t, loss_fn):
@@ -106,10 +111,12 @@ def scale_of(gm, name, param, module):
 
 
 @pytest.mark.filterwarnings("ignore:fop_asdl")
+@pytest.mark.parametrize("emb", ["block", "ignored"])
 @pytest.mark.parametrize("micro_batch_size", [None, 4])
 @pytest.mark.parametrize("name", METHODS)
-def test_tied_embedding_and_head_get_both_parts(name, micro_batch_size):
-    """The head is a block, the embedding is not: p.grad = (head's part) / λ + (embedding's part)."""
+def test_tied_embedding_and_head_get_both_parts(name, micro_batch_size, emb):
+    """The head is a block, and the embedding one too (p.grad = both parts / λ) or, ignored by the user, not
+    (p.grad = (head's part) / λ + (embedding's part))."""
     torch.manual_seed(0)
     model = TiedLM().double()
     gen = torch.Generator().manual_seed(1)
@@ -117,9 +124,9 @@ def test_tied_embedding_and_head_get_both_parts(name, micro_batch_size):
     w = model.emb.weight
     via_head = torch.autograd.grad(token_ce(model(x, (w.detach(), w)), t), w)[0]
     via_emb = torch.autograd.grad(token_ce(model(x, (w, w.detach())), t), w)[0]
-    gm = make(name, model, micro_batch_size)
+    gm = make(name, model, micro_batch_size, ignore=["emb"] if emb == "ignored" else ())
     run(gm, model, x, t, token_ce)
-    scale, expected = tied_expectation(name, via_head, via_emb)
+    scale, expected = tied_expectation(name, via_head, via_emb, emb)
     torch.testing.assert_close(w.grad * scale, expected, rtol=1e-6, atol=1e-12)
     assert via_emb.norm() > 0.1 * via_head.norm()  # both parts matter: dropping one would fail
 
@@ -142,14 +149,16 @@ def test_a_weight_in_two_blocks_gets_the_full_gradient_in_the_damped_limit(name,
 
 
 @pytest.mark.filterwarnings("ignore:fop_asdl")
-@pytest.mark.parametrize("net", [TiedLM, FunctionalTie])
+@pytest.mark.parametrize("net, emb", [(TiedLM, "block"), (TiedLM, "ignored"), (FunctionalTie, "functional")])
 @pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo", "ekfac", "shampoo"])
-def test_hylo_and_the_others_keep_both_parts_between_curvature_steps(name, net):
+def test_hylo_and_the_others_keep_both_parts_between_curvature_steps(name, net, emb):
     """Between curvature updates (K-FAC and HyLo capture only the blocks known to be shared there: by the
-    model's structure, or by a plain part seen on a curvature step) the tie stays exact."""
+    model's structure, or by a plain part seen on a curvature step) the tie stays exact, with the tied
+    embedding a block or ignored by the user (a functional tie's embedding is no module, so never a block)."""
     torch.manual_seed(0)
     model = net().double()
-    config = asdl.PreconditioningConfig(damping=LAMBDA, curvature_upd_interval=3, preconditioner_upd_interval=3)
+    config = asdl.PreconditioningConfig(damping=LAMBDA, curvature_upd_interval=3, preconditioner_upd_interval=3,
+                                        ignore_modules=["emb"] if emb == "ignored" else [])
     options = {"fop": dict(beta=0.0, eta=None), "fngd": dict(iters_per_epoch=1, damping_mode="fixed"),
                "hylo": dict(switch_policy="kis", compression_ratio=1.0)}.get(name, {})
     gm = fop_asdl.make_gradient_maker(name, model, config, **options)
@@ -160,5 +169,5 @@ def test_hylo_and_the_others_keep_both_parts_between_curvature_steps(name, net):
         via_head = torch.autograd.grad(token_ce(model(x, (w.detach(), w)), t), w)[0]
         via_emb = torch.autograd.grad(token_ce(model(x, (w, w.detach())), t), w)[0]
         run(gm, model, x, t, token_ce)
-        scale, expected = tied_expectation(name, via_head, via_emb)
+        scale, expected = tied_expectation(name, via_head, via_emb, emb)
         torch.testing.assert_close(w.grad * scale, expected, rtol=1e-6, atol=1e-12)

@@ -118,7 +118,7 @@ def test_auto_picks_cheaper_strategy_by_documented_flops():
 def test_auto_dispatches_to_chosen_strategy(monkeypatch):
     called = []
     for key in ("per_sample", "pairwise"):
-        monkeypatch.setitem(smw._GRAM, key, lambda p, z, c, key=key: called.append(key) or p.new_zeros(
+        monkeypatch.setitem(smw._GRAM, key, lambda p, z, c, groups=1, key=key: called.append(key) or p.new_zeros(
             p.shape[0], p.shape[0]))
     x = torch.randn(2, 1, 16, 16, dtype=DTYPE)        # 1 channel, 256 positions: per_sample wins
     conv2d_gram(x, torch.randn(2, 2, 16, 16, dtype=DTYPE), (2, 1, 1, 1), bias=False)
@@ -232,10 +232,10 @@ def _x(*shape):
     (lambda: linear_gram(_x(4, 2, 3), _x(4, 3, 2), False), r"\(M, T, O\).*Fold extra"),
     (lambda: linear_weighted_sum(_x(4, 3), _x(4, 2), _x(3), False), r"w must have shape \(4,\)"),
     (lambda: conv2d_gram(_x(4, 2, 5, 5), _x(3, 3, 3, 3), (3, 2, 3, 3), bias=True), r"batch sizes differ"),
-    (lambda: conv2d_gram(_x(4, 2, 5, 5), _x(4, 4, 5, 5), (4, 1, 3, 3), 1, 1, bias=False, groups=2),
-     r"groups=2 is not supported.*own block"),
+    (lambda: conv2d_gram(_x(4, 2, 5, 5), _x(4, 4, 5, 5), (4, 1, 3, 3), 1, 1, bias=False, groups=3),
+     r"2 channels but weight_shape\[1\] = 1 with groups=3"),
     (lambda: conv2d_gram(_x(4, 2, 5, 5), _x(4, 4, 5, 5), (4, 1, 3, 3), 1, 1, bias=False),
-     r"weight_shape\[1\] = 1.*groups != 1"),
+     r"weight_shape\[1\] = 1 with groups=1.*and its groups"),
     (lambda: conv2d_weighted_sum(_x(4, 2, 5, 5), _x(4, 3, 5, 5), _x(4), (3, 2, 3, 3), bias=True),
      r"outputs \(M, 3, 3, 3\).*stride, padding and dilation"),
     (lambda: conv2d_gram(_x(4, 2, 5, 5), _x(4, 3, 5, 5), (3, 2, 3, 3), 1, "same", bias=True),

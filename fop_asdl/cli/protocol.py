@@ -208,7 +208,9 @@ def build_gradient_maker(spec: RunSpec, model: nn.Module, local_batch: int, step
         kwargs["micro_batch_size"] = c.micro_batch_size
     config = None
     if method.preconditioning:
-        ignore = [nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d] if c.others_optimizer else None  # AdamW's, not ours
+        # AdamW's, not ours: the paper's protocol preconditions the Linear/Conv blocks only (docs/runner.md)
+        others = [nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.Embedding]
+        ignore = others if c.others_optimizer else None
         config = asdl.PreconditioningConfig(
             ignore_modules=ignore,
             damping=c.damping,

@@ -19,7 +19,7 @@ import torch
 from asdl.fisher import FisherMCCrossEntropy
 from asdl.grad_maker import DummyObject, GetFirstItem
 from asdl.symmatrix import SymMatrix
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..compat import factor_precision, kept_requires_grad, quiet_asdl_hooks
 from ..engine.capture import BlockCapture
@@ -139,12 +139,15 @@ def fisher_logits(maker: asdl.GradientMaker) -> DummyObject:
     return maker._dummy_logits
 
 
-def unscale_empirical(curvature: Dict[str, SymMatrix], backprop_scale: Union[float, Tensor]) -> None:
+def unscale_empirical(curvature: Dict[str, SymMatrix], backprop_scale: Union[float, Tensor],
+                      modules: Dict[str, nn.Module]) -> None:
     """The empirical Fisher comes from the backpropagated loss's own per-sample gradients: its output-side
-    factors carry that loss's scale σ squared against the user's per-sample terms; divide it out."""
+    factors carry that loss's scale σ squared against the user's per-sample terms; divide it out. The
+    output side is B (the weight's rows), except for an Embedding, whose rows are token ids (A)."""
     square = backprop_scale ** 2
-    for matrix in curvature.values():
-        output_side = [matrix.kron.B] if matrix.has_kron else []
+    for name, matrix in curvature.items():
+        output_side = [] if not matrix.has_kron else [
+            matrix.kron.A if isinstance(modules[name], nn.Embedding) else matrix.kron.B]
         output_side += [matrix.unit.data] if matrix.has_unit else []
         for tensor in output_side:
             tensor.div_(square)

@@ -24,6 +24,8 @@ import torch
 from asdl.symmatrix import Kron, SymMatrix, UnitWise
 from torch import Tensor
 
+from . import factors
+
 __all__ = ["drop_inverses", "invert_all", "kron_damping", "pi_damping", "rebuild_inverses", "robust_update_inv"]
 
 Damping = Union[float, Tensor]
@@ -31,7 +33,10 @@ Damping = Union[float, Tensor]
 
 def pi_damping(kron: Kron, damping: float, eps: float = 1e-7) -> Tuple[Tensor, Tensor]:
     """The π-split damping (d_A, d_B) of the fallback and of FOP's damped metric, as 0-d float64 device
-    tensors (no host sync): the values :func:`kron_damping` reads off."""
+    tensors (no host sync): the values :func:`kron_damping` reads off. For a diagonal or per-group factor
+    (:mod:`fop_asdl.curvature.factors`) the same split, one value per group."""
+    if not (factors.is_plain(kron.A) and factors.is_plain(kron.B)):
+        return factors.pi_damping(kron.A, kron.B, damping, eps)
     a_mean = (kron.A.trace() if kron.A_is_square else torch.sum(kron.A ** 2)) / kron.A_dim
     b_mean = (kron.B.trace() if kron.B_is_square else torch.sum(kron.B ** 2)) / kron.B_dim
     pi = torch.sqrt(a_mean / b_mean).double()
@@ -42,26 +47,36 @@ def pi_damping(kron: Kron, damping: float, eps: float = 1e-7) -> Tuple[Tensor, T
             torch.where(usable, torch.clamp(r / pi, min=eps), fixed))
 
 
-def kron_damping(kron: Kron, damping: float, eps: float = 1e-7) -> tuple[float, float]:
-    """:func:`pi_damping` as Python floats (one host read)."""
+def kron_damping(kron: Kron, damping: float, eps: float = 1e-7) -> tuple:
+    """:func:`pi_damping` as Python floats (one host read); as tensors for a diagonal or per-group factor."""
+    if not (factors.is_plain(kron.A) and factors.is_plain(kron.B)):
+        return pi_damping(kron, damping, eps)
     d_a, d_b = torch.stack(pi_damping(kron, damping, eps)).tolist()
     return d_a, d_b
 
 
 def _floored_inverse(mat: torch.Tensor, damping: Damping, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of ``mat + damping I`` (batched) in ``dtype`` with eigenvalues floored to stay positive."""
+    """Inverse of ``mat + damping I`` (batched; a vector stands for its diagonal matrix) in ``dtype`` with
+    eigenvalues floored to stay positive; ``damping`` a number or one per matrix of the batch."""
+    damping = torch.as_tensor(damping, dtype=torch.float64, device=mat.device)
+    damping = damping.reshape(-1, 1) if damping.dim() else damping
+    minimum = torch.clamp(damping, min=1e-12)
+    if mat.dim() == 1:  # diag(f): its eigenvalues are f
+        eigvals = mat.double() + damping
+        floor = torch.maximum(eigvals.abs().amax() * 1e-6, minimum)
+        return (1.0 / torch.maximum(eigvals, floor)).to(dtype)
     sym = 0.5 * (mat + mat.transpose(-1, -2)).double()
     eigvals, eigvecs = torch.linalg.eigh(sym)
     eigvals = eigvals + damping
-    floor = torch.clamp(eigvals.abs().amax(dim=-1, keepdim=True) * 1e-6, min=max(damping, 1e-12))
+    floor = torch.maximum(eigvals.abs().amax(dim=-1, keepdim=True) * 1e-6, minimum)
     eigvals = torch.maximum(eigvals, floor)
     inv = (eigvecs / eigvals.unsqueeze(-2)) @ eigvecs.transpose(-1, -2)
     return inv.to(dtype)
 
 
 def _gram(mat: torch.Tensor) -> torch.Tensor:
-    """The covariance a (possibly non-square, SKFAC) factor stands for."""
-    return mat if mat.shape[0] == mat.shape[1] else mat.T @ mat
+    """The covariance a (possibly non-square, SKFAC) factor stands for; a vector or stack as it is."""
+    return mat if not factors.is_plain(mat) or mat.shape[0] == mat.shape[1] else mat.T @ mat
 
 
 @contextlib.contextmanager
@@ -87,6 +102,8 @@ def _asdl_damping(kron: Kron, damping: float, eps: float = 1e-7) -> Tuple[Dampin
     neither 0 nor inf, else λ; ``torch.where`` in place of its ``if`` (the same values, as tensors)."""
     if not (kron.has_A and kron.has_B):
         return damping, damping
+    if not (factors.is_plain(kron.A) and factors.is_plain(kron.B)):  # no ASDL precedent: NaN π gives λ
+        return factors.pi_damping(kron.A, kron.B, damping, eps)
     a_mean = (kron.A.trace() if kron.A_is_square else torch.sum(kron.A ** 2)) / kron.A_dim
     b_mean = (kron.B.trace() if kron.B_is_square else torch.sum(kron.B ** 2)) / kron.B_dim
     pi = torch.sqrt(a_mean / b_mean)
@@ -100,9 +117,13 @@ def _asdl_damping(kron: Kron, damping: float, eps: float = 1e-7) -> Tuple[Dampin
 def _factor_inverse(factor: Tensor, damping: Damping, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """(inverse of factor + damping I in ``dtype``, whether it is usable): ``asdl.utils.cholesky_inv``
     (square) or ``smw_inv`` (SKFAC) with the ``_ex`` solvers, whose error codes stay on the device. ASDL skips
-    an all-zero factor; it is marked unusable here, which gives it the fallback it got before."""
+    an all-zero factor; it is marked unusable here, which gives it the fallback it got before. A diagonal or
+    per-group factor: :func:`fop_asdl.curvature.factors.damped_inverse`."""
     factor = factor.to(dtype)  # a copy only for another dtype; the damping below is undone on it either way
     ok = ~torch.all(factor == 0)
+    if not factors.is_plain(factor):
+        inverse, usable = factors.damped_inverse(factor, damping)
+        return inverse.to(dtype), ok & usable
     if factor.shape[0] == factor.shape[1]:
         diag = torch.diagonal(factor)
         diag += damping
@@ -163,7 +184,7 @@ def _fall_back(matrix: SymMatrix, damping: float, name: str, warned: set, dtype:
                       f"{damping:g}; using an eigenvalue-floored inverse for it.", RuntimeWarning)
     if matrix.has_kron:
         kron = matrix.kron
-        damping_a, damping_b = kron_damping(kron, damping)
+        damping_a, damping_b = pi_damping(kron, damping)
         kron.A_inv = _floored_inverse(_gram(kron.A), damping_a, dtype)
         kron.B_inv = _floored_inverse(_gram(kron.B), damping_b, dtype)
     if matrix.has_unit:

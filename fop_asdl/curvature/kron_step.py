@@ -22,10 +22,11 @@ from ..engine.attention import attention_blocks
 from ..engine.capture import BlockCapture, Chunk
 from ..engine.chunks import summed_loss_backward
 from ..engine.coverage import kron_description
+from ..engine.layers import matrix_shapes
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_uses
 from ..engine.step import SteppedGradientMaker
-from ..engine.sub_batches import average_and_difference, half_sums
+from ..engine.sub_batches import autograd_sums, average_and_difference, half_sums
 from ..engine.trust_region import LearningRate, step_factor, validate_kl_clip
 from ..engine.vectors import BlockVector, add, cast, divided, flat_block, scaled, write_block
 from .asdl_kfac import UNSET, KfacGradientMaker
@@ -88,6 +89,9 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
     """
 
     two_gradients = True
+    #: ASDL's layer types (with the package's, fop_asdl.compat fix 12) and ConvTranspose2d, whose gradient the
+    #: step turns into the layout its factors act on (ASDL's own preconditioning does not).
+    _supported_classes = KfacGradientMaker._supported_classes + (nn.ConvTranspose2d,)
     #: Names of the per-block stats :meth:`_precondition` returns; those starting with "kl_" add up to ‖Δ‖²_F̃.
     stat_keys: Tuple[str, ...] = ()
     #: Several ranks run the sharded path (fop_asdl.distributed), not ASDL's.
@@ -110,7 +114,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         config = config if config is not None else asdl.PreconditioningConfig()
         self._user_ignore_modules = list(config.ignore_modules or [])
         with attention_blocks(self, model):  # attention projections as blocks (fop_asdl.engine.attention)
-            config = ignoring_unsupported(model, config, self.method_label)
+            config = ignoring_unsupported(model, config, self.method_label, self.all_layer_types)
             super().__init__(model, config, fisher_type=fisher_type, loss_type=loss_type, scale=scale,
                              grad_scale=grad_scale, n_mc_samples=n_mc_samples, var=var, seed=seed, swift=swift,
                              factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
@@ -149,7 +153,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         return self._shared_blocks
 
     def _record_from_autograd(self, module: nn.Module) -> List[Optional[BlockVector]]:
-        return [(module.weight.grad, None if module.bias is None else module.bias.grad), None]
+        return [autograd_sums(module), None]
 
     def _describe_block(self, name: str, module: nn.Module) -> str:
         return kron_description(self.method_label, module, getattr(module, self._fisher_attr, None))
@@ -194,7 +198,8 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
     def _finish(self, plan: CurvaturePlan, records: Dict[str, List[Optional[BlockVector]]],
                 counts: BatchCounts) -> Dict[str, List[Tensor]]:
         if plan.curvature and self.fisher_maker.is_fisher_emp:
-            unscale_empirical(plan.curvature, counts.backprop_scale(loss_scale(self.grad_scaler, self.device)))
+            unscale_empirical(plan.curvature, counts.backprop_scale(loss_scale(self.grad_scaler, self.device)),
+                              dict(self.named_modules_for_curvature))
         sums = self._sync.reduce_block_sums({name: tuple(halves) for name, halves in records.items()})
         plan.gradients = self._block_gradients(sums, *counts.weights())
         plan.curvature = self._sync.reduce_curvature(plan.curvature) if plan.update_curvature else {}
@@ -264,15 +269,9 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
 
     # --- shapes and state ----------------------------------------------------------------------------
     def _block_shapes(self) -> Dict[str, Tuple[torch.Size, Optional[torch.Size]]]:
-        """(weight, bias) shapes of each block's vectors as the FOP math sees them (Conv2d flattened)."""
+        """(weight, bias) shapes of each block's vectors as the FOP math sees them (convolutions flattened)."""
         if self._shapes is None:
-            self._shapes = {}
-            for name, module in self.named_modules_for_curvature:
-                weight = module.weight.shape
-                if isinstance(module, nn.Conv2d):
-                    weight = torch.Size((weight[0], weight[1:].numel()))
-                bias = None if module.bias is None else module.bias.shape
-                self._shapes[name] = (weight, bias)
+            self._shapes = {name: matrix_shapes(module) for name, module in self.named_modules_for_curvature}
         return self._shapes
 
     @property

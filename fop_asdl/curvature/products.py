@@ -1,9 +1,10 @@
 """Curvature products of one block, on ASDL's stored matrices, for several vectors at once.
 
 A block vector is ``(weight, bias)`` with a leading dimension k that stacks k vectors, so the two FOP
-gradients share one product. Kron blocks (Linear, Conv2d) hold ``weight`` as (k, out, in) and ``bias``
-as (k, out) or None; F = B ⊗ A acts as ``B @ W @ A`` and on the bias as ``B`` alone, exactly as
-``asdl.Kron.mvp`` does. Unit-wise blocks (BatchNorm, LayerNorm) hold (k, f) for both and a 2×2 matrix
+gradients share one product. Kron blocks (Linear, convolutions, Embedding) hold ``weight`` as (k, rows,
+cols) and ``bias`` as (k, rows) or None; F = B ⊗ A acts as ``B @ W @ A`` and on the bias as ``B`` alone,
+exactly as ``asdl.Kron.mvp`` does, with the factor kinds of :mod:`fop_asdl.curvature.factors` (diagonal,
+one per group). Unit-wise blocks (BatchNorm, LayerNorm, GroupNorm) hold (k, f) for both and a 2×2 matrix
 per unit.
 """
 from __future__ import annotations
@@ -15,23 +16,9 @@ from asdl.symmatrix import SymMatrix
 from torch import Tensor
 
 from ..engine.vectors import BlockVector, cast
+from .factors import left as _left, per_group, right as _right
 
 __all__ = ["apply_inverse", "apply_metric", "gram", "matrix_tensors", "has_inverse"]
-
-
-def _right(w: Tensor, factor: Tensor) -> Tensor:
-    """w @ A for a stack w (k, out, in); a non-square SKFAC factor X stands for A = XᵀX."""
-    k, out, n_in = w.shape
-    flat = w.reshape(k * out, n_in)
-    flat = flat @ factor if factor.shape[0] == factor.shape[1] else (flat @ factor.T) @ factor
-    return flat.view(k, out, n_in)
-
-
-def _left(factor: Tensor, w: Tensor) -> Tensor:
-    """B @ w for w (k, out, ...) stacked along dim 0; a non-square factor X stands for B = XᵀX."""
-    if factor.shape[0] == factor.shape[1]:
-        return torch.matmul(factor, w)
-    return torch.matmul(factor.T, torch.matmul(factor, w))
 
 
 def _unit_apply(mat: Tensor, vec: BlockVector) -> BlockVector:
@@ -65,12 +52,13 @@ def _metric(matrix: SymMatrix, vec: BlockVector,
     if matrix.has_kron:
         kron = matrix.kron
         weight = vec[0]
-        weight = _right(weight, kron.A) + d_a * weight if _nonzero(d_a) else _right(weight, kron.A)
-        weight = _left(kron.B, weight) + d_b * weight if _nonzero(d_b) else _left(kron.B, weight)
+        weight = _right(weight, kron.A) + per_group(d_a, weight) * weight if _nonzero(d_a) else _right(weight, kron.A)
+        weight = _left(kron.B, weight) + per_group(d_b, weight) * weight if _nonzero(d_b) else _left(kron.B, weight)
         bias = vec[1]
         if bias is not None:
-            bias_b = _left(kron.B, bias.unsqueeze(-1)).squeeze(-1)
-            bias = bias_b + d_b * bias if _nonzero(d_b) else bias_b
+            column = bias.unsqueeze(-1)
+            bias_b = _left(kron.B, column)
+            bias = (bias_b + per_group(d_b, column) * column if _nonzero(d_b) else bias_b).squeeze(-1)
         return weight, bias
     weight, bias = _unit_apply(matrix.unit.data, vec)
     if _nonzero(d_a):

@@ -9,7 +9,7 @@ tensors there needs the GIL, and CPython ends a thread that asks for the GIL dur
 ``pthread_exit``, whose unwinding through gloo's noexcept ``~AsyncWork`` aborts the process: ``terminate
 called without an active exception`` (SIGABRT), now and then, after every step was done.
 
-Importing ``fop_asdl`` imports ``torch.distributed.nn`` first (``compat``, fix 12), so those defaults
+Importing ``fop_asdl`` imports ``torch.distributed.nn`` first (``compat``, fix 14), so those defaults
 bind ``None`` (no group yet); :func:`destroy_process_group` then frees the backend, and joins its threads,
 while Python still runs, and warns where something else still holds the group.
 """

@@ -97,8 +97,10 @@ class BlockCapture:
             raise ValueError(f"fop_asdl: block {module.__class__.__name__} received a tensor with leading "
                              f"dimension {x.shape[0]}, but the batch has {self.chunk.size} samples. The "
                              f"gradient maker needs dim 0 to be the sample index inside every preconditioned "
-                             f"layer; list this module in PreconditioningConfig.ignore_modules.")
-        for param in (module.weight, module.bias):
+                             f"layer; list this module in PreconditioningConfig.ignore_modules"
+                             + (" or give it ids of shape (n, ...), e.g. positions.expand(n, -1) in place of "
+                                "arange(T)." if isinstance(module, nn.Embedding) else "."))
+        for param in (module.weight, getattr(module, "bias", None)):  # an Embedding has no bias
             if param is not None and param.requires_grad:
                 param.requires_grad_(False)
                 self._frozen.append(param)
@@ -135,6 +137,8 @@ class BlockCapture:
                                f"inplace=True).")
         # under autocast, or with bf16/fp16 weights, x and grad_out are bf16/fp16; the records are not
         dtype = compute_dtype(module.weight.dtype)
-        x, grad_out = x.to(dtype), grad_out.to(dtype)
+        if x.is_floating_point():  # an Embedding's input is its token ids: kept as they are
+            x = x.to(dtype)
+        grad_out = grad_out.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             self._records[module] = self.accumulate(module, x, grad_out, chunk, self._records.get(module))

@@ -138,7 +138,13 @@ def kron_description(method: str, module: nn.Module, matrix: Any) -> str:
     kron, unit = getattr(matrix, "kron", None), getattr(matrix, "unit", None)
     kind = module.__class__.__name__
     if kron is not None and kron.A is not None and kron.B is not None:
-        return f"{method}, {kind}: Kronecker factors A {tuple(kron.A.shape)}, B {tuple(kron.B.shape)}"
+        return f"{method}, {kind}: Kronecker factors A {_factor_shape(kron.A)}, B {_factor_shape(kron.B)}"
     if unit is not None:
         return f"{method}, {kind}: unit-wise 2x2 per channel"
     return f"{method}, {kind}: its curvature forms on the first curvature step"
+
+
+def _factor_shape(factor: Any) -> str:
+    """A Kronecker factor's shape, with its kind where it is not a matrix (:mod:`fop_asdl.curvature.factors`):
+    an Embedding's diagonal, a grouped convolution's stack, one matrix per group."""
+    return f"{tuple(factor.shape)}" + {1: " diagonal", 3: " per group"}.get(factor.dim(), "")

@@ -17,18 +17,23 @@ __all__ = ["PerSampleStepMaker", "once_per_pass"]
 
 
 class PerSampleStepMaker(SteppedGradientMaker):
-    """A :class:`SteppedGradientMaker` over per-sample Linear and Conv2d blocks (``self.blocks``)."""
+    """A :class:`SteppedGradientMaker` over per-sample blocks (``self.blocks``)."""
+
+    #: Linear and ungrouped Conv2d blocks (the per-sample methods of issue 23); FNGD and HyLo, whose math covers
+    #: every type :func:`~fop_asdl.engine.selection.supports_per_sample` knows (Conv1d, any Conv2d,
+    #: ConvTranspose2d, Embedding), set it True.
+    all_layer_types = False
 
     def _init_per_sample_step(self, model: nn.Module, factor_dtype: Optional[torch.dtype] = None,
                               inverse_dtype: Optional[torch.dtype] = None) -> None:
         """After :meth:`_init_step` and ASDL's constructor: the device, the step counter, ``self.blocks`` (the
-        per-sample Linear and Conv2d blocks, the attention projections among them:
-        :mod:`fop_asdl.engine.attention`), ``self._modules``, the same by name, and ``self.precision``
-        (:mod:`fop_asdl.engine.precision`)."""
+        per-sample blocks, the attention projections among them: :mod:`fop_asdl.engine.attention`),
+        ``self._modules``, the same by name, and ``self.precision`` (:mod:`fop_asdl.engine.precision`)."""
         self.device = next(model.parameters()).device
         self.state = {"step": 0}
         with attention_blocks(self, model):
-            self.blocks = linear_conv_blocks(model, self.config.ignore_modules, self.method_label)
+            self.blocks = linear_conv_blocks(model, self.config.ignore_modules, self.method_label,
+                                             self.all_layer_types)
         self._modules = dict(self.blocks)
         self.precision = block_precision(self.blocks, self.method_label, factor_dtype, inverse_dtype)
 

@@ -9,7 +9,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import asdl
 from torch import nn
 
+from .layers import CONVS, embedding_problem
 from .sub_batches import supports_half_gradients
+
+#: Norm layers: their parameters get the plain gradient from the per-sample methods by design.
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 __all__ = ["ignoring_unsupported", "linear_conv_blocks", "shared_blocks", "supports_per_sample", "user_ignores"]
 
@@ -26,9 +30,27 @@ def user_ignores(name: str, module: nn.Module, ignore_modules: Optional[Sequence
     return False
 
 
-def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, label: str
-                          ) -> asdl.PreconditioningConfig:
-    """A copy of ``config`` that also ignores layers without ASDL curvature, with one warning naming them.
+def _plain_reason(module: nn.Module, all_layer_types: bool = True) -> str:
+    """Why a trainable layer gets the plain gradient from a method: the text its warning gives after the type."""
+    if next(module.children(), None) is not None:
+        return "parameters of its own beside its submodules"
+    if not all(p.requires_grad for p in module.parameters(recurse=False)):
+        return "partially frozen"
+    if not all_layer_types and supports_half_gradients(module):
+        return "this method keeps Linear, Conv2d (groups 1, no dilation, zero padding), BatchNorm and LayerNorm"
+    if isinstance(module, nn.Embedding) and embedding_problem(module):
+        return embedding_problem(module)
+    if isinstance(module, _NORMS):
+        return "weight or bias missing: the unit-wise 2×2 curvature needs both"
+    if isinstance(module, nn.RNNBase):
+        return "a recurrent layer's weights act at every time step through its state: no per-layer factors"
+    return "no curvature for this layer type"
+
+
+def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, label: str,
+                         all_layer_types: bool = True) -> asdl.PreconditioningConfig:
+    """A copy of ``config`` that also ignores layers without ASDL curvature (:func:`supports_half_gradients`
+    with ``all_layer_types``), with one warning naming them and why.
 
     Their parameters (and any parameter owned directly by a container module) receive the plain gradient.
     """
@@ -40,9 +62,9 @@ def ignoring_unsupported(model: nn.Module, config: asdl.PreconditioningConfig, l
             continue
         is_leaf = next(module.children(), None) is None
         partially_frozen = not all(p.requires_grad for p in own)
-        if not is_leaf or not supports_half_gradients(module) or partially_frozen:
-            unsupported.append(f"{name or '<root>'} ({module.__class__.__name__}"
-                               f"{', partially frozen' if partially_frozen else ''})")
+        if not is_leaf or not supports_half_gradients(module, all_layer_types) or partially_frozen:
+            unsupported.append(f"{name or '<root>'} ({module.__class__.__name__}: "
+                               f"{_plain_reason(module, all_layer_types)})")
             if is_leaf:
                 ignore.append(module)
     if unsupported:
@@ -69,19 +91,47 @@ def with_other_uses(blocks: Sequence[Tuple[str, nn.Module]], shared: Sequence[Tu
     return [(name, m) for name, m in blocks if (name, m) in shared or any(p.grad is not None for p in m.parameters())]
 
 
-def supports_per_sample(module: nn.Module) -> bool:
-    """Whether the per-sample math of FNGD (:mod:`fop_asdl.methods.fngd_math`) and HyLo (:mod:`fop_asdl.methods.hylo_math`) covers
-    this layer: Linear, and Conv2d without groups, string padding or a non-zero padding mode."""
+def supports_per_sample(module: nn.Module, all_layer_types: bool = True) -> bool:
+    """Whether per-sample math covers this layer: with ``all_layer_types`` (FNGD's
+    :mod:`~fop_asdl.methods.fngd_math`, HyLo's :mod:`~fop_asdl.methods.hylo_rows`) Linear, every convolution
+    of :mod:`fop_asdl.engine.layers` and Embedding (not sparse, no ``scale_grad_by_freq``); without, Linear and
+    Conv2d without groups, string padding or a non-zero padding mode (the other per-sample methods' math)."""
     if isinstance(module, nn.Linear):
         return True
+    if all_layer_types:
+        if isinstance(module, nn.Embedding):
+            return embedding_problem(module) is None
+        return isinstance(module, CONVS)
     return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
             and not isinstance(module.padding, str))
 
 
-def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]], label: str
-                       ) -> List[Tuple[str, nn.Module]]:
-    """Trainable Linear and Conv2d layers a per-sample method (FNGD, HyLo) preconditions: those
-    :func:`supports_per_sample` covers and not partially frozen; one warning names the others."""
+def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]], label: str,
+                       all_layer_types: bool = False) -> List[Tuple[str, nn.Module]]:
+    """Trainable layers a per-sample method preconditions: those :func:`supports_per_sample` covers and not
+    partially frozen. With ``all_layer_types`` (FNGD, HyLo) norm layers (BatchNorm, LayerNorm, GroupNorm) get
+    the plain gradient by design and one warning names every other trainable layer left to it, and why;
+    without, one warning names the Linear and Conv2d layers left to it."""
+    if not all_layer_types:
+        return _linear_conv2d_blocks(model, ignore_modules, label)
+    blocks, unsupported = [], []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not any(p.requires_grad for p in own) or user_ignores(name, module, ignore_modules):
+            continue
+        if supports_per_sample(module) and all(p.requires_grad for p in own):
+            blocks.append((name, module))
+        elif not (isinstance(module, _NORMS) and all(p.requires_grad for p in own)):
+            unsupported.append(f"{name or '<root>'} ({module.__class__.__name__}: "
+                               f"{_plain_reason(module)})")
+    if unsupported:
+        warnings.warn(f"fop_asdl: {label} cannot precondition " + ", ".join(unsupported)
+                      + "; their parameters receive the plain mean gradient.", UserWarning)
+    return blocks
+
+
+def _linear_conv2d_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]], label: str
+                          ) -> List[Tuple[str, nn.Module]]:
     blocks, unsupported = [], []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or user_ignores(name, module, ignore_modules):
@@ -89,7 +139,7 @@ def linear_conv_blocks(model: nn.Module, ignore_modules: Optional[Sequence[Any]]
         own = list(module.parameters(recurse=False))
         if not any(p.requires_grad for p in own):
             continue
-        if supports_per_sample(module) and all(p.requires_grad for p in own):
+        if supports_per_sample(module, all_layer_types=False) and all(p.requires_grad for p in own):
             blocks.append((name, module))
         else:
             unsupported.append(f"{name} ({module.__class__.__name__})")

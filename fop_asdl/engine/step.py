@@ -117,6 +117,11 @@ class SteppedGradientMaker:
         per-sample data on a step pays no capture there (HyLo between refreshes)."""
         return self._step_blocks
 
+    #: Whether the method's blocks may be of every layer type of :mod:`fop_asdl.engine.layers` (and Embedding);
+    #: False where its math covers only ASDL 0.1a5's own (Linear, ungrouped Conv2d, norms: EKFAC; per-sample
+    #: methods: Linear and Conv2d), the others left to the plain gradient with the reason in its warning.
+    all_layer_types = True
+
     #: Blocks outside :meth:`_captured_blocks` hand autograd's gradient sums to :meth:`_finish` as their records
     #: (:meth:`_record_from_autograd`) instead of joining the plain gradients: a method that needs only each
     #: block's whole-batch sum (K-FAC) pays no capture and keeps autograd's fused kernels (BatchNorm's too).
@@ -206,7 +211,8 @@ class SteppedGradientMaker:
         captured = {m for _, m in self._captured_blocks(plan)}
         taken = set()
         for name, module in self._step_blocks:
-            if module in captured or module.weight.grad is None:
+            weight = getattr(module, "weight", None)  # None: a norm layer without affine parameters
+            if module in captured or weight is None or weight.grad is None:
                 continue
             records[name] = self._record_from_autograd(module)
             for param in module.parameters():

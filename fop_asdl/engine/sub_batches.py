@@ -13,11 +13,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .layers import CONVS, conv_weight_sum, embedding_problem, embedding_tokens, to_conv_layout
 from .vectors import BlockVector
 
-__all__ = ["average_and_difference", "first_half_size", "half_sums", "supports_half_gradients"]
+__all__ = ["autograd_sums", "average_and_difference", "first_half_size", "half_sums", "supports_half_gradients"]
 
-_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
 def first_half_size(n: int) -> int:
@@ -25,13 +26,20 @@ def first_half_size(n: int) -> int:
     return (n + 1) // 2
 
 
-def supports_half_gradients(module: nn.Module) -> bool:
-    """Whether this module's per-sub-batch gradients can be formed here (and ASDL has its curvature)."""
-    if isinstance(module, nn.Linear):
+def supports_half_gradients(module: nn.Module, all_layer_types: bool = True) -> bool:
+    """Whether this module's per-sub-batch gradients can be formed here (and ASDL has its curvature); without
+    ``all_layer_types`` only the layers ASDL 0.1a5 itself covers: Linear, Conv2d (groups 1, no dilation, zero
+    padding), BatchNorm1d/2d and LayerNorm (a method whose math knows no diagonal or per-group factor, EKFAC)."""
+    if not all_layer_types:
+        if isinstance(module, nn.Conv2d):
+            return (module.groups == 1 and module.dilation == (1, 1) and module.padding_mode == "zeros"
+                    and not isinstance(module.padding, str))
+        if not isinstance(module, (nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+            return False
+    if isinstance(module, (nn.Linear, *CONVS)):
         return True
-    if isinstance(module, nn.Conv2d):
-        return (module.groups == 1 and module.dilation == (1, 1) and module.padding_mode == "zeros"
-                and not isinstance(module.padding, str))
+    if isinstance(module, nn.Embedding):
+        return embedding_problem(module) is None
     if isinstance(module, _NORM):
         return module.weight is not None and module.bias is not None
     return False
@@ -54,8 +62,15 @@ def _normalization_stats(module: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
 
 def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, halves: Sequence[slice]
                       ) -> List[BlockVector]:
-    """Per-half (weight, bias) gradients of a BatchNorm/LayerNorm call: (Σ δ·x̂, Σ δ) over each half,
-    with x̂ normalised by the statistics of the whole call (BatchNorm) or of each sample (LayerNorm)."""
+    """Per-half (weight, bias) gradients of a BatchNorm/LayerNorm/GroupNorm call: (Σ δ·x̂, Σ δ) over each
+    half, with x̂ normalised by the statistics of the whole call (BatchNorm) or of each sample (LayerNorm,
+    GroupNorm: of each group of channels)."""
+    if isinstance(module, nn.GroupNorm):
+        lead = (0,) + tuple(range(2, x.ndim))
+        groups = x.reshape(x.shape[0], module.num_groups, -1)
+        var, mean = torch.var_mean(groups, dim=2, unbiased=False, keepdim=True)
+        x_hat = ((groups - mean) * torch.rsqrt(var + module.eps)).view_as(x)
+        return [((grad_out[rows] * x_hat[rows]).sum(lead), grad_out[rows].sum(lead)) for rows in halves]
     mean, inv_std = _normalization_stats(module, x)
     if isinstance(module, nn.LayerNorm):
         lead = tuple(range(x.ndim - len(module.normalized_shape)))
@@ -71,17 +86,21 @@ def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, halves: Se
 
 
 def _param_grads(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-    """(weight grad, bias grad) of a Linear or Conv2d call, summed over the samples of ``x``."""
+    """(weight grad, bias grad) of a Linear, convolution or Embedding call, summed over the samples of ``x``."""
     if isinstance(module, nn.Linear):
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
         weight = g2d.T @ x.reshape(-1, x.shape[-1])
         bias = g2d.sum(0) if module.bias is not None else None
         return weight, bias
-    if isinstance(module, nn.Conv2d):
-        weight = torch.nn.grad.conv2d_weight(x, module.weight.shape, grad_out, module.stride,
-                                             module.padding, module.dilation, module.groups)
-        bias = grad_out.sum((0, 2, 3)) if module.bias is not None else None
-        return weight, bias
+    if isinstance(module, CONVS):
+        bias = grad_out.sum((0, *range(2, grad_out.ndim))) if module.bias is not None else None
+        return conv_weight_sum(module, x, grad_out), bias
+    if isinstance(module, nn.Embedding):  # Σ over tokens of e_id g_tᵀ: the rows of the ids, padding left out
+        ids, keep = embedding_tokens(module, x)
+        g2d = grad_out.reshape(ids.numel(), -1)
+        if module.padding_idx is not None:
+            g2d = g2d * keep.reshape(-1, 1)
+        return g2d.new_zeros(module.weight.shape).index_add_(0, ids.reshape(-1), g2d), None
     raise TypeError(f"no per-half gradients for {type(module).__name__}")
 
 
@@ -95,6 +114,14 @@ def half_sums(module: nn.Module, x: Tensor, grad_out: Tensor, split: int) -> Lis
     else:
         sums = iter([_param_grads(module, x[rows], grad_out[rows]) for rows in halves])
     return [next(sums) if 0 < split else None, next(sums) if split < size else None]
+
+
+def autograd_sums(module: nn.Module) -> BlockVector:
+    """A block's (weight, bias) sums from autograd's ``.grad`` in :func:`half_sums`' layout (a ConvTranspose2d's
+    weight as W', :func:`~fop_asdl.engine.layers.to_conv_layout`; an Embedding has no bias): K-FAC's plain steps
+    take them in place of captured sums."""
+    bias = getattr(module, "bias", None)
+    return to_conv_layout(module, module.weight.grad), None if bias is None else bias.grad
 
 
 def average_and_difference(sum1: Tensor, sum2: Tensor, n1: Union[float, Tensor], n2: Union[float, Tensor],

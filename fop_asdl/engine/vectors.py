@@ -11,6 +11,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .layers import from_conv_layout
+
 __all__ = ["BlockVector", "Shapes", "add", "cast", "divided", "flat_block", "numel", "scaled", "shapes_of",
            "stacked", "write_block"]
 
@@ -65,11 +67,13 @@ def numel(shapes: Shapes) -> int:
 
 
 def write_block(module: nn.Module, vec: BlockVector) -> None:
-    """Add a block vector, in any shape of the same size, to the module's grads: the step starts from None,
-    so a parameter gets the sum of its uses (a shared weight's other blocks, and its plain gradient from
-    uses outside blocks). The vector is cast to the parameter's dtype (bf16 weights: computed in float32)."""
-    for param, value in ((module.weight, vec[0]), (module.bias, vec[1])):
+    """Add a block vector, in any shape of the same size (a ConvTranspose2d's weight in the layout of
+    :func:`~fop_asdl.engine.layers.to_conv_layout`), to the module's grads: the step starts from None, so a
+    parameter gets the sum of its uses (a shared weight's other blocks, and its plain gradient from uses
+    outside blocks). The vector is cast to the parameter's dtype (bf16 weights: computed in float32)."""
+    for param, value in ((module.weight, vec[0]), (getattr(module, "bias", None), vec[1])):
         if value is None:
             continue
-        value = value.reshape(param.shape).to(param.dtype)
+        value = from_conv_layout(module, value) if param is module.weight else value.reshape(param.shape)
+        value = value.to(param.dtype)
         param.grad = value.contiguous() if param.grad is None else param.grad + value

@@ -63,6 +63,10 @@ class EkfacMixin:
     """EKFAC's curvature on a :class:`CurvatureStepMaker`: bases, rescaling, state; the method on top says
     what to do with them (:meth:`_kfe_inverse`, :meth:`_kfe_metric`)."""
 
+    #: Eigenbases of dense 2-D factors and per-sample rows of Linear and ungrouped Conv2d only: an Embedding's
+    #: diagonal factor, a grouped convolution's stacks and the other convolutions get the plain gradient.
+    all_layer_types = False
+
     def _init_ekfac(self) -> None:
         self._bases: Dict[str, Pair] = {}    # (U_A, U_B) of every Kron block, on every rank
         self._scales: Dict[str, Pair] = {}   # (s_w, s_b) of the blocks owned here

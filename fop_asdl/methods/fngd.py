@@ -1,7 +1,8 @@
 """FNGDGradientMaker: inverse-free fast natural gradient (Ou et al.; FNGD_SPEC) on the shared step.
 
-Per Linear/Conv2d block the damped empirical-Fisher natural gradient is a weighted sum of the per-sample
-gradients, d = Σ_m w_m u_m (SMW, spec §2.1). In the coefficient epochs every step forms the block's Gram K,
+Per Linear, convolution (Conv1d, Conv2d with any groups, ConvTranspose2d) and Embedding block the damped
+empirical-Fisher natural gradient is a weighted sum of the per-sample gradients, d = Σ_m w_m u_m (SMW, spec
+§2.1). In the coefficient epochs every step forms the block's Gram K,
 its damping λ and the weights w (:mod:`fop_asdl.methods.fngd_math`) and stores w in a bank under the iteration index b of
 the epoch; later epochs reuse bank[block][b] (by position in the batch) and only form d, which costs what
 SGD's weight gradient costs.
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from . import fngd_math
 from ..engine.capture import Chunk
+from ..engine.layers import CONVS, as_2d, conv_input, conv_weight_shape, embedding_tokens, geometry
 from ..engine.loss import BatchCounts, loss_scale
 from ..distributed import make_sync
 from ..engine.per_sample import PerSampleStepMaker
@@ -48,8 +50,9 @@ class _Plan:
 
 
 class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
-    """FNGD behind ASDL's gradient-maker interface: ``p.grad`` of every Linear/Conv2d block holds Σ_m w_m u_m,
-    every other trainable parameter (BatchNorm, LayerNorm, embeddings, ignored layers) the mean gradient.
+    """FNGD behind ASDL's gradient-maker interface: ``p.grad`` of every Linear, convolution and Embedding block
+    holds Σ_m w_m u_m, every other trainable parameter (BatchNorm, LayerNorm, GroupNorm, ignored layers) the mean
+    gradient.
 
     Args:
         model: the bare model (not DDP-wrapped).
@@ -78,6 +81,7 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     """
 
     method_label = "FNGD"
+    all_layer_types = True
 
     def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *,
                  iters_per_epoch: Optional[int] = None, alpha: float = 0.1, damping_mode: str = "frobenius",
@@ -192,7 +196,7 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         world = self._sync.world_size
         globally = self.coefficient_scope == "global" and world > 1
         if globally:
-            owned = self._sync.rows_at_owners(data)  # the global batch's (x, z) of each block at its owner
+            owned = self._rows_at_owners(data)  # the global batch's (x, z) of each block at its owner
         names = list(owned if globally else data)
         sources = owned if globally else data
         weights: Dict[str, Tensor] = {}
@@ -216,21 +220,36 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
             weights = {name: shared[name][0][0][rank * m:(rank + 1) * m].to(inverse, copy=True) for name in data}
         return weights
 
+    def _rows_at_owners(self, data: Dict[str, Tuple[Tensor, Tensor]]) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """Every block's global (x, z) at its owner; an Embedding's token ids travel apart, as float64 (exact),
+        since one buffer with the output gradients would hold them in their (maybe 16-bit) dtype."""
+        ids = {name: [x.double()] for name, (x, _) in data.items() if not x.is_floating_point()}
+        owned = self._sync.rows_at_owners({name: [xz[1]] if name in ids else list(xz) for name, xz in data.items()})
+        owned_ids = self._sync.rows_at_owners(ids) if ids else {}
+        return {name: (owned_ids[name][0].long(), rows[0]) if name in owned_ids else tuple(rows)
+                for name, rows in owned.items()}
+
     def _gram(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
-        bias = module.bias is not None
-        if isinstance(module, nn.Conv2d):
-            return fngd_math.conv2d_gram(x, z, module.weight.shape, module.stride, module.padding, module.dilation,
-                                   bias=bias, strategy=self.conv_gram)
+        bias = getattr(module, "bias", None) is not None
+        if isinstance(module, CONVS):
+            g = geometry(module)
+            return fngd_math.conv2d_gram(x, z, conv_weight_shape(module), g.stride, g.padding, g.dilation, bias=bias,
+                                         groups=g.groups, strategy=self.conv_gram)
+        if isinstance(module, nn.Embedding):
+            return fngd_math.embedding_gram(*embedding_tokens(module, x), z)
         return fngd_math.linear_gram(x, z, bias, strategy=self.conv_gram)
 
     @staticmethod
     def _weighted_sum(module: nn.Module, x: Tensor, z: Tensor, w: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """Σ_m w_m u_m, in the rows' dtype (the sums'; w may be kept in a wider one)."""
-        bias = module.bias is not None
-        w = w.to(x.dtype)
-        if isinstance(module, nn.Conv2d):
-            return fngd_math.conv2d_weighted_sum(x, z, w, module.weight.shape, module.stride, module.padding,
-                                           module.dilation, bias=bias)
+        bias = getattr(module, "bias", None) is not None
+        w = w.to(z.dtype)  # the output gradients' (an Embedding's x holds token ids)
+        if isinstance(module, CONVS):
+            g = geometry(module)
+            return fngd_math.conv2d_weighted_sum(x, z, w, conv_weight_shape(module), g.stride, g.padding, g.dilation,
+                                                 bias=bias, groups=g.groups)
+        if isinstance(module, nn.Embedding):
+            return fngd_math.embedding_weighted_sum(*embedding_tokens(module, x), z, w, module.num_embeddings), None
         return fngd_math.linear_weighted_sum(x, z, w, bias)
 
     def _summed_over_ranks(self, grads: Dict[str, Tuple[Tensor, Optional[Tensor]]]
@@ -271,9 +290,15 @@ class FNGDGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
 
 
 def _as_rows(module: nn.Module, x: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
-    """A Linear's input with any token dimensions folded into one (M, T, I), as :mod:`fop_asdl.methods.fngd_math` takes it."""
+    """A block's call as :mod:`fop_asdl.methods.fngd_math` takes it: a Linear's token dimensions folded into one
+    (M, T, I); a convolution as the Conv2d it is seen as (:mod:`fop_asdl.engine.layers`); an Embedding's
+    ids (M, T) with its output gradients (M, T, D)."""
     if isinstance(module, nn.Linear) and x.dim() > 3:
         return x.reshape(x.shape[0], -1, x.shape[-1]), z.reshape(z.shape[0], -1, z.shape[-1])
+    if isinstance(module, CONVS):
+        return as_2d(module, conv_input(module, x)), as_2d(module, z)
+    if isinstance(module, nn.Embedding):
+        return x.reshape(x.shape[0], -1), z.reshape(z.shape[0], -1, z.shape[-1])
     return x, z
 
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FNGDCoefficients", "gram_costs", "choose_gram_strategy", "linear_gram", "conv2d_gram",
-           "fngd_coefficients", "linear_weighted_sum", "conv2d_weighted_sum"]
+__all__ = ["FNGDCoefficients", "gram_costs", "choose_gram_strategy", "linear_gram", "conv2d_gram", "embedding_gram",
+           "fngd_coefficients", "linear_weighted_sum", "conv2d_weighted_sum", "embedding_weighted_sum"]
 
 IntPair = Union[int, Sequence[int]]
 GRAM_STRATEGIES = ("auto", "per_sample", "pairwise")
@@ -25,56 +25,66 @@ SCALE_MODES = ("ngd", "sgd_like")
 DEFAULT_CHUNK_ELEMS = 1 << 24  # pairwise strategy: elements of one (rows·S) × (M·S) block
 
 
-def gram_costs(batch: int, positions: int, in_features: int, out_features: int) -> Tuple[int, int]:
+def gram_costs(batch: int, positions: int, in_features: int, out_features: int, groups: int = 1) -> Tuple[int, int]:
     """Flops of the weight part of K for (per_sample, pairwise), from the spec §2.2 table.
 
     per_sample: 2·M·S·O·I (form every u_m) + 2·M²·O·I (their Gram); pairwise: 2·M²·S²·(I + O).
     I excludes the bias row: the bias part B Bᵀ (B_m = Σ_s z_ms) costs the same in both and is left out.
+    With ``groups`` G the weight is G blocks of (O/G)×(I/G): the per-sample terms shrink by G.
     """
     m, s, i, o = batch, positions, in_features, out_features
-    return 2 * m * s * o * i + 2 * m * m * o * i, 2 * m * m * s * s * (i + o)
+    return (2 * m * s * o * i + 2 * m * m * o * i) // groups, 2 * m * m * s * s * (i + o)
 
 
-def choose_gram_strategy(batch: int, positions: int, in_features: int, out_features: int) -> str:
+def choose_gram_strategy(batch: int, positions: int, in_features: int, out_features: int, groups: int = 1) -> str:
     """The cheaper exact strategy by :func:`gram_costs`; a tie goes to the bounded-memory pairwise one."""
-    per_sample, pairwise = gram_costs(batch, positions, in_features, out_features)
+    per_sample, pairwise = gram_costs(batch, positions, in_features, out_features, groups)
     return "pairwise" if pairwise <= per_sample else "per_sample"
 
 
-def _per_sample_gram(p: Tensor, z: Tensor, chunk_elems: int) -> Tensor:
-    """Strategy (a): U_m = Z_mᵀ P_m by one bmm (M·O·I extra memory), then K = Ũ Ũᵀ."""
-    u = torch.bmm(z.transpose(1, 2), p).flatten(1)
+def _per_sample_gram(p: Tensor, z: Tensor, chunk_elems: int, groups: int = 1) -> Tensor:
+    """Strategy (a): U_m = Z_mᵀ P_m by one bmm (M·O·I extra memory; per group with groups), then K = Ũ Ũᵀ."""
+    if groups == 1:
+        u = torch.bmm(z.transpose(1, 2), p).flatten(1)
+    else:
+        m, s = p.shape[:2]
+        u = torch.einsum("msgo,msgi->mgoi", z.reshape(m, s, groups, -1), p.reshape(m, s, groups, -1)).flatten(1)
     return u @ u.T
 
 
-def _pairwise_gram(p: Tensor, z: Tensor, chunk_elems: int) -> Tensor:
-    """Strategy (b): K_mn = Σ_{s,t} (P_m P_nᵀ)_st (Z_m Z_nᵀ)_st, in row blocks to bound memory.
+def _pairwise_gram(p: Tensor, z: Tensor, chunk_elems: int, groups: int = 1) -> Tensor:
+    """Strategy (b): K_mn = Σ_{s,t} (P_m P_nᵀ)_st (Z_m Z_nᵀ)_st, in row blocks to bound memory; with groups
+    the sum over groups g of that product for each group's channels.
 
     With one position (plain Linear) this is eq. 12, K = (ZZᵀ)∘(XXᵀ)."""
     m, s = p.shape[:2]
-    pf, zf = p.reshape(m * s, -1), z.reshape(m * s, -1)
-    rows = max(1, chunk_elems // (m * s * s))
+    if groups == 1:
+        pf, zf = p.reshape(m * s, -1), z.reshape(m * s, -1)
+    else:  # (G, M·S, width / G)
+        pf, zf = (t.reshape(m * s, groups, -1).transpose(0, 1) for t in (p, z))
+    rows = max(1, chunk_elems // (m * s * s * groups))
     blocks = []
     for start in range(0, m, rows):
         stop = min(m, start + rows)
-        prod = (pf[start * s:stop * s] @ pf.T).mul_(zf[start * s:stop * s] @ zf.T)
-        blocks.append(prod.view(stop - start, s, m, s).sum((1, 3)))
+        prod = (pf[..., start * s:stop * s, :] @ pf.transpose(-1, -2)).mul_(
+            zf[..., start * s:stop * s, :] @ zf.transpose(-1, -2))
+        blocks.append(prod.view(-1, stop - start, s, m, s).sum((0, 2, 4)))
     return torch.cat(blocks)
 
 
-_GRAM: Dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
-    "per_sample": _per_sample_gram, "pairwise": _pairwise_gram}
+_GRAM: Dict[str, Callable[..., Tensor]] = {"per_sample": _per_sample_gram, "pairwise": _pairwise_gram}
 
 
-def _gram(p: Tensor, z: Tensor, bias: bool, strategy: str, chunk_elems: int) -> Tensor:
-    """K for patches p (M, S, I) and output gradients z (M, S, O); the bias adds B Bᵀ."""
+def _gram(p: Tensor, z: Tensor, bias: bool, strategy: str, chunk_elems: int, groups: int = 1) -> Tensor:
+    """K for patches p (M, S, I) and output gradients z (M, S, O), channels of group g the g-th 1/G of
+    I and of O (groups > 1: the weight is block-diagonal over groups); the bias adds B Bᵀ."""
     if strategy not in GRAM_STRATEGIES:
         raise ValueError(f"strategy must be one of {GRAM_STRATEGIES}, got {strategy!r}.")
     if not (isinstance(chunk_elems, int) and chunk_elems >= 1):
         raise ValueError(f"chunk_elems must be a positive int, got {chunk_elems!r}.")
     if strategy == "auto":
-        strategy = choose_gram_strategy(p.shape[0], p.shape[1], p.shape[2], z.shape[2])
-    k = _GRAM[strategy](p, z, chunk_elems)
+        strategy = choose_gram_strategy(p.shape[0], p.shape[1], p.shape[2], z.shape[2], groups)
+    k = _GRAM[strategy](p, z, chunk_elems, groups)
     if bias:
         b = z.sum(1)
         k = k + b @ b.T
@@ -114,19 +124,18 @@ def _pair(value: IntPair, name: str) -> Tuple[int, int]:
 
 def _conv_geometry(x: Tensor, grad_out: Tensor, weight_shape: Sequence[int], stride: IntPair,
                    padding: IntPair, dilation: IntPair, groups: int):
-    """Validated (kernel, stride, padding, dilation) pairs of a groups=1 Conv2d."""
-    if groups != 1:
-        raise ValueError(f"groups={groups} is not supported: the exact Gram here is for groups=1; "
-                         "precondition each group as its own block or leave the layer unpreconditioned.")
+    """Validated (kernel, stride, padding, dilation) pairs of a Conv2d with ``groups`` groups."""
+    if not (isinstance(groups, int) and groups >= 1):
+        raise ValueError(f"groups must be a positive int, got {groups!r}.")
     _check_batch(x, grad_out)
     if x.dim() != 4 or grad_out.dim() != 4 or len(weight_shape) != 4:
         raise ValueError(f"Conv2d needs x (M, C_in, H, W), grad_out (M, C_out, H_out, W_out) and a 4-d "
                          f"weight_shape; got {tuple(x.shape)}, {tuple(grad_out.shape)}, "
                          f"{tuple(weight_shape)}.")
     c_out, c_in, kh, kw = (int(v) for v in weight_shape)
-    if x.shape[1] != c_in:
-        raise ValueError(f"x has {x.shape[1]} channels but weight_shape[1] = {c_in}: pass the layer "
-                         "weight's shape (a mismatch also means groups != 1, which is not supported).")
+    if x.shape[1] != c_in * groups or c_out % groups:
+        raise ValueError(f"x has {x.shape[1]} channels but weight_shape[1] = {c_in} with groups={groups} "
+                         f"(and {c_out} output channels): pass the layer weight's shape and its groups.")
     st, pd, dl = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     out = tuple((x.shape[2 + i] + 2 * pd[i] - dl[i] * ((kh, kw)[i] - 1) - 1) // st[i] + 1 for i in range(2))
     if tuple(grad_out.shape[1:]) != (c_out, *out):
@@ -157,11 +166,12 @@ def conv2d_gram(x: Tensor, grad_out: Tensor, weight_shape: Sequence[int], stride
     output positions), which eq. 12 cannot give. Uses unfolded patches: run it only when K is needed.
 
     ``strategy``: "per_sample" (U_m = Z_m P_mᵀ, then ŨŨᵀ), "pairwise" (spatial Grams, chunked), or
-    "auto", the cheaper by :func:`gram_costs` with S = H_out·W_out and I = C_in·k_h·k_w.
+    "auto", the cheaper by :func:`gram_costs` with S = H_out·W_out and I = C_in·k_h·k_w. With ``groups``
+    u_m is block-diagonal and K the sum of the groups' Grams.
     """
     kernel, st, pd, dl = _conv_geometry(x, grad_out, weight_shape, stride, padding, dilation, groups)
     p = F.unfold(x, kernel, dilation=dl, padding=pd, stride=st).transpose(1, 2)  # (M, S, C_in·kh·kw)
-    return _gram(p, grad_out.flatten(2).transpose(1, 2), bias, strategy, chunk_elems)
+    return _gram(p, grad_out.flatten(2).transpose(1, 2), bias, strategy, chunk_elems, groups)
 
 
 class FNGDCoefficients(NamedTuple):
@@ -233,8 +243,41 @@ def conv2d_weighted_sum(x: Tensor, grad_out: Tensor, w: Tensor, weight_shape: Se
     shape = tuple(int(v) for v in weight_shape)
     per_sample = w.view(-1, 1, 1, 1)
     if x.numel() < grad_out.numel():  # weigh the smaller tensor: the result is the same sum
-        d_w = torch.nn.grad.conv2d_weight(x * per_sample, shape, grad_out, st, pd, dl, 1)
+        d_w = torch.nn.grad.conv2d_weight(x * per_sample, shape, grad_out, st, pd, dl, groups)
         return d_w, (grad_out.sum((2, 3)).T @ w if bias else None)
     zw = grad_out * per_sample
-    d_w = torch.nn.grad.conv2d_weight(x, shape, zw, st, pd, dl, 1)
+    d_w = torch.nn.grad.conv2d_weight(x, shape, zw, st, pd, dl, groups)
     return d_w, (zw.sum((0, 2, 3)) if bias else None)
+
+
+def _check_tokens(ids: Tensor, keep: Tensor, grad_out: Tensor) -> None:
+    _check_batch(ids, grad_out)
+    if ids.dim() != 2 or keep.shape != ids.shape or grad_out.shape[:2] != ids.shape or grad_out.dim() != 3:
+        raise ValueError(f"an Embedding needs ids (M, T), keep (M, T) and grad_out (M, T, D); got "
+                         f"{tuple(ids.shape)}, {tuple(keep.shape)} and {tuple(grad_out.shape)}.")
+
+
+def embedding_gram(ids: Tensor, keep: Tensor, grad_out: Tensor, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Tensor:
+    """K (M×M) of an Embedding's per-sample gradients u_m = Σ_t keep_mt e_{id_mt} z_mtᵀ: the Gram of the Linear
+    on one-hot rows that it is, K_mn = Σ_{t,s} [id_mt = id_ns] (keep z)_mt·(keep z)_ns, the pairwise form with
+    XXᵀ the token-equality matrix, so no one-hot (or V-wide) tensor is formed; in row blocks of samples.
+
+    ids (M, T) token ids, keep (M, T) 0 where the row of the id gets no gradient (``padding_idx``), else 1."""
+    _check_tokens(ids, keep, grad_out)
+    m, t = ids.shape
+    flat_ids, zf = ids.reshape(-1), (grad_out * keep[..., None]).reshape(m * t, -1)
+    rows = max(1, chunk_elems // (m * t * t))
+    blocks = []
+    for start in range(0, m, rows):
+        stop = min(m, start + rows)
+        same = (flat_ids[start * t:stop * t, None] == flat_ids[None, :]).to(zf.dtype)
+        blocks.append(same.mul_(zf[start * t:stop * t] @ zf.T).view(stop - start, t, m, t).sum((1, 3)))
+    return torch.cat(blocks)
+
+
+def embedding_weighted_sum(ids: Tensor, keep: Tensor, grad_out: Tensor, w: Tensor, num_embeddings: int) -> Tensor:
+    """d = Σ_m w_m u_m of an Embedding, (V, D): SGD's index_add of the output-gradient rows, weighted by w_m."""
+    _check_tokens(ids, keep, grad_out)
+    _check_weights(w, ids.shape[0])
+    rows = (grad_out * (keep * w[:, None])[..., None]).reshape(-1, grad_out.shape[-1])
+    return rows.new_zeros(num_embeddings, rows.shape[1]).index_add_(0, ids.reshape(-1), rows)

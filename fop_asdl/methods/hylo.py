@@ -1,11 +1,12 @@
 """HyLoGradientMaker: hybrid low-rank natural gradient (Mu et al., SC22; HYLO_SPEC) on the shared step.
 
-Per Linear/Conv2d block, on a refresh step (every ``config.curvature_upd_interval`` steps) the capture hands
-each block's input and output gradient to :mod:`fop_asdl.methods.hylo_math`: per-sample rows (A, G), r_loc of them kept
-by KIS or KID, one all-gather of every block's kept rows (and KID's Y_i), the owner's r×r matrix M,
-broadcast. Every step then preconditions the block's current mean gradient with the stored (stale) factors,
-V ↦ (1/α)[V − c Uˢᵀ M Uˢ V]; between refreshes nothing is captured (the blocks' gradients come from
-autograd and travel in the one gradient all-reduce).
+Per Linear, convolution (Conv1d, Conv2d with any groups, ConvTranspose2d) and Embedding block, on a refresh
+step (every ``config.curvature_upd_interval`` steps) the capture hands each block's input and output gradient
+to :mod:`fop_asdl.methods.hylo_math`: per-sample rows (A, G), r_loc of them kept by KIS or KID, one
+all-gather of every block's kept rows (and KID's Y_i), the owner's r×r matrix M, broadcast. Every step then
+preconditions the block's current mean gradient with the stored (stale) factors, V ↦ (1/α)[V − c Uˢᵀ M Uˢ V];
+between refreshes nothing is captured (the blocks' gradients come from autograd and travel in the one
+gradient all-reduce).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from . import hylo_math
 from ..engine.capture import Chunk
+from ..engine.layers import CONVS, as_2d, conv_input, embedding_tokens, geometry, to_conv_layout
 from ..engine.sub_batches import half_sums
 from ..engine.loss import BatchCounts, loss_scale
 from .hylo_refresh import owner_costs, refresh_factors
@@ -57,8 +59,8 @@ class _Plan:
 
 
 class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
-    """HyLo behind ASDL's gradient-maker interface: ``p.grad`` of every Linear/Conv2d block holds the
-    low-rank SMW natural gradient, every other trainable parameter (BatchNorm, LayerNorm, embeddings,
+    """HyLo behind ASDL's gradient-maker interface: ``p.grad`` of every Linear, convolution and Embedding block
+    holds the low-rank SMW natural gradient, every other trainable parameter (BatchNorm, LayerNorm, GroupNorm,
     ignored layers) the plain mean gradient.
 
     Args:
@@ -88,6 +90,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
     """
 
     method_label = "HyLo"
+    all_layer_types = True
 
     def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *,
                  compression_ratio: float = 0.1, switch_policy: Union[str, SwitchPolicy] = "gradient",
@@ -189,14 +192,8 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         record.grad = add(record.grad, half_sums(module, x, grad_out, x.shape[0])[0])
         if not self._step_plan.refresh:  # a shared block between refreshes: only its own gradient
             return record
-        bias = module.bias is not None
-        x, grad_out = x.to(self.precision.factor), grad_out.to(self.precision.factor)
-        if isinstance(module, nn.Conv2d):
-            rows = hylo_math.conv2d_rows(x, grad_out, module.kernel_size, module.stride, module.padding,
-                                       module.dilation, bias=bias, conv_reduction=self.conv_reduction)
-        else:
-            rows = hylo_math.linear_rows(x, grad_out, bias, token_reduction=self.token_reduction)
-        record.rows.append(rows)
+        record.rows.append(_rows(module, x, grad_out, self.conv_reduction, self.token_reduction,
+                                 self.precision.factor))
         return record
 
     def _finish(self, plan: _Plan, records: Dict[str, _Record], counts: BatchCounts) -> Dict[str, List[Tensor]]:
@@ -207,17 +204,14 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         else:  # the blocks that were not captured: autograd's gradient, already reduced and divided
             for name, module in self.blocks:
                 if name not in plan.raw and module.weight.grad is not None:
-                    plan.raw[name] = (module.weight.grad, None if module.bias is None else module.bias.grad)
-                    module.weight.grad = None  # the commit writes the preconditioned one in its place
-                    if module.bias is not None:
-                        module.bias.grad = None
+                    plan.raw[name] = _take_gradient(module)  # the commit writes the preconditioned one
         norms = []  # V_lᵀ Δ_l of the preconditioned blocks, for kl_clip
         for name, v in plan.raw.items():
             stored = (plan.factors[name], self.damping) if name in plan.factors else self.factors.get(name)
             if stored is None:
                 plan.grads[name] = v
                 continue
-            plan.grads[name] = delta = hylo_math.precondition(v[0], v[1], stored[0], stored[1])
+            plan.grads[name] = delta = _precondition(self._modules[name], v, *stored)
             plan.preconditioned.add(name)
             if self.kl_clip is not None:
                 norms.append(sum((a * b).sum() for a, b in zip(v, delta) if a is not None))
@@ -280,7 +274,7 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
         return {**self._rank_state(), "damping": self.damping, "method": self.method,
                 "generator": self.generator.get_state(),
                 "factors": {name: {"a": f.a.clone(), "g": f.g.clone(), "matrix": f.matrix.clone(),
-                                   "scale": f.scale, "damping": alpha}
+                                   "scale": f.scale, "vocab": f.vocab, "damping": alpha}
                             for name, (f, alpha) in self.factors.items()},
                 "lr_decay_epochs": list(self.lr_decay_epochs),
                 "epoch_grad_norms": [float(v) for v in self.epoch_grad_norms],
@@ -292,7 +286,8 @@ class HyLoGradientMaker(PerSampleStepMaker, asdl.GradientMaker):
                                state_dict["factors"], self._modules)
         dev, factor, inverse = self.device, self.precision.factor, self.precision.inverse
         self.factors = {name: (hylo_math.LowRankFactors(f["a"].to(dev, factor), f["g"].to(dev, factor),
-                                                        f["matrix"].to(dev, inverse), f["scale"]),
+                                                        f["matrix"].to(dev, inverse), f["scale"],
+                                                        int(f.get("vocab", 0))),
                                float(f["damping"])) for name, f in state_dict["factors"].items()}
         self.generator.set_state(state_dict["generator"])
         self.damping, self.method = float(state_dict["damping"]), state_dict["method"]
@@ -317,3 +312,41 @@ def _add_to(total: Dict[str, BlockVector], raw: Dict[str, BlockVector]) -> None:
 def _norm(vectors: Dict[str, BlockVector]) -> Tensor:
     """The norm of all blocks' vectors together, a device scalar."""
     return torch.stack([t.square().sum() for v in vectors.values() for t in v if t is not None]).sum().sqrt()
+
+
+def _precondition(module: nn.Module, v: BlockVector, factors: hylo_math.LowRankFactors, damping: float
+                  ) -> BlockVector:
+    """The stored operator on a block's gradient; an Embedding's (V, D) weight is the transposed (D × V) matrix
+    of HyLo's (d_g × d_a) layout, its rows being the one-hot inputs."""
+    if isinstance(module, nn.Embedding):
+        return hylo_math.precondition(v[0].T, None, factors, damping)[0].T, None
+    return hylo_math.precondition(v[0], v[1], factors, damping)
+
+
+def _take_gradient(module: nn.Module) -> BlockVector:
+    """A block's autograd gradient as its block vector (a ConvTranspose2d's weight in W' layout), taken out
+    of ``p.grad``."""
+    bias = getattr(module, "bias", None)
+    vector = (to_conv_layout(module, module.weight.grad), None if bias is None else bias.grad)
+    module.weight.grad = None
+    if bias is not None:
+        bias.grad = None
+    return vector
+
+
+def _rows(module: nn.Module, x: Tensor, grad_out: Tensor, conv_reduction: str, token_reduction: str,
+          dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """A block call's per-sample rows (A, G) in ``dtype``, the maker's factor dtype
+    (:mod:`fop_asdl.methods.hylo_rows`); a convolution as the Conv2d it is seen as (:mod:`fop_asdl.engine.layers`)."""
+    bias = getattr(module, "bias", None) is not None
+    grad_out = grad_out.to(dtype)
+    if x.is_floating_point():  # an Embedding's input is its token ids
+        x = x.to(dtype)
+    if isinstance(module, CONVS):
+        g = geometry(module)
+        return hylo_math.conv2d_rows(as_2d(module, conv_input(module, x)), as_2d(module, grad_out), g.kernel,
+                                     g.stride, g.padding, g.dilation, bias=bias, conv_reduction=conv_reduction,
+                                     groups=g.groups)
+    if isinstance(module, nn.Embedding):
+        return hylo_math.embedding_rows(*embedding_tokens(module, x), grad_out, token_reduction)
+    return hylo_math.linear_rows(x, grad_out, bias, token_reduction=token_reduction)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed.packing import pack, unpack
+from ..engine.layers import CONVS, conv_weight_shape
 from ..engine.loss import loss_scale
 from . import hylo_math
 from .hylo_schedule import local_rows
@@ -30,6 +31,7 @@ def refresh_factors(maker: Any, method: str, chunks: Dict[str, List[Tuple[Tensor
     # s, and 1 / r for a loss normalised by more than its samples); K would carry σ² against a fixed α.
     inv_scale = per_sample / loss_scale(maker.grad_scaler, maker.device)
     local: Dict[str, hylo_math.LocalFactors] = {}
+    vocab = {name: _vocab(maker._modules[name]) for name in names}
     for name in names:
         a, g = (torch.cat(part) for part in zip(*chunks[name]))
         if not (isinstance(inv_scale, float) and inv_scale == 1.0):
@@ -37,11 +39,11 @@ def refresh_factors(maker: Any, method: str, chunks: Dict[str, List[Tuple[Tensor
         rank, total = local_rows(maker.compression_ratio, a.shape[0]), world * a.shape[0]
         if method == "kis":
             local[name] = hylo_math.kis_select(a, g, rank, maker.generator, probability=maker.kis_probability,
-                                        reweight=maker.kis_reweight)
+                                               reweight=maker.kis_reweight, vocab=vocab[name])
         else:
             kept = hylo_math.kid_select(a.to(inverse), g.to(inverse), rank, maker.damping,
                                         kernel_scaling=maker.kernel_scaling, total_rows=total,
-                                        skeleton=maker.kid_skeleton)
+                                        skeleton=maker.kid_skeleton, vocab=vocab[name])
             local[name] = hylo_math.LocalFactors(kept.a.to(factor), kept.g.to(factor), kept.y, kept.index)
     tensors = {name: [t for t in (local[name].a, local[name].g, local[name].y) if t is not None] for name in names}
     packed = pack(t for name in names for t in tensors[name])
@@ -55,10 +57,12 @@ def refresh_factors(maker: Any, method: str, chunks: Dict[str, List[Tuple[Tensor
         a, g = rows[name][0].flatten(0, 1).to(inverse), rows[name][1].flatten(0, 1).to(inverse)
         if method == "kis":
             f = hylo_math.kis_factors(a, g, maker.damping, kernel_scaling=maker.kernel_scaling,
-                               total_rows=total_rows(maker, chunks[name]), reweighted=maker.kis_reweight)
+                                      total_rows=total_rows(maker, chunks[name]), reweighted=maker.kis_reweight,
+                                      vocab=vocab[name])
         else:
             f = hylo_math.kid_factors(a, g, [y.to(inverse) for y in rows[name][2]],
-                                      kernel_scaling=maker.kernel_scaling, total_rows=total_rows(maker, chunks[name]))
+                                      kernel_scaling=maker.kernel_scaling, total_rows=total_rows(maker, chunks[name]),
+                                      vocab=vocab[name])
         matrices[name] = ((f.matrix, None), None)
     shapes = {name: (torch.Size([rows[name][0].shape[0] * rows[name][0].shape[1]] * 2), None)
               for name in names}
@@ -68,7 +72,7 @@ def refresh_factors(maker: Any, method: str, chunks: Dict[str, List[Tuple[Tensor
         a, g = rows[name][0].flatten(0, 1).to(factor), rows[name][1].flatten(0, 1).to(factor)
         scale = hylo_math.prefactor(method, a.shape[0], kernel_scaling=maker.kernel_scaling,
                              total_rows=total_rows(maker, chunks[name]), reweighted=maker.kis_reweight)
-        factors[name] = hylo_math.LowRankFactors(a, g, shared[name][0][0].to(inverse), scale)
+        factors[name] = hylo_math.LowRankFactors(a, g, shared[name][0][0].to(inverse), scale, vocab[name])
     return factors
 
 def total_rows(maker: Any, chunks: List[Tuple[Tensor, Tensor]]) -> int:
@@ -85,7 +89,16 @@ def owner_costs(blocks: Sequence[Tuple[str, nn.Module]], compression_ratio: floa
 
 
 def _widths(module: nn.Module) -> Tuple[int, int]:
-    """(d_a, d_g) of a block's rows; d_a counts the bias column."""
-    return module.weight[0].numel() + (module.bias is not None), module.weight.shape[0]
+    """(d_a, d_g) of a block's rows; d_a counts the bias column (an Embedding: its vocabulary, its width; a
+    convolution: of the Conv2d it is seen as, whose weight a ConvTranspose2d's is transposed)."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    shape = conv_weight_shape(module) if isinstance(module, CONVS) else module.weight.shape
+    return shape[1:].numel() + (module.bias is not None), shape[0]
+
+
+def _vocab(module: nn.Module) -> int:
+    """The width of a block's one-hot rows (held as ids): an Embedding's vocabulary; 0 for dense rows."""
+    return module.num_embeddings if isinstance(module, nn.Embedding) else 0
 
 

@@ -45,6 +45,9 @@ class SmwNgGradientMaker(FNGDGradientMaker):
     """
 
     method_label = "SMW-NG"
+    #: Linear and ungrouped Conv2d blocks, as documented (FNGD's math would take every layer type of
+    #: engine/selection.py; SENG's sketch, below this class, would not).
+    all_layer_types = False
 
     def __init__(self, model: nn.Module, config: Optional[asdl.PreconditioningConfig] = None, *,
                  conv_gram: str = "auto", micro_batch_size: Optional[int] = None,

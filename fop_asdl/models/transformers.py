@@ -85,7 +85,9 @@ class PixelGPT(nn.Module):
 
     def hidden(self, tokens: Tensor) -> Tensor:
         """(n, tokens, dim) hidden states after the final LayerNorm; position t sees tokens up to t only."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        # one row of positions per sample: dim 0 is the sample inside every layer, so the position embedding is
+        # a block of the gradient makers (a (tokens,) call would be one use summed over the batch)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         h = self.token_embed(tokens) + self.position_embed(positions)
         for block in self.blocks:
             h = block(h, src_mask=self.causal_mask, is_causal=True)
