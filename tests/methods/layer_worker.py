@@ -5,9 +5,9 @@ import warnings
 
 import asdl
 import torch
-import torch.distributed as dist
 
 import fop_asdl
+from fop_asdl.distributed import destroy_process_group
 
 import dist_worker as w
 import layer_refs as ref
@@ -57,4 +57,4 @@ def ranks(rank: int, world_size: int, store: str, out: str) -> None:
     w.init(rank, world_size, store)
     results = {name: train(name, rows=w.local_rows(rank, world_size), world_size=world_size) for name in MAKERS}
     torch.save(results, f"{out}.{rank}")
-    dist.destroy_process_group()
+    destroy_process_group()
