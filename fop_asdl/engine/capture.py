@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..compat import compute_dtype
+from .shared_ids import SharedIdsFound, shared_ids_message
 
 __all__ = ["Accumulate", "BlockCapture", "Chunk"]
 
@@ -93,13 +94,10 @@ class BlockCapture:
 
     def _before_forward(self, module: nn.Module, args: tuple):
         x = args[0]
-        if x.shape[0] != self.chunk.size:
-            raise ValueError(f"fop_asdl: block {module.__class__.__name__} received a tensor with leading "
-                             f"dimension {x.shape[0]}, but the batch has {self.chunk.size} samples. The "
-                             f"gradient maker needs dim 0 to be the sample index inside every preconditioned "
-                             f"layer; list this module in PreconditioningConfig.ignore_modules"
-                             + (" or give it ids of shape (n, ...), e.g. positions.expand(n, -1) in place of "
-                                "arange(T)." if isinstance(module, nn.Embedding) else "."))
+        if x.dim() == 0 or x.shape[0] != self.chunk.size:
+            if isinstance(module, nn.Embedding):  # ids shared by the batch: the maker ignores it and retries
+                raise SharedIdsFound(module, tuple(x.shape), self.chunk.size)
+            raise ValueError(shared_ids_message(module, x.shape[0] if x.dim() else 0, self.chunk.size))
         for param in (module.weight, getattr(module, "bias", None)):  # an Embedding has no bias
             if param is not None and param.requires_grad:
                 param.requires_grad_(False)

@@ -85,10 +85,11 @@ class Coverage:
 
 def model_coverage(model: nn.Module, method: str, blocks: Sequence[Tuple[str, nn.Module]],
                    describe: Callable[[str, nn.Module], str], user_rules: Optional[Sequence[Any]],
-                   not_covered: str) -> Coverage:
+                   not_covered: str, reasons: Optional[Dict[int, str]] = None) -> Coverage:
     """The report for ``model`` when ``blocks`` are the modules ``method`` preconditions (``describe``
     says how, per block) and ``user_rules`` the user's ``ignore_modules``; ``not_covered`` ends the reason
-    given for any other module holding a trainable parameter (e.g. "has no K-FAC curvature")."""
+    given for any other module holding a trainable parameter (e.g. "has no K-FAC curvature"), ``reasons`` (by
+    module id) the reason for a module the method found it cannot precondition while stepping."""
     blocks = [(name.replace("/", "."), m) for name, m in blocks]  # ASDL's curvature names use "/"
     block_ids = {id(m): name for name, m in blocks}
     modules = {id(m) for m in model.modules()}
@@ -109,7 +110,7 @@ def model_coverage(model: nn.Module, method: str, blocks: Sequence[Tuple[str, nn
                 uses.setdefault(id(param), []).append(Use(module_name, PRECONDITIONED, detail))
                 continue
             uses.setdefault(id(param), []).append(_use(module_name, module, param, own, block_ids, describe,
-                                                       user_rules, method, not_covered))
+                                                       user_rules, method, not_covered, reasons or {}))
     report = tuple(ParameterCoverage(names[i][0], params[i].numel(), tuple(u), tuple(names[i][1:]))
                    for i, u in uses.items())
     return Coverage(method, report)
@@ -117,12 +118,14 @@ def model_coverage(model: nn.Module, method: str, blocks: Sequence[Tuple[str, nn
 
 def _use(module_name: str, module: nn.Module, param: nn.Parameter, own: List[nn.Parameter],
          block_ids: Dict[int, str], describe: Callable[[str, nn.Module], str], user_rules: Optional[Sequence[Any]],
-         method: str, not_covered: str) -> Use:
+         method: str, not_covered: str, reasons: Dict[int, str]) -> Use:
     kind = module.__class__.__name__
     if not param.requires_grad:
         return Use(module_name, FROZEN, "requires_grad=False")
     if id(module) in block_ids:
         return Use(module_name, PRECONDITIONED, describe(module_name, module))
+    if id(module) in reasons:
+        return Use(module_name, PLAIN, f"{kind} {reasons[id(module)]}")
     if user_ignores(module_name, module, user_rules):
         return Use(module_name, IGNORED, f"{kind} in ignore_modules")
     if next(module.children(), None) is not None:

@@ -50,6 +50,7 @@ from ..distributed.sync import LocalSync
 from .loss import BatchCounts, LossNormalizer
 from .precision import check_grad_scaler
 from .setup import batch_size_of, eager_module, prepared_model
+from .shared_ids import SharedIdsFound, ignore_shared_ids, shared_ids_reason
 
 __all__ = ["SteppedGradientMaker"]
 
@@ -64,6 +65,15 @@ class SteppedGradientMaker:
     device: torch.device
     state: Dict[str, Any]
     last_step_skipped: bool
+    #: (module, shape of its ids) of every Embedding found called on ids shared by the batch
+    #: (:mod:`fop_asdl.engine.shared_ids`): ignored since, with the plain gradient.
+    _shared_ids: List[Tuple[nn.Module, Tuple[int, ...]]]
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        maker = super().__new__(cls)
+        maker._init_call = (args, kwargs)  # to rebuild the maker if a block turns out to see shared ids
+        maker._shared_ids = []
+        return maker
 
     def _init_step(self, model: nn.Module, micro_batch_size: Optional[int],
                    grad_scaler: Optional[torch.amp.GradScaler]) -> nn.Module:
@@ -83,7 +93,8 @@ class SteppedGradientMaker:
         ignored by the user or frozen, with the other names of a shared one; ``.summary()`` is one line."""
         rules = self._user_ignore_modules if self._user_ignore_modules is not None else self.config.ignore_modules
         return model_coverage(self.model, self.method_label, self._step_blocks, self._describe_block, rules,
-                              f"has no {self.method_label} curvature")
+                              f"has no {self.method_label} curvature",
+                              {id(m): shared_ids_reason(shape) for m, shape in self._shared_ids})
 
     def _describe_block(self, name: str, module: nn.Module) -> str:
         """How this method preconditions the block ``name`` (for :meth:`coverage`)."""
@@ -159,6 +170,13 @@ class SteppedGradientMaker:
 
     # --- the template ---------------------------------------------------------------------------------
     def forward_and_backward(self) -> Tuple[Any, Tensor]:
+        try:
+            return self._forward_and_backward()
+        except SharedIdsFound as found:  # rolled back: nothing of the attempt remains
+            ignore_shared_ids(self, found)
+        return self.forward_and_backward()
+
+    def _forward_and_backward(self) -> Tuple[Any, Tensor]:
         batch_size = self._check_ready()
         params = [p for p in self.model.parameters() if p.requires_grad]
         saved_grads = [p.grad for p in params]
