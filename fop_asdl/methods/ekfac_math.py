@@ -69,20 +69,25 @@ def kron_spectrum(lam_b: Tensor, lam_a: Tensor, bias: bool) -> Pair:
 def rescaling(a: Tensor, d: Tensor, u_a: Tensor, u_b: Tensor, bias: bool,
               chunk_elems: int = CHUNK_ELEMS) -> Pair:
     """(Σ_i (U_Bᵀ G_i U_A)², Σ_i (U_Bᵀ b_i)² or None) over the samples of (a, d) (:func:`sample_rows`),
-    without forming any G_i when there is one position: (U_Bᵀ d_i a_iᵀ U_A)² = (U_Bᵀd_i)² ((U_Aᵀa_i)²)ᵀ."""
-    a_k = a @ u_a  # (n, P, in): inputs in U_A's basis
-    d_k = d @ u_b  # (n, P, out)
-    n, positions, n_in = a_k.shape
-    n_out = d_k.shape[-1]
+    without forming any G_i when there is one position: (U_Bᵀ d_i a_iᵀ U_A)² = (U_Bᵀd_i)² ((U_Aᵀa_i)²)ᵀ. With
+    several, in the cheaper order: the rows projected before the per-sample sum over positions
+    (n·P·(in² + out²) multiply-adds), or G_i formed and projected (n·out·in·(out + in))."""
+    n, positions, n_in = a.shape
+    n_out = d.shape[-1]
+    bias_part = ((d.sum(1) @ u_b) ** 2).sum(0) if bias else None
     if positions == 1:
-        weight = (d_k[:, 0] ** 2).T @ (a_k[:, 0] ** 2)
-    else:
-        weight = a_k.new_zeros(n_out, n_in)
-        rows = max(1, chunk_elems // max(1, n_out * n_in))
-        for start in range(0, n, rows):
-            projected = torch.bmm(d_k[start:start + rows].transpose(1, 2), a_k[start:start + rows])
-            weight += (projected * projected).sum(0)
-    return weight, ((d_k.sum(1) ** 2).sum(0) if bias else None)
+        return ((d[:, 0] @ u_b) ** 2).T @ ((a[:, 0] @ u_a) ** 2), bias_part
+    project_rows = positions * (n_in * n_in + n_out * n_out) <= n_out * n_in * (n_out + n_in)
+    if project_rows:
+        a, d = a @ u_a, d @ u_b  # the rows in the eigenbases
+    weight = a.new_zeros(n_out, n_in)
+    rows = max(1, chunk_elems // max(1, n_out * n_in))
+    for start in range(0, n, rows):
+        projected = torch.bmm(d[start:start + rows].transpose(1, 2), a[start:start + rows])
+        if not project_rows:
+            projected = torch.matmul(u_b.T, torch.matmul(projected, u_a))
+        weight += (projected * projected).sum(0)
+    return weight, bias_part
 
 
 def kfe_apply(vec: Pair, u_a: Tensor, u_b: Tensor, diag_w: Tensor, diag_b: Optional[Tensor]) -> Pair:

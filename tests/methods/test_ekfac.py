@@ -247,11 +247,13 @@ def test_factors_are_kfacs(bias_correction):
             assert int(states[0][block]["ema_updates"]) == int(tensors["ema_updates"]) == 5
 
 
-def test_rescaling_with_positions_equals_per_sample_products():
-    """Σ_i (U_Bᵀ G_i U_A)² with G_i = Σ_p d_ip a_ipᵀ, in sample chunks, against the per-sample matrices."""
+@pytest.mark.parametrize("positions", [2, 5])
+def test_rescaling_with_positions_equals_per_sample_products(positions):
+    """Σ_i (U_Bᵀ G_i U_A)² with G_i = Σ_p d_ip a_ipᵀ, in sample chunks, against the per-sample matrices; with 2
+    positions the rows are projected first (2·(4² + 3²) ≤ 3·4·(3 + 4)), with 5 each G_i is formed first."""
     gen = torch.Generator().manual_seed(0)
-    a, d = torch.randn(7, 5, 4, generator=gen, dtype=torch.float64), torch.randn(7, 5, 3, generator=gen,
-                                                                                  dtype=torch.float64)
+    a = torch.randn(7, positions, 4, generator=gen, dtype=torch.float64)
+    d = torch.randn(7, positions, 3, generator=gen, dtype=torch.float64)
     u_a = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))[0]
     u_b = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))[0]
     s_w, s_b = em.rescaling(a, d, u_a, u_b, bias=True, chunk_elems=24)  # 2 samples per chunk
