@@ -50,6 +50,8 @@ class CurvaturePlan:
     dropped: List[str] = dataclasses.field(default_factory=list)  # blocks whose inverses were freed
     curvature: Dict[str, Any] = dataclasses.field(default_factory=dict)  # this step's sums, by block
     gradients: BlockGradients = dataclasses.field(default_factory=dict)
+    #: A plain step's shared results (preconditioned gradient, stats) by block, formed before the check.
+    results: Optional[Dict[str, Tuple[BlockVector, Optional[Tensor]]]] = None
 
 
 class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
@@ -204,6 +206,15 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         plan.gradients = self._block_gradients(sums, *counts.weights())
         plan.curvature = self._sync.reduce_curvature(plan.curvature) if plan.update_curvature else {}
         scale_curvature(plan.curvature, counts.n if self.config.data_size == UNSET else self.config.data_size)
+        if not (plan.update_curvature or plan.update_inverse):
+            # A plain step's products F̃⁻¹g need only the committed inverses: launched before the finiteness
+            # check's host sync, the device works through them while the host waits, rather than idling while
+            # the host launches them one by one after it (ASDL's step has no sync to hide them behind). A
+            # non-finite gradient gives a non-finite product (NaN and Inf propagate through F̃⁻¹), so the
+            # products are what is checked; stats may be NaN by design (a block without curvature).
+            plan.results = self._sync.share(self._precondition(plan.gradients), self._block_shapes(),
+                                            len(self.stat_keys))
+            return {"gradient": [t for vector, _ in plan.results.values() for t in vector if t is not None]}
         # g_avg = (S1 + S2)/n is non-finite whenever S1 or S2 is (inf - inf is NaN), so g_diff needs no check.
         return {"gradient": [t for g_avg, _ in plan.gradients.values() for t in g_avg if t is not None],
                 "curvature": [t for matrix in plan.curvature.values() for t in matrix_tensors(matrix)]}
@@ -217,9 +228,14 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             self._inverses_match_curvature = plan.update_inverse
         if plan.update_inverse:
             self._invert_all()
-        results = self._sync.share(self._precondition(plan.gradients), self._block_shapes(),
-                                   len(self.stat_keys))
-        self._write_results(results)
+        self._write_results(self._results(plan))
+
+    def _results(self, plan: CurvaturePlan) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
+        """Every block's shared (preconditioned gradient, stats): formed before the check on a plain step,
+        here from the just-committed curvature and inverses otherwise."""
+        if plan.results is not None:
+            return plan.results
+        return self._sync.share(self._precondition(plan.gradients), self._block_shapes(), len(self.stat_keys))
 
     def _roll_back(self, plan: CurvaturePlan) -> None:
         modules = dict(self.named_modules_for_curvature)

@@ -298,7 +298,8 @@ class SteppedGradientMaker:
                       groups: Dict[str, List[Tensor]]) -> bool:
         """One fused check (one host sync) of loss, plain gradients and the method's tensors, agreed by all
         processes. Non-finite values raise, except with a grad_scaler, where they are its signal to skip."""
-        # A tensor's sum is non-finite whenever an entry is: one read per tensor.
+        # A tensor's largest magnitude is non-finite exactly when an entry is (NaN propagates; no overflow as
+        # a sum may have): one multi-tensor kernel per group rather than two kernels per tensor.
         names = ["loss", *groups]
         checked: List[List[Tensor]] = [[loss_sum], *(list(t) for t in groups.values())]
         plain = [p.grad for p in others if p.grad is not None]
@@ -307,8 +308,8 @@ class SteppedGradientMaker:
         else:
             names.append("gradient")
             checked.append(plain)
-        finite = [torch.stack([torch.isfinite(t.sum()) for t in group]).all() if group
-                  else torch.ones((), dtype=torch.bool, device=loss_sum.device) for group in checked]
+        finite = [torch.isfinite(torch.stack([m.float() for m in torch._foreach_norm(group, float("inf"))])).all()
+                  if group else torch.ones((), dtype=torch.bool, device=loss_sum.device) for group in checked]
         bad = self._sync.any_bad((~torch.stack(finite)).to(torch.int32))
         if not bool(bad.any()):
             return True

@@ -137,8 +137,7 @@ class EkfacMixin:
             self._inverse_diags.pop(name, None)
         if plan.update_inverse:
             self._invert_all()
-        results = self._sync.share(self._precondition(plan.gradients), self._block_shapes(), len(self.stat_keys))
-        self._write_results(results)
+        self._write_results(self._results(plan))
 
     def _invert_all(self) -> None:
         """K-FAC's inverses for the unit-wise blocks only (one host sync for all, :func:`invert_all`): a Kron
