@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import asdl
 import torch
@@ -28,12 +28,12 @@ from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_u
 from ..engine.step import SteppedGradientMaker
 from ..engine.sub_batches import autograd_sums, average_and_difference, half_sums
 from ..engine.trust_region import LearningRate, step_factor, validate_kl_clip
-from ..engine.vectors import BlockVector, add, cast, divided, flat_block, scaled, write_block
+from ..engine.vectors import BlockVector, add, cast, divided, flat_block, scaled, stacked, write_block
 from .asdl_kfac import UNSET, KfacGradientMaker
 from .ema import commit_curvature, scale_curvature
 from .fisher_pass import curvature_chunk, fresh_curvature, unscale_empirical
 from .inverses import drop_inverses, rebuild_inverses
-from .products import matrix_tensors
+from .products import apply_inverse, gram, has_inverse, matrix_tensors
 
 __all__ = ["BlockGradients", "CurvatureStepMaker", "CurvaturePlan"]
 
@@ -58,7 +58,7 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
     """``asdl.KfacGradientMaker`` (with the compat fixes) whose step is :class:`SteppedGradientMaker`'s.
 
     Curvature, EMA, damping and update intervals come from ``config`` exactly as for K-FAC. Subclasses set
-    ``two_gradients`` (whether B1 and B2 are kept apart) and implement :meth:`_precondition`.
+    ``two_gradients`` (whether B1 and B2 are kept apart); :meth:`_precondition` is K-FAC's unless overridden.
 
     Args beyond ``asdl.KfacGradientMaker``'s:
         micro_batch_size: run each step as ⌈n / micro_batch_size⌉ forward/backward passes whose gradients
@@ -133,8 +133,38 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
 
     def _precondition(self, gradients: BlockGradients) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
         """(preconditioned gradient, per-block stats or None) of every owned block, from the committed
-        curvature and inverses; ``gradients`` may be consumed."""
-        raise NotImplementedError
+        curvature and inverses; ``gradients`` may be consumed. K-FAC's (and EKFAC's, through
+        :meth:`_has_curvature` and :meth:`_inverse`): F̃⁻¹g_avg, with its squared F̃-norm as ``kl_base``."""
+        results: Dict[str, Tuple[BlockVector, Optional[Tensor]]] = {}
+        for name, _, matrix, g_avg, _ in self._blocks_with_curvature(gradients, results):
+            vector = scaled(stacked(g_avg), self.grad_scale)
+            weight, bias = self._inverse(name, matrix, vector)
+            norm = gram(vector, (weight, bias)).reshape(1)
+            results[name] = ((weight[0], None if bias is None else bias[0]), norm)
+        return results
+
+    def _blocks_with_curvature(self, gradients: BlockGradients, results: Dict[str, Any]
+                               ) -> Iterator[Tuple[str, nn.Module, Any, BlockVector, Optional[BlockVector]]]:
+        """(name, module, ASDL matrix, g_avg, g_diff) of every owned block with curvature, popped from
+        ``gradients`` in block order (to keep memory flat); a block without any yet gets its plain gradient in
+        ``results``, as ASDL's K-FAC gives it."""
+        for name, module in self.named_modules_for_curvature:
+            if name not in gradients:
+                continue  # not owned here, or the block took no part in the loss (autograd leaves None too)
+            g_avg, g_diff = gradients.pop(name)
+            matrix = getattr(module, self._fisher_attr, None)
+            if not self._has_curvature(name, matrix):
+                results[name] = (g_avg, None)
+                continue
+            yield name, module, matrix, g_avg, g_diff
+
+    def _has_curvature(self, name: str, matrix: Any) -> bool:
+        """Whether the block ``name`` has the curvature :meth:`_inverse` applies: K-FAC's inverses here."""
+        return has_inverse(matrix)
+
+    def _inverse(self, name: str, matrix: Any, vec: BlockVector) -> BlockVector:
+        """F̃⁻¹ v for a stack v: K-FAC's here."""
+        return apply_inverse(matrix, vec)
 
     # --- the step's hooks -----------------------------------------------------------------------------
     @property

@@ -32,8 +32,6 @@ in one file.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import warnings
 from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import asdl

@@ -27,13 +27,12 @@ from ..compat import full_precision
 from ..curvature.asdl_kfac import UNSET
 from ..curvature.ema import commit_curvature
 from ..curvature.inverses import invert_all
-from ..curvature.kron_step import BlockGradients, CurvaturePlan, CurvatureStepMaker
-from ..curvature.products import apply_inverse, gram, has_inverse
+from ..curvature.kron_step import CurvaturePlan, CurvatureStepMaker
 from ..engine.capture import Chunk
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.per_sample import once_per_pass
 from ..engine.selection import with_other_uses
-from ..engine.vectors import BlockVector, add, scaled, stacked
+from ..engine.vectors import BlockVector, add, scaled
 
 __all__ = ["EkfacGradientMaker"]
 
@@ -242,6 +241,12 @@ class EkfacMixin:
             self._inverse_diags[name] = (1.0 / (s_w + damping), None if s_b is None else 1.0 / (s_b + damping))
         return self._inverse_diags[name]
 
+    def _has_curvature(self, name: str, matrix: Any) -> bool:
+        return self._kfe_ready(name) if name in self._kron else super()._has_curvature(name, matrix)
+
+    def _inverse(self, name: str, matrix: Any, vec: BlockVector) -> BlockVector:
+        return self._kfe_inverse(name, vec) if name in self._kron else super()._inverse(name, matrix, vec)
+
     def _kfe_ready(self, name: str) -> bool:
         return name in self._bases and name in self._scales
 
@@ -324,20 +329,3 @@ class EkfacGradientMaker(EkfacMixin, CurvatureStepMaker):
         super().__init__(model, config if config is not None else asdl.PreconditioningConfig(),
                          fisher_type=fisher_type, **kwargs)
         self._init_ekfac()
-
-    def _precondition(self, gradients: BlockGradients) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
-        results: Dict[str, Tuple[BlockVector, Optional[Tensor]]] = {}
-        for name, module in self.named_modules_for_curvature:
-            if name not in gradients:
-                continue  # not owned here, or the block took no part in the loss
-            g_avg, _ = gradients.pop(name)
-            matrix = getattr(module, self._fisher_attr, None)
-            kron = name in self._kron
-            if not (self._kfe_ready(name) if kron else has_inverse(matrix)):
-                results[name] = (g_avg, None)  # no curvature yet: the plain gradient, as K-FAC
-                continue
-            vector = scaled(stacked(g_avg), self.grad_scale)
-            weight, bias = self._kfe_inverse(name, vector) if kron else apply_inverse(matrix, vector)
-            norm = gram(vector, (weight, bias)).reshape(1)
-            results[name] = ((weight[0], None if bias is None else bias[0]), norm)
-        return results

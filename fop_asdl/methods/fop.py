@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..curvature.inverses import pi_damping
 from ..curvature.kron_step import BlockGradients, CurvatureStepMaker
-from ..curvature.products import apply_inverse, apply_metric, gram, has_inverse
+from ..curvature.products import apply_metric, gram
 from ..engine.vectors import BlockVector, scaled, stacked
 from .fop_math import FOPOptions, fop_coefficients
 
@@ -62,18 +62,10 @@ class FOPGradientMaker(CurvatureStepMaker):
     def _precondition(self, gradients: BlockGradients) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
         """Steps 2-8 for every owned block, all solved together; ``gradients`` is consumed block by block to
         keep memory flat."""
-        attr = self._fisher_attr
         damped = self.options.projection_metric == "damped"
         results: Dict[str, Tuple[BlockVector, Optional[Tensor]]] = {}
         names, inverse_products, scalars = [], [], []
-        for name, module in self.named_modules_for_curvature:
-            if name not in gradients:
-                continue  # not owned here, or the block took no part in the loss (autograd leaves None too)
-            g_avg, g_diff = gradients.pop(name)
-            matrix = getattr(module, attr, None)
-            if not self._has_curvature(name, matrix):  # none yet for this block: plain gradient, as K-FAC does
-                results[name] = (g_avg, None)
-                continue
+        for name, module, matrix, g_avg, g_diff in self._blocks_with_curvature(gradients, results):
             both = scaled(stacked(g_avg, g_diff), self.grad_scale)  # [g_avg, g_diff]
             del g_avg, g_diff
             inv_both = self._inverse(name, matrix, both)  # [F̃⁻¹g_avg, F̃⁻¹g_diff] in one product
@@ -100,13 +92,6 @@ class FOPGradientMaker(CurvatureStepMaker):
         return results
 
     # --- the curvature FOP works with: K-FAC's here, EKFAC's in fop_asdl.methods.fop_ekfac ---------------
-    def _has_curvature(self, name: str, matrix) -> bool:
-        return has_inverse(matrix)
-
-    def _inverse(self, name: str, matrix, vec: BlockVector) -> BlockVector:
-        """F̃⁻¹ v for a stack v."""
-        return apply_inverse(matrix, vec)
-
     def _metric(self, name: str, module: nn.Module, matrix, vec: BlockVector, damped: bool) -> BlockVector:
         """The projection's metric, F v or F̃ v."""
         return apply_metric(matrix, vec, self._metric_damping(module, matrix) if damped else None)

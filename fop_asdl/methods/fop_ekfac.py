@@ -52,12 +52,6 @@ class FOPEkfacGradientMaker(EkfacMixin, FOPGradientMaker):
                          fisher_type=fisher_type, **kwargs)
         self._init_ekfac()
 
-    def _has_curvature(self, name: str, matrix) -> bool:
-        return self._kfe_ready(name) if name in self._kron else super()._has_curvature(name, matrix)
-
-    def _inverse(self, name: str, matrix, vec: BlockVector) -> BlockVector:
-        return self._kfe_inverse(name, vec) if name in self._kron else super()._inverse(name, matrix, vec)
-
     def _metric(self, name: str, module: nn.Module, matrix, vec: BlockVector, damped: bool) -> BlockVector:
         if name in self._kron:
             return self._kfe_metric(name, vec, damped)

@@ -2,14 +2,12 @@
 ``grad_scaler`` or several ranks (ASDL's own K-FAC cannot do these)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import asdl
-from torch import Tensor, nn
+from torch import nn
 
-from ..curvature.products import apply_inverse, gram, has_inverse
-from ..engine.vectors import BlockVector, scaled, stacked
-from ..curvature.kron_step import BlockGradients, CurvatureStepMaker
+from ..curvature.kron_step import CurvatureStepMaker
 
 __all__ = ["ScalableKfacGradientMaker"]
 
@@ -29,19 +27,3 @@ class ScalableKfacGradientMaker(CurvatureStepMaker):
         if foreign:
             raise TypeError(f"K-FAC takes no FOP options, got {sorted(foreign)}.")
         super().__init__(model, config, *args, **kwargs)
-
-    def _precondition(self, gradients: BlockGradients) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
-        results: Dict[str, Tuple[BlockVector, Optional[Tensor]]] = {}
-        for name, module in self.named_modules_for_curvature:
-            if name not in gradients:
-                continue  # not owned here, or the block took no part in the loss
-            g_avg, _ = gradients.pop(name)
-            matrix = getattr(module, self._fisher_attr, None)
-            if not has_inverse(matrix):  # no curvature yet for this block: the plain gradient
-                results[name] = (g_avg, None)
-                continue
-            vector = scaled(stacked(g_avg), self.grad_scale)
-            weight, bias = apply_inverse(matrix, vector)
-            norm = gram(vector, (weight, bias)).reshape(1)
-            results[name] = ((weight[0], None if bias is None else bias[0]), norm)
-        return results
