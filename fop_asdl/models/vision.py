@@ -53,8 +53,8 @@ class MLP(nn.Module):
         return self.layers[-1](x)
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block; a 1x1 conv + BatchNorm shortcut where the shape changes."""
+class _ResidualBlock(nn.Module):
+    """The two 3x3 conv + BatchNorm layers of a ResNet basic block, added to ``self.shortcut(x)``."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
@@ -62,16 +62,22 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(planes))
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        out = out + self.shortcut(x)
-        return F.relu(out)
+        return F.relu(out + self.shortcut(x))
+
+
+class BasicBlock(_ResidualBlock):
+    """ResNet basic block; a 1x1 conv + BatchNorm shortcut where the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__(in_planes, planes, stride)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(planes))
 
 
 class ResNet(nn.Module):
@@ -101,16 +107,12 @@ def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> ResNet:
     return ResNet([2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels)
 
 
-class PadShortcutBlock(nn.Module):
+class PadShortcutBlock(_ResidualBlock):
     """ResNet basic block with the parameter-free "option A" shortcut of He et al. (2016) for CIFAR: where
     the shape changes, the input is subsampled by 2 and zero-padded along channels (no 1x1 conv)."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(in_planes, planes, stride)
         self.stride = stride
         self.extra_channels = planes - in_planes
 
@@ -120,11 +122,6 @@ class PadShortcutBlock(nn.Module):
         x = x[:, :, ::self.stride, ::self.stride]
         half = self.extra_channels // 2
         return F.pad(x, (0, 0, 0, 0, half, self.extra_channels - half))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
