@@ -150,3 +150,58 @@ def test_a_linear_block_seeing_rows_other_than_the_batch_still_raises_the_clear_
     gm.setup_loss_call(F.cross_entropy, gm.setup_model_call(model, torch.randn(N, D)), torch.randint(0, V, (N,)))
     with pytest.raises(ValueError, match="leading dimension 3, but the batch has 5"):
         gm.forward_and_backward()
+
+
+#: Options with which two gloo ranks equal one process (as tests/methods/layer_worker.py's).
+RANK_MAKERS = {"kfac": dict(fisher_type="fisher_emp"), "fop": dict(fisher_type="fisher_emp", sub_batches="halves"),
+               "fngd": dict(iters_per_epoch=2, coefficient_scope="global"),
+               "hylo": dict(switch_policy="kis", compression_ratio=1.0)}
+
+
+def gradients_on_rows(name, rows):
+    """Three steps' gradients (no parameter update) on ``rows`` of each global batch of 8."""
+    import dist_worker as w
+
+    model, _ = pair()
+    config = asdl.PreconditioningConfig(damping=0.5, curvature_upd_interval=2, preconditioner_upd_interval=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = fop_asdl.make_gradient_maker(name, model, config, **RANK_MAKERS[name])
+        gen = torch.Generator().manual_seed(3)
+        out = []
+        for _ in range(3):
+            x, t = (torch.randint(0, V, (2 * w.LOCAL, T), generator=gen) for _ in range(2))
+            out.append(step(gm, model, x[rows], t[rows]))
+    return out, [m for m, _ in gm._shared_ids] == [model.wpe]
+
+
+def shared_ids_ranks(rank, world_size, store, out):
+    import dist_worker as w
+    from fop_asdl.distributed import destroy_process_group
+
+    w.init(rank, world_size, store)
+    results = {name: gradients_on_rows(name, w.local_rows(rank, world_size)) for name in RANK_MAKERS}
+    torch.save(results, f"{out}.{rank}")
+    destroy_process_group()
+
+
+def test_two_gloo_ranks_find_the_shared_ids_together_and_equal_one_process(tmp_path):
+    """Every rank finds the shared ids on the same step and rebuilds its maker (the state_dict round trip is a
+    collective); the sharded steps then equal one process's on the whole batch."""
+    import torch.multiprocessing as mp
+
+    import dist_worker as w
+
+    mp.start_processes(shared_ids_ranks, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2,
+                       join=True, start_method="spawn")
+    results = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(2)]
+    for name in RANK_MAKERS:
+        order = w.single_process_order("halves", 2) if name == "fop" else torch.arange(2 * w.LOCAL)
+        expected, found = gradients_on_rows(name, order)
+        assert found
+        for rank in results:
+            got_steps, rank_found = rank[name]
+            assert rank_found
+            for got, want in zip(got_steps, expected):
+                for g, e in zip(got, want):
+                    torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
