@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import asdl
 import torch
@@ -27,18 +27,17 @@ from ..engine.loss import BatchCounts, loss_scale
 from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_uses
 from ..engine.step import SteppedGradientMaker
 from ..engine.sub_batches import autograd_sums, average_and_difference, half_sums
-from ..engine.trust_region import LearningRate, step_factor, validate_kl_clip
-from ..engine.vectors import BlockVector, add, cast, divided, flat_block, scaled, stacked, write_block
+from ..engine.trust_region import LearningRate, validate_kl_clip
+from ..engine.vectors import BlockVector, add, cast, divided, flat_block, scaled
 from .asdl_kfac import UNSET, KfacGradientMaker
 from .ema import commit_curvature, scale_curvature
 from .fisher_pass import curvature_chunk, fresh_curvature, unscale_empirical
 from .inverses import drop_inverses, rebuild_inverses
-from .products import apply_inverse, gram, has_inverse, matrix_tensors
+from .kron_precondition import BlockGradients, KronPreconditioning
+from .products import matrix_tensors
 
 __all__ = ["BlockGradients", "CurvatureStepMaker", "CurvaturePlan"]
 
-#: Per block: (g_avg, g_diff or None), unstacked (weight, bias) pairs as ASDL's matrices act on them.
-BlockGradients = Dict[str, Tuple[BlockVector, Optional[BlockVector]]]
 
 
 @dataclasses.dataclass
@@ -54,7 +53,7 @@ class CurvaturePlan:
     results: Optional[Dict[str, Tuple[BlockVector, Optional[Tensor]]]] = None
 
 
-class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
+class CurvatureStepMaker(KronPreconditioning, SteppedGradientMaker, KfacGradientMaker):
     """``asdl.KfacGradientMaker`` (with the compat fixes) whose step is :class:`SteppedGradientMaker`'s.
 
     Curvature, EMA, damping and update intervals come from ``config`` exactly as for K-FAC. Subclasses set
@@ -130,41 +129,6 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
         #: Whether the stored inverses were built from the stored factors (False after a curvature update
         #: without inversion, and after loading a state): only then can a failed step rebuild dropped ones.
         self._inverses_match_curvature = True
-
-    def _precondition(self, gradients: BlockGradients) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
-        """(preconditioned gradient, per-block stats or None) of every owned block, from the committed
-        curvature and inverses; ``gradients`` may be consumed. K-FAC's (and EKFAC's, through
-        :meth:`_has_curvature` and :meth:`_inverse`): F̃⁻¹g_avg, with its squared F̃-norm as ``kl_base``."""
-        results: Dict[str, Tuple[BlockVector, Optional[Tensor]]] = {}
-        for name, _, matrix, g_avg, _ in self._blocks_with_curvature(gradients, results):
-            vector = scaled(stacked(g_avg), self.grad_scale)
-            weight, bias = self._inverse(name, matrix, vector)
-            norm = gram(vector, (weight, bias)).reshape(1)
-            results[name] = ((weight[0], None if bias is None else bias[0]), norm)
-        return results
-
-    def _blocks_with_curvature(self, gradients: BlockGradients, results: Dict[str, Any]
-                               ) -> Iterator[Tuple[str, nn.Module, Any, BlockVector, Optional[BlockVector]]]:
-        """(name, module, ASDL matrix, g_avg, g_diff) of every owned block with curvature, popped from
-        ``gradients`` in block order (to keep memory flat); a block without any yet gets its plain gradient in
-        ``results``, as ASDL's K-FAC gives it."""
-        for name, module in self.named_modules_for_curvature:
-            if name not in gradients:
-                continue  # not owned here, or the block took no part in the loss (autograd leaves None too)
-            g_avg, g_diff = gradients.pop(name)
-            matrix = getattr(module, self._fisher_attr, None)
-            if not self._has_curvature(name, matrix):
-                results[name] = (g_avg, None)
-                continue
-            yield name, module, matrix, g_avg, g_diff
-
-    def _has_curvature(self, name: str, matrix: Any) -> bool:
-        """Whether the block ``name`` has the curvature :meth:`_inverse` applies: K-FAC's inverses here."""
-        return has_inverse(matrix)
-
-    def _inverse(self, name: str, matrix: Any, vec: BlockVector) -> BlockVector:
-        """F̃⁻¹ v for a stack v: K-FAC's here."""
-        return apply_inverse(matrix, vec)
 
     # --- the step's hooks -----------------------------------------------------------------------------
     @property
@@ -260,38 +224,11 @@ class CurvatureStepMaker(SteppedGradientMaker, KfacGradientMaker):
             self._invert_all()
         self._write_results(self._results(plan))
 
-    def _results(self, plan: CurvaturePlan) -> Dict[str, Tuple[BlockVector, Optional[Tensor]]]:
-        """Every block's shared (preconditioned gradient, stats): formed before the check on a plain step,
-        here from the just-committed curvature and inverses otherwise."""
-        if plan.results is not None:
-            return plan.results
-        return self._sync.share(self._precondition(plan.gradients), self._block_shapes(), len(self.stat_keys))
-
     def _roll_back(self, plan: CurvaturePlan) -> None:
         modules = dict(self.named_modules_for_curvature)
         rebuild_inverses({name: getattr(modules[name], self._fisher_attr) for name in plan.dropped},
                          self.config.damping, self._fallback_warned, self.precision.inverse)
         plan.dropped = []
-
-    def _write_results(self, results: Dict[str, Tuple[BlockVector, Optional[Tensor]]]) -> None:
-        """Every block's shared result into ``p.grad`` (scaled by ν with kl_clip) and its stats into
-        ``last_stats``."""
-        self.last_stats = {name: dict(zip(self.stat_keys, results[name][1].unbind()))
-                           for name, _ in self.named_modules_for_curvature
-                           if name in results and results[name][1] is not None}
-        kl = [v for stats in self.last_stats.values() for k, v in stats.items() if k.startswith("kl_")]
-        nu = step_factor(self.kl_clip, self._lr, kl, loss_scale(self.grad_scaler, self.device))
-        if self.kl_clip is not None:
-            self.last_nu = nu
-        for name, module in self.named_modules_for_curvature:
-            if name not in results:
-                continue
-            vector, stats = results[name]
-            if nu is not None and stats is not None:
-                # NaN stats: the owner had no curvature and wrote the plain gradient, which ν does not scale
-                factor = torch.where(torch.isnan(stats[-1]), torch.ones_like(nu), nu)
-                vector = scaled(vector, factor)
-            write_block(module, vector)
 
     def _block_gradients(self, sums: Dict[str, HalfSums], n1, n2) -> BlockGradients:
         """(g_avg, g_diff) per owned block (g_diff None for K-FAC) from the sums over B1 and B2 divided by

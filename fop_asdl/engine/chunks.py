@@ -13,9 +13,12 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..compat import LOW_PRECISION
+from asdl.utils import has_reduction
 
-__all__ = ["PER_CLASS_ARGUMENTS", "chunk_bounds", "loss_arguments", "rows_per_sample", "sliced_calls", "summed_loss", "summed_loss_backward", "as_sum", "user_loss", "concat_outputs",
+from ..compat import LOW_PRECISION
+from .setup import batch_size_of
+
+__all__ = ["PER_CLASS_ARGUMENTS", "chunk_bounds", "ready_batch_size", "loss_arguments", "rows_per_sample", "sliced_calls", "summed_loss", "summed_loss_backward", "as_sum", "user_loss", "concat_outputs",
            "detached", "validate_micro_batch_size"]
 
 
@@ -26,6 +29,35 @@ def validate_micro_batch_size(micro_batch_size: Optional[int]) -> Optional[int]:
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}.")
     return micro_batch_size
+
+
+def ready_batch_size(maker: Any, fewest: int, why: str) -> int:
+    """The batch size of ``maker``'s registered model call, after the clear errors a step gives before any work:
+    the calls registered, a loss that takes ``reduction``, at least ``fewest`` samples (``why`` says why), and
+    every tensor argument of the model and loss calls splitting along dim 0 with the batch."""
+    if maker._model_fn is None:
+        raise RuntimeError("forward_and_backward() needs setup_model_call(model, x, ...) first.")
+    if maker._loss_fn is None and maker._dummy_loss is None:
+        raise RuntimeError("forward_and_backward() needs setup_loss_call(loss_fn, dummy_y, t, ...) or "
+                           "setup_loss_repr(dummy_y[...]) first.")
+    if maker._loss_fn is not None and not has_reduction(maker._loss_fn):
+        raise TypeError(f"The loss function {getattr(maker._loss_fn, '__name__', maker._loss_fn)!r} has no "
+                        f"'reduction' argument; the step calls it with reduction='sum' (and the user's own "
+                        f"to divide exactly as the user does). Use e.g. torch.nn.functional.cross_entropy or "
+                        f"a function with a reduction parameter.")
+    batch_size = batch_size_of(maker._model_args, maker._model_kwargs)
+    if batch_size < fewest:
+        raise ValueError(f"{why} and needs at least {fewest} samples; got a batch of {batch_size}.")
+    for value in (*maker._model_args, *maker._model_kwargs.values()):
+        if rows_per_sample(value, batch_size, flattened=False) == 0:
+            raise ValueError(f"A tensor argument of the model call has {value.shape[0]} rows but the batch "
+                             f"has {batch_size}; the step splits every tensor argument along dim 0.")
+    for name, value in loss_arguments(maker):
+        if rows_per_sample(value, batch_size, flattened=True) == 0:
+            raise ValueError(f"The loss call's tensor argument {name} has {value.shape[0]} rows, neither the "
+                             f"batch's {batch_size} nor a multiple of it (k rows per sample, sample-major, "
+                             f"as t.view(-1) of (B, T) targets); the step splits it with the batch.")
+    return batch_size
 
 
 def chunk_bounds(batch_size: int, micro_batch_size: Optional[int]) -> List[Tuple[int, int]]:

@@ -34,20 +34,18 @@ from __future__ import annotations
 import contextlib
 from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 
-import asdl
 import torch
-from asdl.utils import has_reduction
 from torch import Tensor, nn
 
 from .capture import BlockCapture, Chunk
 from .coverage import Coverage, model_coverage
-from .chunks import (chunk_bounds, concat_outputs, detached, loss_arguments, rows_per_sample, sliced_calls,
-                     summed_loss_backward, user_loss, validate_micro_batch_size)
+from .chunks import (chunk_bounds, concat_outputs, detached, ready_batch_size, sliced_calls, summed_loss_backward,
+                     user_loss, validate_micro_batch_size)
 from ..compat import full_precision
 from ..distributed.sync import LocalSync
 from .loss import BatchCounts, LossNormalizer
 from .precision import check_grad_scaler
-from .setup import batch_size_of, eager_module, prepared_model
+from .setup import eager_module, prepared_model
 from .shared_ids import SharedIdsFound, ignore_shared_ids, shared_ids_reason
 
 __all__ = ["SteppedGradientMaker"]
@@ -175,7 +173,7 @@ class SteppedGradientMaker:
         return self.forward_and_backward()
 
     def _forward_and_backward(self) -> Tuple[Any, Tensor]:
-        batch_size = self._check_ready()
+        batch_size = ready_batch_size(self, *self._min_local_batch())
         params = [p for p in self.model.parameters() if p.requires_grad]
         saved_grads = [p.grad for p in params]
         for p in params:
@@ -235,32 +233,6 @@ class SteppedGradientMaker:
                 param.grad = None
                 taken.add(param)
         return taken
-
-    def _check_ready(self) -> int:
-        if self._model_fn is None:
-            raise RuntimeError("forward_and_backward() needs setup_model_call(model, x, ...) first.")
-        if self._loss_fn is None and self._dummy_loss is None:
-            raise RuntimeError("forward_and_backward() needs setup_loss_call(loss_fn, dummy_y, t, ...) or "
-                               "setup_loss_repr(dummy_y[...]) first.")
-        if self._loss_fn is not None and not has_reduction(self._loss_fn):
-            raise TypeError(f"The loss function {getattr(self._loss_fn, '__name__', self._loss_fn)!r} has no "
-                            f"'reduction' argument; the step calls it with reduction='sum' (and the user's own "
-                            f"to divide exactly as the user does). Use e.g. torch.nn.functional.cross_entropy or "
-                            f"a function with a reduction parameter.")
-        batch_size = batch_size_of(self._model_args, self._model_kwargs)
-        fewest, why = self._min_local_batch()
-        if batch_size < fewest:
-            raise ValueError(f"{why} and needs at least {fewest} samples; got a batch of {batch_size}.")
-        for value in (*self._model_args, *self._model_kwargs.values()):
-            if rows_per_sample(value, batch_size, flattened=False) == 0:
-                raise ValueError(f"A tensor argument of the model call has {value.shape[0]} rows but the batch "
-                                 f"has {batch_size}; the step splits every tensor argument along dim 0.")
-        for name, value in loss_arguments(self):
-            if rows_per_sample(value, batch_size, flattened=True) == 0:
-                raise ValueError(f"The loss call's tensor argument {name} has {value.shape[0]} rows, neither the "
-                                 f"batch's {batch_size} nor a multiple of it (k rows per sample, sample-major, "
-                                 f"as t.view(-1) of (B, T) targets); the step splits it with the batch.")
-        return batch_size
 
     def _local_pass(self, batch_size: int, plan: Any):
         """This process's records: one forward and one backward pass per micro-batch (one in all by default).
