@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fop_asdl
-from conftest import config, small_image_batch, step
+from scaffold import config, small_image_batch, step, worker_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -162,7 +162,7 @@ def resume_check(tmp_path: Path, name: str, options: Dict[str, Any]) -> None:
     torch.save(w.checkpoint(model, maker, opt), tmp_path / "ckpt.pt")
     w.train(model, maker, opt, range(3, 8))
     subprocess.run([sys.executable, str(HERE / "resume_worker.py"), name, json.dumps(options),
-                    str(tmp_path / "ckpt.pt"), str(tmp_path / "params.pt")], check=True, cwd=HERE)
+                    str(tmp_path / "ckpt.pt"), str(tmp_path / "params.pt")], check=True, cwd=HERE, env=worker_env())
     resumed = torch.load(tmp_path / "params.pt")
     assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), resumed))
 

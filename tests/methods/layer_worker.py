@@ -9,9 +9,8 @@ import torch
 import fop_asdl
 from fop_asdl.distributed import destroy_process_group
 
-import dist_worker as w
 import layer_refs as ref
-from conftest import step
+from scaffold import LOCAL, init_gloo, local_rows, single_process_order, step
 
 STEPS = 4
 #: Options with which the sharded run equals one process (HyLo keeps every row: a rank's KIS draw is its own).
@@ -22,7 +21,7 @@ MAKERS = {"kfac": dict(fisher_type="fisher_emp"), "fop": dict(fisher_type="fishe
 
 def global_batch(i: int, world_size: int):
     gen = torch.Generator().manual_seed(2000 + i)
-    n = w.LOCAL * world_size
+    n = LOCAL * world_size
     return torch.randint(0, ref.V, (n, ref.T), generator=gen), torch.randint(0, ref.C, (n,), generator=gen)
 
 
@@ -49,12 +48,12 @@ def train(name: str, rows=None, order=None, world_size: int = 2):
 
 
 def single(name: str, world_size: int):
-    order = w.single_process_order("halves", world_size) if name == "fop" else torch.arange(w.LOCAL * world_size)
+    order = single_process_order("halves", world_size) if name == "fop" else torch.arange(LOCAL * world_size)
     return train(name, order=order, world_size=world_size)
 
 
 def ranks(rank: int, world_size: int, store: str, out: str) -> None:
-    w.init(rank, world_size, store)
-    results = {name: train(name, rows=w.local_rows(rank, world_size), world_size=world_size) for name in MAKERS}
+    init_gloo(rank, world_size, store)
+    results = {name: train(name, rows=local_rows(rank, world_size), world_size=world_size) for name in MAKERS}
     torch.save(results, f"{out}.{rank}")
     destroy_process_group()

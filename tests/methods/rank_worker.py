@@ -14,7 +14,7 @@ import torch.distributed as dist
 import fop_asdl
 from fop_asdl.distributed import destroy_process_group
 
-from conftest import independent_net, train
+from scaffold import independent_net, train
 
 STEPS = 5
 LOCAL = 16  # samples per rank: 32 or more in all, more than the 27 inputs of independent_net's Linear

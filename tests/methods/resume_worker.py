@@ -10,8 +10,8 @@ import asdl
 import torch
 
 import fop_asdl
-import conftest
-from conftest import conv_bn_ln_net, small_image_batch
+import scaffold
+from scaffold import conv_bn_ln_net, small_image_batch
 
 
 def build(name: str, options: Dict[str, Any]):
@@ -25,7 +25,7 @@ def build(name: str, options: Dict[str, Any]):
 
 
 def train(model, maker, opt, steps: range) -> None:
-    conftest.train(model, maker, opt, steps, lambda i: small_image_batch(i, 10))
+    scaffold.train(model, maker, opt, steps, lambda i: small_image_batch(i, 10))
 
 
 def checkpoint(model, maker, opt) -> dict:

@@ -1,6 +1,5 @@
 """Shared pieces of the tests of SMW-NG, SENG, diagonal NG, K-BFGS and Kronecker PSGD (tests/methods):
-tiny float64 nets, the ASDL step idiom, per-sample gradients by an autograd loop, fault injection. Kept
-apart from tests/conftest.py so that these tests import no other directory's helpers."""
+tiny float64 nets, the ASDL step idiom, per-sample gradients by an autograd loop."""
 from __future__ import annotations
 
 from typing import Callable, List, Optional

@@ -12,7 +12,7 @@ from torch import nn
 import fop_asdl
 from fop_asdl.methods import ekfac_math as em
 
-from conftest import conv_bn_ln_net, conv_ln_net, independent_net, small_image_batch, step
+from scaffold import conv_bn_ln_net, conv_ln_net, independent_net, small_image_batch, step
 from engine_guarantees import (failed_step_check, grad_scaler_check, micro_batch_check, ranks_check, resume_check,
                                train)
 
@@ -162,7 +162,7 @@ def test_written_gradient_equals_the_dense_reference(ema, reduction, curvature_e
 
 
 def token_ce(y, t, reduction="mean"):
-    """Cross-entropy over the flattened (B·T) tokens, padding -100 (tests/test_user_loss.py's token loss)."""
+    """Cross-entropy over the flattened (B·T) tokens, padding -100 (tests/engine/test_user_loss.py's token loss)."""
     return F.cross_entropy(y.flatten(0, 1), t.flatten(), reduction=reduction)
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import fop_asdl
 
-from conftest import conv_bn_ln_net, independent_net, small_image_batch, step
+from scaffold import conv_bn_ln_net, independent_net, small_image_batch, step
 from engine_guarantees import assert_histories_close, failed_step_check, micro_batch_check, ranks_check, train
 from test_ekfac import DAMPING, batches, per_sample, tiny_net, unit_fisher
 

@@ -11,7 +11,7 @@ from torch import nn
 import fop_asdl
 
 import layer_refs as ref
-from conftest import step
+from scaffold import step
 
 #: Embedding on ids (n,) and on tokens (n, T) with padding, a token-level mean loss with ignored targets and a
 #: summed one (the user's normaliser N = kept tokens, 1), grouped / depthwise Conv2d, Conv1d, GroupNorm.
@@ -287,7 +287,7 @@ def test_bf16_weights_give_the_float32_result_rounded(name):
     """bf16 weights on every new layer type: factors (an Embedding's diagonal, per-group stacks), Grams and rows in
     float32, so every step is the float32 run's up to what bf16 activations do to a gradient: within 2x the
     largest relative error of SGD's gradient of any parameter (here 1-4 %; SGD's whole gradient, the bound of
-    tests/test_low_precision.py, is dominated by its head's bias, which bf16 rounds least, and preconditioning
+    tests/engine/test_low_precision.py, is dominated by its head's bias, which bf16 rounds least, and preconditioning
     weighs the parameters otherwise). Half-precision curvature would fail or add its own, amplified error."""
     torch.manual_seed(0)
     weights = ref.AllNet().bfloat16()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import fop_asdl
 import second_order_worker as w
 
+from scaffold import worker_env
 from second_order_helpers import METHODS, TokenNet, batch, bn_net, build, config, net, options, step, train
 
 HERE = Path(__file__).parent
@@ -150,7 +151,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, name):
                tmp_path / "ckpt.pt")
     train(model, maker, opt, range(3, 6))
     subprocess.run([sys.executable, str(HERE / "second_order_worker.py"), name, str(tmp_path / "ckpt.pt"),
-                    str(tmp_path / "params.pt")], check=True, cwd=HERE)
+                    str(tmp_path / "params.pt")], check=True, cwd=HERE, env=worker_env())
     for p, q in zip(model.parameters(), torch.load(tmp_path / "params.pt")):
         assert torch.equal(p.detach(), q)
 
