@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from fop_asdl.data import load_fashion_mnist_subset
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` are skipped, with the reason, where no CUDA device is (scripts/gpu_check.sh runs them)."""
@@ -21,3 +23,10 @@ def image_batch():
     x = torch.randn(11, 1, 6, 6, generator=gen, dtype=torch.float64)
     t = torch.randint(0, 3, (11,), generator=gen)
     return x, t
+
+
+@pytest.fixture(scope="module")
+def real_batch():
+    """64 images of the Fashion-MNIST subset shipped in the package, with their labels."""
+    data = load_fashion_mnist_subset()
+    return data.x_train[:64], data.y_train[:64]

@@ -11,8 +11,8 @@ ROLE_FOLDERS = {"engine", "curvature", "methods", "distributed", "optim", "diagn
 TOP_LEVEL = {"__init__.py", "__main__.py", "registry.py", "compat.py"}
 MAX_FILE_LINES, MAX_CLASS_LINES = 400, 250
 TESTS = Path(__file__).resolve().parent
-#: What stands at the root of tests/: the fixtures, the shared scaffolding and the package-wide tests.
-TEST_ROOT = {"conftest.py", "scaffold.py", "test_layout.py", "test_interface.py", "test_compat.py",
+#: What stands at the root of tests/: the fixtures, the shared helpers and the package-wide tests.
+TEST_ROOT = {"conftest.py", "scaffold.py", "dense_refs.py", "test_layout.py", "test_interface.py", "test_compat.py",
              "test_asdl_contract.py"}
 
 
@@ -60,7 +60,8 @@ def test_library_modules_live_in_role_folders():
                                                                ROLE_FOLDERS | {"scripts"})]
     assert not misplaced, f"test files outside a folder named after a library folder: {misplaced}"
     names = [f.name for f in files if f.name != "conftest.py"]
-    assert len(names) == len(set(names)) and "__init__.py" not in names, names
+    assert "__init__.py" not in names and len(names) == len(set(names)), \
+        sorted({n for n in names if names.count(n) > 1 or n == "__init__.py"})
     for folder in {f.parts[0] for f in files if len(f.parts) > 1}:
         assert list((TESTS / folder).glob("test_*.py")), f"tests/{folder} holds no tests"
 

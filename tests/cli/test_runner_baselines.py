@@ -1,7 +1,6 @@
 """The baselines of docs/baselines.md in the runner: each trains on the packaged data, resumes bit-identically
 through ``--resume``, and is refused with the command that installs its library when that is missing."""
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -19,10 +18,8 @@ from fop_asdl.models import SmallCNN
 from fop_asdl.optim import baselines
 from fop_asdl.optim.hybrid import HybridOptimizer
 
-from scaffold import REPO
+from scaffold import REPO, SLICE, assert_resumed_run_equal, epoch_records
 
-SLICE = ["subset_size=600", "test_size=200", "base_batch=100", "eval_batch_size=100"]
-TIMING = {"train_seconds", "train_seconds_total", "eval_seconds", "load_average"}
 BASELINES = [name for name, m in METHODS.items() if m.libraries]
 #: A base lr at which each trains in a few steps (inside its built-in range; probed on the packaged subset).
 LR = {"lars": 3.0, "lamb": 0.02, "soap": 0.005, "shampoo_grafted": 0.001, "muon": 0.05,
@@ -32,25 +29,6 @@ LR = {"lars": 3.0, "lamb": 0.02, "soap": 0.005, "shampoo_grafted": 0.001, "muon"
 def test_the_baselines_are_the_issues_six() -> None:
     assert BASELINES == ["lars", "lamb", "soap", "shampoo_grafted", "muon", "adamw_schedulefree"]
     assert set(LR) == set(BASELINES)
-
-
-def _records(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
-
-
-def _assert_equal_nested(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_equal_nested(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_equal_nested(x, y)
-    else:
-        assert a == b
 
 
 @pytest.mark.parametrize("method", BASELINES)
@@ -77,14 +55,8 @@ def test_trains_and_resumes_bit_identically(tmp_path: Path, monkeypatch, method:
     assert main(args + ["--out", str(tmp_path / "split"), "--resume"]) == 0
 
     (run,) = (tmp_path / "whole").glob(f"b100/{method}/*")  # the first trial's other values in its name
-    whole, split = (_records(tmp_path / d / run.relative_to(tmp_path / "whole")) for d in ("whole", "split"))
-    assert len(whole) == len(split) == 2
-    for a, b in zip(whole, split):
-        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
-    states = [torch.load(tmp_path / d / run.relative_to(tmp_path / "whole") / "checkpoint.pt", weights_only=True)
-              for d in ("whole", "split")]
-    for key in ("model", "optimizer", "scheduler", "batches", "rng"):
-        _assert_equal_nested(states[0][key], states[1][key])
+    whole = assert_resumed_run_equal(run, tmp_path / "split" / run.relative_to(tmp_path / "whole"), 2,
+                                     ("model", "optimizer", "scheduler", "batches", "rng"))
     assert max(r["test_accuracy"] for r in whole) > 0.3
 
 
@@ -124,7 +96,7 @@ def test_schedulefree_is_checkpointed_in_eval_mode(tmp_path: Path) -> None:
     model = SmallCNN()
     model.load_state_dict(state["model"])
     data = load_data(load_config(overrides=SLICE), torch.device("cpu"))
-    assert train_module.evaluate(model, data.x_test, data.y_test, 100) == _records(run)[0]["test_accuracy"]
+    assert train_module.evaluate(model, data.x_test, data.y_test, 100) == epoch_records(run)[0]["test_accuracy"]
 
 
 # --- a missing library ----------------------------------------------------------------------------------

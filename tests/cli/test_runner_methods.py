@@ -36,11 +36,10 @@ from fop_asdl.cli.search import method_points
 from fop_asdl.optim import baselines
 from fop_asdl.registry import GRADIENT_MAKERS
 
-from scaffold import REPO
+from scaffold import REPO, SLICE
 
 PACKAGE = REPO / "fop_asdl"
 CLI = PACKAGE / "cli"
-SLICE = ["subset_size=600", "test_size=200", "base_batch=100", "eval_batch_size=100"]
 
 
 # --- every entry complete -------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from fop_asdl.cli.environment import PACKAGE_ROOT, code_differences, git_state
 from fop_asdl.cli.protocol import RunSpec
 from fop_asdl.cli.report import results_markdown
 
-SLICE = ["subset_size=600", "test_size=200", "base_batch=100", "eval_batch_size=100"]
+from scaffold import SLICE
+
 ARGS = ["train", "--method", "sgd", "--batch-size", "100", "--lr", "0.1", "--no-progress", "--set", *SLICE,
         "epochs=1"]
 

@@ -22,11 +22,8 @@ from fop_asdl.cli.protocol import RunSpec, build_gradient_maker
 from fop_asdl.cli.report import accuracy_by_batch
 from fop_asdl.models import SmallCNN
 
-from scaffold import REPO
+from scaffold import REPO, SLICE, assert_resumed_run_equal, epoch_records
 
-# A slice of the packaged real Fashion-MNIST subset: 600 train / 200 test images.
-SLICE = ["subset_size=600", "test_size=200", "base_batch=100", "eval_batch_size=100"]
-TIMING = {"train_seconds", "train_seconds_total", "eval_seconds", "load_average"}
 CPU = torch.device("cpu")
 TOPO = Topology(0, 1, CPU)
 
@@ -48,17 +45,13 @@ def _git_head():
             "library_changed": bool(git("status", "--porcelain", "--untracked-files=all", "--", "fop_asdl"))}
 
 
-def _records(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
-
-
 def test_train_one_epoch_writes_records_summary_and_checkpoint(tmp_path: Path, capsys) -> None:
     one_epoch = ["train", "--method", "fop", "--batch-size", "100", "--lr", "0.05", "--no-progress",
                  "--out", str(tmp_path), "--set", *SLICE, "epochs=1", "target_accuracy=0.3"]
     code = main(one_epoch)
     assert code == 0
     run_dir = tmp_path / "b100" / "fop" / "lr0.05_seed0"
-    (record,) = _records(run_dir)
+    (record,) = epoch_records(run_dir)
     assert record["epoch"] == 1 and record["steps"] == 6 and record["lr"] == pytest.approx(0.05)
     assert 0.0 < record["train_loss"] < 3.0 and 0.3 <= record["test_accuracy"] <= 1.0
     assert record["train_seconds"] > 0 and record["eval_seconds"] > 0 and record["load_average"] >= 0
@@ -107,22 +100,10 @@ def test_train_one_epoch_writes_records_summary_and_checkpoint(tmp_path: Path, c
 
 
 def test_compare_picks_lr_per_method_and_reports(tmp_path: Path, capsys) -> None:
-    code = main(
-        [
-            "compare",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-            "--set",
-            *SLICE,
-            "epochs=2",
-            "batch_sizes=[100, 200]",
-            "methods=[sgd, fop]",
-            "lr_grid={sgd: [0.001, 0.1], fop: [0.0005, 0.05]}",  # the older form of a grid of lrs
-            "seeds=[0, 1]",
-            "target_accuracy=0.5",
-        ]
-    )
+    code = main(["compare", "--no-progress", "--out", str(tmp_path), "--set", *SLICE, "epochs=2",
+                 "batch_sizes=[100, 200]", "methods=[sgd, fop]",
+                 "lr_grid={sgd: [0.001, 0.1], fop: [0.0005, 0.05]}",  # the older form of a grid of lrs
+                 "seeds=[0, 1]", "target_accuracy=0.5"])
     assert code == 0
     captured = capsys.readouterr()
     table = captured.out
@@ -221,26 +202,10 @@ def test_resume_is_bit_identical(tmp_path: Path, monkeypatch, method: str, sched
         x_test=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
         y_test=np.arange(40) % 10,
     )
-    args = [
-        "train",
-        "--method",
-        method,
-        "--batch-size",
-        "32",
-        "--lr",
-        "0.01",
-        "--no-progress",
-        "--data-dir",
-        str(tmp_path),
-        "--set",
-        "dataset=cifar10",
-        "epochs=3",
-        f"schedule={schedule}",
-        "plateau_patience=0",
-        "base_batch=32",
-        "update_interval=2",
-        "warmup=4",  # 3 steps per epoch: the resumed epoch 2 continues the warm-up
-    ]
+    args = ["train", "--method", method, "--batch-size", "32", "--lr", "0.01", "--no-progress", "--data-dir",
+            str(tmp_path), "--set", "dataset=cifar10", "epochs=3", f"schedule={schedule}", "plateau_patience=0",
+            "base_batch=32", "update_interval=2",
+            "warmup=4"]  # 3 steps per epoch: the resumed epoch 2 continues the warm-up
     assert main(args + ["--out", str(tmp_path / "whole")]) == 0
 
     evaluate = train_module.evaluate
@@ -259,48 +224,14 @@ def test_resume_is_bit_identical(tmp_path: Path, monkeypatch, method: str, sched
     assert main(args + ["--out", str(tmp_path / "split"), "--resume"]) == 0
 
     name = f"b32/{method}/lr0.01_seed0"
-    whole, split = (_records(tmp_path / d / name) for d in ("whole", "split"))
-    assert len(whole) == len(split) == 3
-    for a, b in zip(whole, split):
-        assert {k: v for k, v in a.items() if k not in TIMING} == {
-            k: v for k, v in b.items() if k not in TIMING
-        }
-    states = [
-        torch.load(tmp_path / d / name / "checkpoint.pt", weights_only=True) for d in ("whole", "split")
-    ]
-    _assert_equal_nested(states[0]["model"], states[1]["model"])
-    _assert_equal_nested(states[0]["optimizer"], states[1]["optimizer"])
-    _assert_equal_nested(states[0]["maker"], states[1]["maker"])
-    _assert_equal_nested(states[0]["batches"], states[1]["batches"])
+    assert_resumed_run_equal(tmp_path / "whole" / name, tmp_path / "split" / name, 3,
+                             ("model", "optimizer", "maker", "batches"))
+    states = [torch.load(tmp_path / d / name / "checkpoint.pt", weights_only=True) for d in ("whole", "split")]
     assert states[0]["scheduler"] == states[1]["scheduler"]
 
 
-def _assert_equal_nested(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_equal_nested(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_equal_nested(x, y)
-    else:
-        assert a == b
-
-
 def test_resume_refuses_a_changed_config(tmp_path: Path, capsys) -> None:
-    args = [
-        "train",
-        "--no-progress",
-        "--out",
-        str(tmp_path),
-        "--set",
-        *SLICE,
-        "epochs=1",
-        "batch_sizes=[200]",
-    ]
+    args = ["train", "--no-progress", "--out", str(tmp_path), "--set", *SLICE, "epochs=1", "batch_sizes=[200]"]
     assert main(args) == 0
     assert main(args + ["--resume", "--set", "damping=0.5"]) == 2
     assert "damping" in capsys.readouterr().err
@@ -316,7 +247,7 @@ def test_resume_with_a_new_target_re_reports_without_training(tmp_path: Path, ca
             "batch_sizes=[200]"]
     assert main(args + ["target_accuracy=0.99"]) == 0
     (summary_path,) = tmp_path.glob("b200/*/*/summary.json")
-    records = _records(summary_path.parent)
+    records = epoch_records(summary_path.parent)
     assert json.loads(summary_path.read_text())["epochs_to_target"] is None
     target = records[-1]["test_accuracy"]
     assert main(args + [f"target_accuracy={target}", "--resume"]) == 0
@@ -324,7 +255,7 @@ def test_resume_with_a_new_target_re_reports_without_training(tmp_path: Path, ca
     summary = json.loads(summary_path.read_text())
     assert summary["target_accuracy"] == target and summary["epochs_to_target"] == reached["epoch"]
     assert summary["train_seconds_to_target"] == reached["train_seconds_total"]
-    assert _records(summary_path.parent) == records  # reported again, not trained again
+    assert epoch_records(summary_path.parent) == records  # reported again, not trained again
     assert load_config(tmp_path / "config.yaml").target_accuracy == target
 
     stopping = tmp_path / "stopping"
@@ -440,5 +371,5 @@ def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path: Path) -> None:
         done = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.count('"best_accuracy"') == 1  # printed by rank 0 only
-    records = _records(tmp_path / "b100" / "fop" / "lr0.02_seed0")
+    records = epoch_records(tmp_path / "b100" / "fop" / "lr0.02_seed0")
     assert [r["epoch"] for r in records] == [1, 2] and all(r["steps"] == 6 for r in records)

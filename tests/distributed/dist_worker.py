@@ -8,10 +8,10 @@ from typing import Dict, List
 
 import torch
 
-import fop_asdl
 from fop_asdl.distributed import destroy_process_group
 
-from scaffold import (LOCAL, TiedTokenNet, TokenNet, config, conv_ln_net, init_gloo, local_rows,
+import scaffold
+from scaffold import (LOCAL, TiedTokenNet, TokenNet, config, conv_ln_net, init_gloo, local_rows, restore,
                       single_process_order, step, train)
 
 STEPS = 5  # interval 2: curvature on steps 0, 2, 4; EMA on
@@ -34,13 +34,9 @@ TIED_MAKERS = {"sgd": {}, "kfac": {}, "fop": {"sub_batches": "halves"}, "fngd": 
 
 
 def build(name: str, net: str = "conv_ln", **kwargs):
-    torch.manual_seed(0)
-    model = NETS[net][0]().double()
     if name in ("kfac", "fop"):
         kwargs.setdefault("fisher_type", "fisher_emp")
-    maker = fop_asdl.make_gradient_maker(name, model, config(), **kwargs)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return model, maker, opt
+    return scaffold.build(name, NETS[net][0], config(), opt_lr=0.1, **kwargs)
 
 
 def clip_options(name: str, mode: str) -> Dict[str, object]:
@@ -114,14 +110,10 @@ def tied_equivalence(rank: int, world_size: int, store: str, out: str) -> None:
     destroy_process_group()
 
 
-def resume_sharded(rank: int, world_size: int, store: str, ckpt: str, out: str) -> None:
+def resume_sharded(rank: int, world_size: int, store: str, out: str, ckpt: str) -> None:
     """Load a single-process checkpoint into a sharded run and train on."""
     init_gloo(rank, world_size, store)
-    state = torch.load(ckpt, weights_only=False)
-    model, maker, opt = build("fop", sub_batches="halves")
-    model.load_state_dict(state["model"])
-    maker.load_state_dict(state["maker"])
-    opt.load_state_dict(state["opt"])
+    model, maker, opt = restore(torch.load(ckpt, weights_only=False), *build("fop", sub_batches="halves"))
     train(model, maker, opt, range(3, STEPS + 2), rank_batches(rank, world_size))
     torch.save([p.detach().clone() for p in model.parameters()], f"{out}.{rank}")
     destroy_process_group()

@@ -5,29 +5,17 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dist_worker as w
 from fop_asdl.distributed import assign_owners, destroy_process_group, resolve_sub_batches
 
-
-def spawn(fn, world_size, *args):
-    mp.start_processes(fn, args=(world_size, *args), nprocs=world_size, join=True, start_method="spawn")
-
-
-def assert_close_lists(actual, expected, rtol=1e-5):
-    for step, (a_step, e_step) in enumerate(zip(actual, expected)):
-        scale = max(float(g.abs().max()) for g in e_step)
-        for a, e in zip(a_step, e_step):
-            torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale, msg=lambda m: f"step {step}: {m}")
+from scaffold import assert_close_steps, checkpoint, spawn_ranks
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
 def sharded_runs(request, tmp_path_factory):
     world_size = request.param
-    tmp = tmp_path_factory.mktemp(f"world{world_size}")
-    spawn(w.equivalence, world_size, str(tmp / "store"), str(tmp / "out"))
-    return world_size, [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(world_size)]
+    return world_size, spawn_ranks(w.equivalence, world_size, tmp_path_factory.mktemp(f"world{world_size}"))
 
 
 def test_sharded_fop_and_kfac_equal_single_process_training(sharded_runs):
@@ -38,7 +26,7 @@ def test_sharded_fop_and_kfac_equal_single_process_training(sharded_runs):
                                                  **({"sub_batches": "auto"} if name == "fop" else {}),
                                                  **w.clip_options(name, mode))
         for rank in ranks:  # every rank ends each step with the same p.grad, equal to one process's
-            assert_close_lists(rank[key]["grads"], expected)
+            assert_close_steps(rank[key]["grads"], expected, rtol=1e-5)
         if w.clip_options(name, mode):  # the same ν on every rank, bit for bit, and it did clip
             assert float(ranks[0][key]["nu"]) < 1
             torch.testing.assert_close(ranks[0][key]["nu"], maker.last_nu, rtol=1e-5, atol=0)
@@ -53,23 +41,21 @@ def test_sharded_fop_and_kfac_equal_single_process_training(sharded_runs):
 @pytest.mark.filterwarnings("ignore:fop_asdl")
 def test_tied_weights_on_ranks_equal_single_process_training(tmp_path):
     """A weight shared by a block (the head) and a plain use (the embedding): every maker on 2 ranks."""
-    spawn(w.tied_equivalence, 2, str(tmp_path / "store"), str(tmp_path / "out"))
-    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(2)]
+    ranks = spawn_ranks(w.tied_equivalence, 2, tmp_path)
     for name, options in w.TIED_MAKERS.items():
         expected, _, _, _ = w.run_single(name, "halves", 2, net="tied", **options)
         for rank in ranks:
-            assert_close_lists(rank[name], expected)
+            assert_close_steps(rank[name], expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_attention_blocks_equal_single_process_training(tmp_path, world_size):
     """A torch TransformerEncoderLayer's q/k/v/out projections as sharded FOP and K-FAC blocks."""
-    spawn(w.attention_equivalence, world_size, str(tmp_path / "store"), str(tmp_path / "out"))
-    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(world_size)]
+    ranks = spawn_ranks(w.attention_equivalence, world_size, tmp_path)
     for name in ("fop", "kfac"):
         expected, _, _, _ = w.run_single(name, "halves", world_size, net="tokens")
         for rank in ranks:
-            assert_close_lists(rank[name], expected)
+            assert_close_steps(rank[name], expected, rtol=1e-5)
 
 
 def test_every_block_has_one_owner_and_ranks_agree(sharded_runs):
@@ -100,9 +86,8 @@ def test_gathered_state_resumes_a_single_process_run(sharded_runs):
 def test_single_process_checkpoint_resumes_a_sharded_run(tmp_path):
     world_size = 2
     _, model, maker, opt = w.run_single("fop", "halves", world_size, steps=range(3), sub_batches="halves")
-    torch.save({"model": model.state_dict(), "maker": maker.state_dict(), "opt": opt.state_dict()},
-               tmp_path / "ckpt.pt")
-    spawn(w.resume_sharded, world_size, str(tmp_path / "store"), str(tmp_path / "ckpt.pt"), str(tmp_path / "out"))
+    torch.save(checkpoint(model, maker, opt), tmp_path / "ckpt.pt")
+    resumed = spawn_ranks(w.resume_sharded, world_size, tmp_path, str(tmp_path / "ckpt.pt"))
     order = w.single_process_order("halves", world_size)
 
     def batches(i):
@@ -110,17 +95,15 @@ def test_single_process_checkpoint_resumes_a_sharded_run(tmp_path):
         return x[order], t[order]
 
     w.train(model, maker, opt, range(3, w.STEPS + 2), batches)
-    for rank in range(world_size):
-        for p, q in zip(model.parameters(), torch.load(tmp_path / f"out.{rank}")):
+    for parameters in resumed:
+        for p, q in zip(model.parameters(), parameters):
             torch.testing.assert_close(q, p.detach(), rtol=1e-5, atol=1e-8)
 
 
 def test_a_rank_that_raises_makes_the_others_fail_in_bounded_time(tmp_path):
     start = time.monotonic()
-    spawn(w.failing_rank, 2, str(tmp_path / "store"), str(tmp_path / "out"))  # each rank records its error
-    failed = torch.load(tmp_path / "out.1")
+    waiting, failed = spawn_ranks(w.failing_rank, 2, tmp_path)  # each rank records its error
     assert failed["outcome"][0] == "ValueError" and "at least 2 samples" in failed["outcome"][1]
-    waiting = torch.load(tmp_path / "out.0")
     assert waiting["outcome"][0] == "CollectiveError", waiting
     assert "another rank did not join" in waiting["outcome"][1]
     assert waiting["seconds"] < 30 and time.monotonic() - start < 90
@@ -129,9 +112,7 @@ def test_a_rank_that_raises_makes_the_others_fail_in_bounded_time(tmp_path):
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
 def test_leaving_the_group_stops_every_gloo_thread_while_python_runs(tmp_path):
     """A gloo thread alive at the interpreter's exit can abort the rank (fop_asdl.distributed.group)."""
-    spawn(w.teardown, 2, str(tmp_path / "store"), str(tmp_path / "out"))
-    for rank in range(2):
-        result = torch.load(tmp_path / f"out.{rank}")
+    for result in spawn_ranks(w.teardown, 2, tmp_path):
         assert "gloo_tcp_loop" in result["before"] and "pt_gloo_runloop" in result["before"]
         assert result["after"] == [] and result["warnings"] == []
 

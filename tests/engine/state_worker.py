@@ -5,18 +5,12 @@ import sys
 
 import torch
 
-import fop_asdl
-
 import scaffold
-from scaffold import config, conv_bn_ln_net, small_image_batch
+from scaffold import config, conv_bn_ln_net, restore, small_image_batch
 
 
 def build(name: str):
-    torch.manual_seed(0)
-    model = conv_bn_ln_net().double()
-    maker = fop_asdl.make_gradient_maker(name, model, config(ema_decay=0.2), fisher_type="fisher_emp")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return model, maker, opt
+    return scaffold.build(name, conv_bn_ln_net, config(ema_decay=0.2), fisher_type="fisher_emp")
 
 
 def batch(i: int):
@@ -27,16 +21,8 @@ def train(model, maker, opt, steps: range) -> None:
     scaffold.train(model, maker, opt, steps, batch)
 
 
-def checkpoint(model, maker, opt) -> dict:
-    return {"model": model.state_dict(), "maker": maker.state_dict(), "opt": opt.state_dict()}
-
-
 def resume(name: str, state: dict):
-    model, maker, opt = build(name)
-    model.load_state_dict(state["model"])
-    maker.load_state_dict(state["maker"])
-    opt.load_state_dict(state["opt"])
-    return model, maker, opt
+    return restore(state, *build(name))
 
 
 if __name__ == "__main__":  # resume from argv[2], train steps 3..7, save the parameters to argv[3]

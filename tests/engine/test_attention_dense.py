@@ -12,7 +12,8 @@ from fop_asdl import FOPGradientMaker, make_gradient_maker
 from fop_asdl.engine.capture import BlockCapture, Chunk
 from fop_asdl.engine.sub_batches import half_sums
 
-from scaffold import dense_fop, step
+from dense_refs import dense_fop, kron_metric, per_sample_gradients
+from scaffold import step
 
 E, HEADS, TOKENS = 4, 2, 3
 DAMPING = 3e-2
@@ -21,11 +22,7 @@ N, N1 = 9, 5  # odd batch: B1 has ⌈9/2⌉ = 5 samples
 
 def dense_metric(b_mat, a_mat, bias, damped=False):
     """F = B ⊗ A on vec_row(W) (and B alone on the bias); damped: π-split (B + d_B I) ⊗ (A + d_A I)."""
-    if damped:
-        pi = torch.sqrt((a_mat.trace() / len(a_mat)) / (b_mat.trace() / len(b_mat)))
-        a_mat = a_mat + DAMPING ** 0.5 * pi * torch.eye(len(a_mat), dtype=a_mat.dtype)
-        b_mat = b_mat + DAMPING ** 0.5 / pi * torch.eye(len(b_mat), dtype=b_mat.dtype)
-    return torch.block_diag(torch.kron(b_mat, a_mat), b_mat) if bias else torch.kron(b_mat, a_mat)
+    return kron_metric([(b_mat, a_mat)], bias, DAMPING if damped else None)
 
 
 class AttnNet(nn.Module):
@@ -143,24 +140,16 @@ class TokenNet(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x))).mean(1)
 
 
-def per_sample_gradients(model, x, t):
+def per_layer_sample_gradients(model, x, t):
     """{layer: (n, out·in + out)} gradients of each sample's own loss, one autograd pass per sample."""
-    rows = {name: [] for name in ("fc1", "fc2")}
-    for i in range(len(x)):
-        model.zero_grad()
-        F.cross_entropy(model(x[i:i + 1]), t[i:i + 1]).backward()
-        for name in rows:
-            layer = getattr(model, name)
-            rows[name].append(torch.cat([layer.weight.grad.flatten(), layer.bias.grad]))
-    model.zero_grad()
-    return {name: torch.stack(r) for name, r in rows.items()}
+    return {name: per_sample_gradients(model, x, t, getattr(model, name)) for name in ("fc1", "fc2")}
 
 
 def test_token_dimension_half_sums_equal_per_sample_autograd():
     x, t = _batch()
     torch.manual_seed(0)
     model = TokenNet().double()
-    per_sample = per_sample_gradients(model, x, t)
+    per_sample = per_layer_sample_gradients(model, x, t)
     capture = BlockCapture([model.fc1, model.fc2], lambda m, x, g, chunk, previous: half_sums(m, x, g, chunk.split))
     with capture:
         capture.set_chunk(Chunk(0, N, N1))
@@ -176,7 +165,7 @@ def test_token_dimension_fop_step_equals_dense(beta):
     x, t = _batch()
     torch.manual_seed(0)
     model = TokenNet().double()
-    per_sample = per_sample_gradients(model, x, t)
+    per_sample = per_layer_sample_gradients(model, x, t)
     h1 = model.fc1(x)
     h1.retain_grad()
     a2 = torch.tanh(h1)

@@ -21,6 +21,7 @@ from fop_asdl.diagnostics.syncs import HostSyncCounter, cuda_sync_debug
 from fop_asdl.models import SmallCNN
 
 from scaffold import config, conv_bn_ln_net, small_image_batch, step, worker_env
+from scaffold import max_relative_error as relative_error
 from test_syncs import INTERVAL, ITERS_PER_EPOCH, heavy_steps, net, plain_steps
 
 pytestmark = pytest.mark.cuda
@@ -69,10 +70,6 @@ def test_every_method_on_cuda_tensors_equals_its_cpu_step(name):
     for step_cpu, step_gpu in zip(cpu, gpu):
         for a, b in zip(step_gpu, step_cpu):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
-
-
-def relative_error(actual, expected):
-    return max(float((a - e).norm() / e.norm()) for a, e in zip(actual, expected))
 
 
 def half_precision_grads(name, reference, x, t, dtype):

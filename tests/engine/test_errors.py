@@ -9,7 +9,7 @@ from torch import nn
 
 import fop_asdl
 
-from scaffold import config, conv_bn_ln_net, step
+from scaffold import config, conv_bn_ln_net, failing_step, step
 
 
 def snapshot(model, maker):
@@ -48,26 +48,6 @@ def trained(image_batch, request):
     return model, maker, x, t
 
 
-class InfGradient(torch.autograd.Function):
-    """Identity forward, infinite backward: a finite loss whose gradients overflow."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
-
-
-class UserError(Exception):
-    pass
-
-
-def failing_loss(y, t, reduction="mean"):
-    raise UserError("the user's loss failed")
-
-
 @pytest.mark.parametrize("curvature_step", [True, False])
 @pytest.mark.parametrize("fault", ["nan_input", "inf_gradient", "loss_raises"])
 def test_failed_step_raises_and_rolls_back(trained, curvature_step, fault):
@@ -75,21 +55,7 @@ def test_failed_step_raises_and_rolls_back(trained, curvature_step, fault):
     if not curvature_step:
         step(maker, model, x, t)  # step 2 updates curvature, step 3 does not
     before = snapshot(model, maker)
-    loss_fn, expected = F.cross_entropy, pytest.raises(FloatingPointError, match="Nothing was updated")
-    call = model
-    if fault == "nan_input":
-        x = x.clone()
-        x[3] = float("nan")
-    elif fault == "inf_gradient":
-        def overflowing(inp):
-            return InfGradient.apply(model(inp))
-        call = overflowing
-    else:
-        loss_fn, expected = failing_loss, pytest.raises(UserError)
-    dummy = maker.setup_model_call(call, x)
-    maker.setup_loss_call(loss_fn, dummy, t)
-    with expected:
-        maker.forward_and_backward()
+    failing_step(maker, model, x, t, fault)
     assert_unchanged(model, maker, before)
     assert all(p.requires_grad for p in model.parameters())
 

@@ -1,14 +1,10 @@
 """bf16/fp16 weights (issue 22 item 5): every method's sums, curvature, inverses and scalars in float32, p.grad
 in the weights' dtype; factor_dtype / inverse_dtype; the refusals; state and micro-batches keep the dtypes."""
 import copy
-import os
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -16,7 +12,7 @@ import fop_asdl
 from fop_asdl.distributed import destroy_process_group
 from fop_asdl.engine.chunks import user_loss
 
-from scaffold import config, conv_bn_ln_net, independent_net, step
+from scaffold import config, conv_bn_ln_net, independent_net, init_gloo, spawn_ranks, state_tensors, step
 
 LOW = [torch.bfloat16, torch.float16]
 #: The four methods on the shared engine, then the makers of issue 23; K-BFGS refuses (below).
@@ -99,18 +95,8 @@ def test_low_precision_weights_give_the_float32_result_rounded(name, dtype):
         errors, sgd, maker = errors_against_float32(name, net, dtype)
         print(f"{name} {dtype} {net.__name__}: {[f'{e:.4f}' for e in errors]}, SGD {[f'{e:.4f}' for e in sgd]}")
         assert all(e <= 2 * s for e, s in zip(errors, sgd)), (errors, sgd)
-        floats = [v for v in _tensors(maker.state_dict()) if v.is_floating_point()]
+        floats = [v for v in state_tensors(maker.state_dict()) if v.is_floating_point()]
         assert all(v.dtype == torch.float32 for v in floats)
-
-
-def _tensors(state):
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for v in state.values() for t in _tensors(v)]
-    if isinstance(state, (list, tuple)):
-        return [t for v in state for t in _tensors(v)]
-    return []
 
 
 def test_kbfgs_refuses_low_precision_weights():
@@ -170,7 +156,7 @@ def test_float64_factors_bring_a_float32_model_closer_to_float64(name):
     err64 = [relative_error(a, b) for a, b in zip(wide, reference)]
     print(f"{name}: float32 {err32}, float64 factors {err64}")
     assert sum(err64) < 0.75 * sum(err32), (err64, err32)
-    assert {v.dtype for v in _tensors(maker.state_dict()) if v.is_floating_point()} == {torch.float64}
+    assert {v.dtype for v in state_tensors(maker.state_dict()) if v.is_floating_point()} == {torch.float64}
 
 
 @pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo"])
@@ -186,7 +172,7 @@ def test_state_dict_resumes_bf16_weights_exactly_in_float32(name):
     model = copy.deepcopy(weights)  # a fresh process: new weights' copy, new maker
     resumed = make(name, model)
     resumed.load_state_dict(state)
-    assert all(v.dtype == torch.float32 for v in _tensors(resumed.state_dict()) if v.is_floating_point())
+    assert all(v.dtype == torch.float32 for v in state_tensors(resumed.state_dict()) if v.is_floating_point())
     for a, b in zip(run(resumed, model, data[2:]), whole[2:]):
         assert all(torch.equal(x, y) and x.dtype == torch.bfloat16 for x, y in zip(a, b))
 
@@ -198,11 +184,11 @@ def test_a_loaded_state_takes_the_loading_makers_dtypes(name):
     saver = make(name, model, factor_dtype=torch.float64)
     run(saver, model, batches(torch.float32, steps=1))
     state = saver.state_dict()
-    assert {v.dtype for v in _tensors(state) if v.is_floating_point()} == {torch.float64}
+    assert {v.dtype for v in state_tensors(state) if v.is_floating_point()} == {torch.float64}
     for factor_dtype, expected in ((torch.float64, torch.float64), (None, torch.float32)):
         loader = make(name, copy.deepcopy(model), factor_dtype=factor_dtype)
         loader.load_state_dict(copy.deepcopy(state))
-        assert {v.dtype for v in _tensors(loader.state_dict()) if v.is_floating_point()} == {expected}
+        assert {v.dtype for v in state_tensors(loader.state_dict()) if v.is_floating_point()} == {expected}
 
 
 # Stated tolerance: the captured methods sum micro-batches in float32, which changes only the order of
@@ -249,10 +235,7 @@ SHARDED = {"kfac": {}, "fop": {}, "fngd": {"coefficient_scope": "global"}, "hylo
 
 def sharded_worker(rank, world_size, store, out):
     """Each rank's half of every batch (rank 0 the first: FOP's B1), bf16 weights, each method of SHARDED."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
+    init_gloo(rank, world_size, store)
     half = slice(rank * 8, (rank + 1) * 8)
     results = {}
     for name, extra in SHARDED.items():
@@ -267,9 +250,7 @@ def sharded_worker(rank, world_size, store, out):
 # on the global batch but for the order of float32 additions (and HyLo's gathered rows): within 2^-9
 # (measured: bit-identical, HyLo 2e-5).
 def test_two_ranks_with_bf16_weights_equal_one_process(tmp_path):
-    mp.start_processes(sharded_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2,
-                       join=True, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(2)]
+    ranks = spawn_ranks(sharded_worker, 2, tmp_path)
     for name, extra in SHARDED.items():
         torch.manual_seed(0)
         model = independent_net().bfloat16()

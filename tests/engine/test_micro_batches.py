@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fop_asdl
 from fop_asdl.engine.chunks import chunk_bounds, concat_outputs
 
-from scaffold import config, conv_ln_net, step
+from scaffold import build, config, conv_ln_net, step
 
 
 def test_chunk_bounds_cover_the_batch_once():
@@ -26,11 +26,8 @@ def test_outputs_of_the_chunks_are_joined():
 
 def train(name, micro_batch_size, x, t, fisher_type, steps=5, **kwargs):
     """Curvature and plain steps (interval 2, EMA on) with SGD momentum; every step's grads and loss."""
-    torch.manual_seed(0)
-    model = conv_ln_net().double()
     extra = {} if micro_batch_size is None else {"micro_batch_size": micro_batch_size}
-    maker = fop_asdl.make_gradient_maker(name, model, config(), fisher_type=fisher_type, **extra, **kwargs)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, maker, opt = build(name, conv_ln_net, config(), opt_lr=0.1, fisher_type=fisher_type, **extra, **kwargs)
     seen = []
     model[0].register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
     history = []

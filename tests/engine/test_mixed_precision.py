@@ -6,16 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import fop_asdl
-from fop_asdl.data import load_fashion_mnist_subset
 from fop_asdl.models import SmallCNN
 
 from scaffold import config, conv_bn_ln_net, step
-
-
-@pytest.fixture(scope="module")
-def real_batch():
-    data = load_fashion_mnist_subset()
-    return data.x_train[:64], data.y_train[:64]
+from scaffold import max_relative_error as relative_error
 
 
 def grads_of(name, model, x, t, autocast_dtype=None, steps=2, **kwargs):
@@ -25,10 +19,6 @@ def grads_of(name, model, x, t, autocast_dtype=None, steps=2, **kwargs):
         with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             step(maker, model, x, t)
     return [p.grad.clone() for p in model.parameters()], maker
-
-
-def relative_error(actual, expected):
-    return max(float((a - e).norm() / e.norm()) for a, e in zip(actual, expected))
 
 
 # Stated tolerance: the bf16 step of FOP or K-FAC may differ from the fp32 step by at most 1.5x the

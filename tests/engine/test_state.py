@@ -1,14 +1,12 @@
 """state_dict holds everything needed to continue: a resumed run is bit-identical to an uninterrupted one."""
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from scaffold import worker_env
-from state_worker import build, checkpoint, resume, train
+from scaffold import assert_same_parameters, checkpoint, resumed_in_fresh_process
+from state_worker import build, resume, train
 
 HERE = Path(__file__).parent
 
@@ -19,11 +17,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, name):
     train(model, maker, opt, range(3))  # steps 0, 2 update curvature (interval 2): EMA and inverses exist
     torch.save(checkpoint(model, maker, opt), tmp_path / "ckpt.pt")
     train(model, maker, opt, range(3, 8))
-    subprocess.run([sys.executable, str(HERE / "state_worker.py"), name, str(tmp_path / "ckpt.pt"),
-                    str(tmp_path / "params.pt")], check=True, cwd=HERE, env=worker_env())
-    resumed = torch.load(tmp_path / "params.pt")
-    for p, q in zip(model.parameters(), resumed):
-        assert torch.equal(p.detach(), q)
+    assert_same_parameters(model, resumed_in_fresh_process(HERE / "state_worker.py", tmp_path, name))
 
 
 def test_state_dict_holds_factors_inverses_and_step():

@@ -6,10 +6,10 @@ import sys
 
 import torch
 
-import fop_asdl
 from fop_asdl.distributed import destroy_process_group
 
-from scaffold import config, independent_net, init_gloo, train
+import scaffold
+from scaffold import config, independent_net, init_gloo, restore, train
 from scaffold import per_sample_net as net
 from scaffold import small_image_batch as batch
 
@@ -18,12 +18,8 @@ BATCH = 8      # samples per step (batch's default; per rank in the distributed 
 
 
 def build(model_fn=net, **options):
-    torch.manual_seed(0)
-    model = model_fn().double()
     options.setdefault("iters_per_epoch", T)
-    maker = fop_asdl.make_gradient_maker("fngd", model, config(), **options)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return model, maker, opt
+    return scaffold.build("fngd", model_fn, config(), **options)
 
 
 def distributed(rank: int, world_size: int, store: str, out: str) -> None:
@@ -43,10 +39,6 @@ def distributed(rank: int, world_size: int, store: str, out: str) -> None:
 
 if __name__ == "__main__":  # resume from argv[1], train steps 4..8, save the parameters to argv[2]
     ckpt_path, out_path = sys.argv[1:3]
-    state = torch.load(ckpt_path, weights_only=False)
-    model, maker, opt = build()
-    model.load_state_dict(state["model"])
-    maker.load_state_dict(state["maker"])
-    opt.load_state_dict(state["opt"])
+    model, maker, opt = restore(torch.load(ckpt_path, weights_only=False), *build())
     train(model, maker, opt, range(4, 9), lambda i: batch(i % T))
     torch.save([p.detach() for p in model.parameters()], out_path)

@@ -6,10 +6,10 @@ import sys
 
 import torch
 
-import fop_asdl
 from fop_asdl.distributed import destroy_process_group
 
-from scaffold import config, independent_net, init_gloo, train
+import scaffold
+from scaffold import config, independent_net, init_gloo, restore, train
 from scaffold import per_sample_net as net
 from scaffold import small_image_batch as batch
 
@@ -20,17 +20,12 @@ CLIP = {"kl_clip": 1e-4, "lr": 0.05}  # small enough that ν < 1 on every step
 
 
 def build(model_fn=net, damping=0.1, **options):
-    torch.manual_seed(0)
-    model = model_fn().double()
     options.setdefault("iters_per_epoch", T)
     options.setdefault("compression_ratio", 0.5)
     options.setdefault("switch_policy", "epochs")
     if options["switch_policy"] == "epochs":
         options.setdefault("kid_windows", ((0, 1), (2, 3)))  # KID, KIS, KID epochs
-    maker = fop_asdl.make_gradient_maker("hylo", model, config(damping=damping, curvature_upd_interval=INTERVAL),
-                                         **options)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return model, maker, opt
+    return scaffold.build("hylo", model_fn, config(damping=damping, curvature_upd_interval=INTERVAL), **options)
 
 
 def distributed(rank: int, world_size: int, store: str, out: str, method: str, options: dict) -> None:
@@ -50,10 +45,6 @@ def distributed(rank: int, world_size: int, store: str, out: str, method: str, o
 
 if __name__ == "__main__":  # resume from argv[1], train steps 4..8, save the parameters to argv[2]
     ckpt_path, out_path = sys.argv[1:3]
-    state = torch.load(ckpt_path, weights_only=False)
-    model, maker, opt = build(switch_policy="gradient")
-    model.load_state_dict(state["model"])
-    maker.load_state_dict(state["maker"])
-    opt.load_state_dict(state["opt"])
+    model, maker, opt = restore(torch.load(ckpt_path, weights_only=False), *build(switch_policy="gradient"))
     train(model, maker, opt, range(4, 9))
     torch.save([p.detach() for p in model.parameters()], out_path)

@@ -1,17 +1,13 @@
 """FNGDGradientMaker: against a dense per-sample reference and ASDL's SMW maker, coefficient sharing, the
 step machinery's guarantees (micro-batches, GradScaler, roll-back, state), bad input and ranks."""
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import asdl
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from asdl.precondition.smw import SmwEmpNaturalGradientConfig, SmwEmpNaturalGradientMaker
 from torch import nn
 
 import fop_asdl
@@ -19,32 +15,18 @@ import fngd_worker as w
 from fop_asdl.methods import fngd_math as smw
 from fop_asdl.models import SmallCNN
 
-from scaffold import config, step, subset_accuracy, worker_env
+from dense_refs import block_grad, check_against_asdl_smw, dense_natural_gradient, per_sample_gradients
+from scaffold import (assert_same_parameters, checkpoint, config, resumed_in_fresh_process, spawn_ranks, step,
+                      subset_accuracy)
 
 HERE = Path(__file__).parent
 
 
-def per_sample_gradients(model, x, t, block):
-    """u_m of one block's (weight[, bias]) by one autograd pass per sample (summed loss: no 1/M)."""
-    rows = []
-    for m in range(x.shape[0]):
-        params = [block.weight] + ([block.bias] if block.bias is not None else [])
-        grads = torch.autograd.grad(F.cross_entropy(model(x[m:m + 1]), t[m:m + 1], reduction="sum"), params)
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    return torch.stack(rows)  # (M, N_l)
-
-
 def dense_direction(u, damping, damping_mode, scale_mode="ngd"):
     """(λI + F)⁻¹ g with F = UUᵀ/M, g = U1/M, λ = α‖UᵀU‖_F or fixed, from a dense N_l × N_l solve."""
-    m, n = u.shape
     lam = damping * torch.linalg.matrix_norm(u @ u.T) if damping_mode == "frobenius" else torch.tensor(damping, dtype=u.dtype)
-    fisher = u.T @ u / m
-    d = torch.linalg.solve(lam * torch.eye(n, dtype=u.dtype) + fisher, u.mean(0))
+    d = dense_natural_gradient(u, lam)
     return d * lam if scale_mode == "sgd_like" else d
-
-
-def block_grad(block):
-    return torch.cat([block.weight.grad.reshape(-1)] + ([block.bias.grad] if block.bias is not None else []))
 
 
 @pytest.mark.parametrize("damping_mode, damping", [("frobenius", 0.1), ("fixed", 1e-3)])
@@ -63,17 +45,8 @@ def test_every_block_equals_the_dense_damped_natural_gradient(damping_mode, damp
 
 
 def test_equals_asdl_smw_maker_on_one_linear_layer():
-    torch.manual_seed(0)
-    reference = nn.Linear(5, 3).double()
-    x, t = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
-    oracle_model, model = copy.deepcopy(reference), copy.deepcopy(reference)
-    oracle = SmwEmpNaturalGradientMaker(oracle_model, SmwEmpNaturalGradientConfig(data_size=7, damping=1e-2))
-    step(oracle, oracle_model, x, t)
-    maker = fop_asdl.make_gradient_maker("fngd", model, asdl.PreconditioningConfig(damping=1e-2),
-                                         iters_per_epoch=1, damping_mode="fixed")
-    step(maker, model, x, t)
-    for p, q in zip(model.parameters(), oracle_model.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+    check_against_asdl_smw(lambda model: fop_asdl.make_gradient_maker(
+        "fngd", model, asdl.PreconditioningConfig(damping=1e-2), iters_per_epoch=1, damping_mode="fixed"))
 
 
 def counting(monkeypatch):
@@ -227,24 +200,18 @@ def test_ddp_wrapped_model_is_refused(tmp_path):
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
     model, maker, opt = w.build()
     w.train(model, maker, opt, range(4), lambda i: w.batch(i % w.T))  # the bank is full, one sharing step
-    torch.save({"model": model.state_dict(), "maker": maker.state_dict(), "opt": opt.state_dict()},
-               tmp_path / "ckpt.pt")
+    torch.save(checkpoint(model, maker, opt), tmp_path / "ckpt.pt")
     w.train(model, maker, opt, range(4, 9), lambda i: w.batch(i % w.T))
-    subprocess.run([sys.executable, str(HERE / "fngd_worker.py"), str(tmp_path / "ckpt.pt"),
-                    str(tmp_path / "params.pt")], check=True, cwd=HERE, env=worker_env())
-    for p, q in zip(model.parameters(), torch.load(tmp_path / "params.pt")):
-        assert torch.equal(p.detach(), q)
+    assert_same_parameters(model, resumed_in_fresh_process(HERE / "fngd_worker.py", tmp_path))
     assert maker.bank_bytes() == 3 * w.T * w.BATCH * 8
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_global_scope_on_ranks_equals_one_process(tmp_path, world_size):
-    mp.start_processes(w.distributed, args=(world_size, str(tmp_path / "store"), str(tmp_path / "out")),
-                       nprocs=world_size, join=True, start_method="spawn")
+    results = spawn_ranks(w.distributed, world_size, tmp_path)
     model, maker, opt = w.build(w.independent_net)
     expected = w.train(model, maker, opt, range(2 * w.T), lambda i: w.batch(i % w.T, world_size * w.BATCH))
-    for rank in range(world_size):
-        result = torch.load(tmp_path / f"out.{rank}", weights_only=False)
+    for rank, result in enumerate(results):
         for a, e in zip(result["grads"], expected):
             for g, h in zip(a, e):
                 torch.testing.assert_close(g, h, rtol=1e-9, atol=1e-12)

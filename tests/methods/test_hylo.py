@@ -1,14 +1,11 @@
 """HyLoGradientMaker: against a dense per-sample reference, refresh/plain steps, switching, the step
 machinery's guarantees (BatchNorm, micro-batches, GradScaler, roll-back, state), bad input, ranks, learning."""
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import asdl
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -18,33 +15,17 @@ from fop_asdl.methods import hylo_math as lr
 from fop_asdl.methods.hylo_schedule import refresh_traffic
 from fop_asdl.models import SmallCNN
 
-from scaffold import config, step, subset_accuracy, worker_env
+from dense_refs import block_grad, dense_natural_gradient, per_sample_gradients
+from scaffold import (assert_same_parameters, checkpoint, config, resumed_in_fresh_process, spawn_ranks, step,
+                      subset_accuracy)
 
 HERE = Path(__file__).parent
 ALPHA = 0.1
 
 
-def per_sample_gradients(model, x, t, block):
-    """U: the block's gradient of each sample's loss, one autograd pass per sample; [W | b] flattened like
-    p.grad."""
-    params = [p for p in (block.weight, block.bias) if p is not None]
-    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-        F.cross_entropy(model(x[j:j + 1]), t[j:j + 1], reduction="sum"), params)]) for j in range(x.shape[0])])
-
-
 def dense_damped_fisher(u, damping=ALPHA):
     """F + αI with F = UᵀU/N."""
     return u.T @ u / u.shape[0] + damping * torch.eye(u.shape[1], dtype=u.dtype)
-
-
-def dense_natural_gradient(model, x, t, block, damping=ALPHA):
-    """(F + αI)⁻¹ g, g the mean of U's rows."""
-    u = per_sample_gradients(model, x, t, block)
-    return torch.linalg.solve(dense_damped_fisher(u, damping), u.mean(0))
-
-
-def block_grad(block):
-    return torch.cat([p.grad.reshape(-1) for p in (block.weight, block.bias) if p is not None])
 
 
 def hylo(model, **options):
@@ -59,7 +40,7 @@ def test_ratio_one_equals_dense_damped_natural_gradient_for_linear_blocks(method
     x, t = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
     step(hylo(model, compression_ratio=1.0, switch_policy=method), model, x, t)
     for block in (model[0], model[2]):  # Linear + bias, Linear
-        expected = dense_natural_gradient(model, x, t, block)
+        expected = dense_natural_gradient(per_sample_gradients(model, x, t, block), ALPHA)
         torch.testing.assert_close(block_grad(block), expected, rtol=1e-10, atol=1e-10 * expected.abs().max())
 
 
@@ -279,20 +260,16 @@ def test_bad_calls_are_refused():
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
     model, maker, opt = w.build(switch_policy="gradient")
     w.train(model, maker, opt, range(4))
-    torch.save({"model": model.state_dict(), "maker": maker.state_dict(), "opt": opt.state_dict()},
-               tmp_path / "ckpt.pt")
-    subprocess.run([sys.executable, str(HERE / "hylo_worker.py"), str(tmp_path / "ckpt.pt"),
-                    str(tmp_path / "out.pt")], check=True, cwd=HERE, env=worker_env())
+    torch.save(checkpoint(model, maker, opt), tmp_path / "ckpt.pt")
+    resumed = resumed_in_fresh_process(HERE / "hylo_worker.py", tmp_path)
     w.train(model, maker, opt, range(4, 9))
-    for p, q in zip(model.parameters(), torch.load(tmp_path / "out.pt")):
-        assert torch.equal(p.detach(), q)
+    assert_same_parameters(model, resumed)
 
 
 @pytest.mark.parametrize("world_size, method, clip", [(2, "kis", {}), (3, "kis", {}), (4, "kis", {}), (2, "kid", {}),
                                                      (3, "kis", w.CLIP)])  # kl_clip's ν: no extra traffic
 def test_ranks_equal_one_process_and_move_the_bytes_of_section_4(tmp_path, world_size, method, clip):
-    mp.start_processes(w.distributed, args=(world_size, str(tmp_path / "store"), str(tmp_path / "out"), method, clip),
-                       nprocs=world_size, join=True, start_method="spawn")
+    results = spawn_ranks(w.distributed, world_size, tmp_path, method, clip)
     model, maker, opt = w.build(w.independent_net, compression_ratio=1.0, switch_policy=method, **clip)
     expected = w.train(model, maker, opt, range(5), lambda i: w.batch(i, world_size * w.BATCH))
     assert not clip or float(maker.last_nu) < 1  # the ranks had to agree on an active bound
@@ -301,8 +278,7 @@ def test_ranks_equal_one_process_and_move_the_bytes_of_section_4(tmp_path, world
     # counts, loss, the loss's normalizer terms (fop_asdl.engine.loss), every gradient
     grad_bytes = 8 * (2 + 1 + 2 + sum(p.numel() for p in model.parameters()))
     flag_bytes = 4 * 3  # the finiteness check: loss, gradient, factors
-    for rank in range(world_size):
-        result = torch.load(tmp_path / f"out.{rank}", weights_only=False)
+    for result in results:
         for a, e in zip(result["grads"], expected):
             for g, h in zip(a, e):
                 torch.testing.assert_close(g, h, rtol=1e-9, atol=1e-12)

@@ -12,7 +12,8 @@ from torch import nn
 
 from fop_asdl import FOPGradientMaker
 
-from scaffold import dense_fop, step
+from dense_refs import dense_fop, kron_metric, unit_metric
+from scaffold import step
 
 DAMPING = 3e-2
 N, N1 = 9, 5  # odd batch: B1 has ⌈9/2⌉ = 5 samples
@@ -27,29 +28,6 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.ln(self.fc1(x))))
-
-
-def kron_dense(b_mat, a_mat):
-    """F of a Linear block on [vec_row(W), b]: blockdiag(B ⊗ A, B) (bias uses B alone, as ASDL)."""
-    return torch.block_diag(torch.kron(b_mat, a_mat), b_mat)
-
-
-def pi_damped(b_mat, a_mat):
-    pi = torch.sqrt((a_mat.trace() / a_mat.shape[0]) / (b_mat.trace() / b_mat.shape[0]))
-    d_a, d_b = DAMPING ** 0.5 * pi, DAMPING ** 0.5 / pi
-    return kron_dense(b_mat + d_b * torch.eye(len(b_mat), dtype=b_mat.dtype),
-                      a_mat + d_a * torch.eye(len(a_mat), dtype=a_mat.dtype))
-
-
-def unit_dense(units):
-    """F of a LayerNorm block on [w, b] from ASDL's per-unit 2×2 matrices."""
-    f = units.shape[0]
-    dense = torch.zeros(2 * f, 2 * f, dtype=units.dtype)
-    idx = torch.arange(f)
-    for r in range(2):
-        for c in range(2):
-            dense[idx + r * f, idx + c * f] = units[:, r, c]
-    return dense
 
 
 def reference_curvature(model: TinyNet, x, t):
@@ -71,13 +49,11 @@ def reference_curvature(model: TinyNet, x, t):
         "fc1": (h1.grad.T @ h1.grad / n, x.T @ x / n),
         "fc2": (y.grad.T @ y.grad / n, a2.detach().T @ a2.detach() / n),
     }
-    metric = {name: kron_dense(b, a) for name, (b, a) in blocks.items()}
-    damped = {name: pi_damped(b, a) for name, (b, a) in blocks.items()}
+    metric = {name: kron_metric([(b, a)], bias=True) for name, (b, a) in blocks.items()}
+    damped = {name: kron_metric([(b, a)], bias=True, damping=DAMPING) for name, (b, a) in blocks.items()}
     if isinstance(model.ln, nn.LayerNorm):
-        per_sample = torch.stack([z.grad * x_hat.detach(), z.grad], dim=2)  # (n, f, 2)
-        units = torch.einsum("nfi,nfj->fij", per_sample, per_sample) / n
-        metric["ln"] = unit_dense(units)
-        damped["ln"] = metric["ln"] + DAMPING * torch.eye(len(metric["ln"]), dtype=x.dtype)
+        per_sample = torch.cat([z.grad * x_hat.detach(), z.grad], dim=1)  # (n, 2f): [w; b] of each sample
+        metric["ln"], damped["ln"] = unit_metric(per_sample), unit_metric(per_sample, DAMPING)
     model.zero_grad()
     return blocks, metric, damped
 
