@@ -5,7 +5,7 @@
 On a machine with a CUDA device, within ``--budget`` seconds (default 470: under 8 minutes with the start),
 one stage after the other, each in its own process with a timeout, every result under ``--out``:
 
-1. ``tests``: ``pytest -m cuda tests/test_cuda.py`` (every method on CUDA tensors against the CPU; fp16 with
+1. ``tests``: ``pytest -m cuda tests/engine/test_cuda.py`` (every method on CUDA tensors against the CPU; fp16 with
    a GradScaler and bf16 autocast against the CPU float32 step; host syncs with
    ``torch.cuda.set_sync_debug_mode`` as a second witness; the runner's ``device: cuda``;
    ``torchrun --nproc_per_node 1`` on NCCL) -> ``pytest_cuda.xml``, summarised in ``gpu_check.json``;
@@ -98,7 +98,7 @@ def stages(args: argparse.Namespace, scratch: Path) -> List[Dict[str, Any]]:
              "device=cuda"]
     return [
         {"name": "tests", "limit": 200, "command": [py, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p",
-                                                     "no:cacheprovider", "tests/test_cuda.py",
+                                                     "no:cacheprovider", "tests/engine/test_cuda.py",
                                                      "--junitxml", str(out / "pytest_cuda.xml")]},
         {"name": "syncs", "limit": 60, "command": [py, "scripts/bench_syncs.py", "--model", "resnet18", "--device",
                                                     "cuda", "--batch-size", "32", "--steps", "4",

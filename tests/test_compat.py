@@ -11,7 +11,7 @@ from torch import nn
 import fop_asdl
 from fop_asdl.curvature.inverses import robust_update_inv
 
-from conftest import config, conv_bn_ln_net, step
+from scaffold import config, conv_bn_ln_net, step
 
 
 def test_asdl_kfac_with_ema_runs_on_this_build(image_batch):

@@ -9,7 +9,7 @@ from torch import nn
 
 import fop_asdl
 
-from conftest import config, conv_bn_ln_net, step
+from scaffold import config, conv_bn_ln_net, step
 
 
 @pytest.mark.parametrize("name", ["fop", "kfac", "sgd"])

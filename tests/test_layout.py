@@ -1,6 +1,6 @@
-"""The package's shape, checked (issue 21): library modules live in role folders, no file over 400 lines,
-no class over 250, no import circle (imports inside functions and under TYPE_CHECKING included), and the
-runner depends on the library, never the reverse."""
+"""The package's shape, checked (issue 21): library modules live in role folders and tests/ mirrors them, no
+file over 400 lines, no class over 250, no import circle (imports inside functions and under TYPE_CHECKING
+included), and the runner depends on the library, never the reverse."""
 import ast
 from pathlib import Path
 
@@ -10,6 +10,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fop_asdl"
 ROLE_FOLDERS = {"engine", "curvature", "methods", "distributed", "optim", "diagnostics", "models", "data", "cli"}
 TOP_LEVEL = {"__init__.py", "__main__.py", "registry.py", "compat.py"}
 MAX_FILE_LINES, MAX_CLASS_LINES = 400, 250
+TESTS = Path(__file__).resolve().parent
+#: What stands at the root of tests/: the fixtures, the shared helpers and the package-wide tests.
+TEST_ROOT = {"conftest.py", "scaffold.py", "dense_refs.py", "test_layout.py", "test_interface.py", "test_compat.py",
+             "test_asdl_contract.py"}
 
 
 def modules():
@@ -47,6 +51,19 @@ def test_library_modules_live_in_role_folders():
     for folder in folders:
         doc = ast.get_docstring(ast.parse((PACKAGE / folder / "__init__.py").read_text()))
         assert doc, f"{folder}/__init__.py says nothing about what belongs there"
+    # tests/ mirrors them: a test file sits in the folder named after what it tests (scripts/ for the scripts),
+    # and the test folders are no packages (pytest imports their files by name: each name once)
+    files = sorted(p.relative_to(TESTS) for p in TESTS.rglob("*.py") if "__pycache__" not in p.parts)
+    loose = [str(f) for f in files if len(f.parts) == 1 and f.name not in TEST_ROOT]
+    assert not loose, f"at the root of tests/ only {sorted(TEST_ROOT)}, not {loose}"
+    misplaced = [str(f) for f in files if len(f.parts) > 1 and (len(f.parts) > 2 or f.parts[0] not in
+                                                               ROLE_FOLDERS | {"scripts"})]
+    assert not misplaced, f"test files outside a folder named after a library folder: {misplaced}"
+    names = [f.name for f in files if f.name != "conftest.py"]
+    assert "__init__.py" not in names and len(names) == len(set(names)), \
+        sorted({n for n in names if names.count(n) > 1 or n == "__init__.py"})
+    for folder in {f.parts[0] for f in files if len(f.parts) > 1}:
+        assert list((TESTS / folder).glob("test_*.py")), f"tests/{folder} holds no tests"
 
 
 @pytest.mark.parametrize("path", [p for p, _ in modules()], ids=lambda p: str(p.relative_to(PACKAGE)))

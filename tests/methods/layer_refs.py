@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dense_refs import kron_metric, unit_metric
+
 N, N1, V, D, T, C = 7, 4, 7, 4, 3, 3  # batch (B1 = ⌈7/2⌉), vocabulary, width, tokens, classes
 DAMPING = 3e-2
 
@@ -227,33 +229,6 @@ def embedding_factors(module, ids, gy):
     return [(b, g.T @ g / n)]
 
 
-def kron_metric(pairs, bias: bool, damping=None) -> torch.Tensor:
-    """F = ⊕_g B_g ⊗ A_g on vec(W) (row-major, groups' rows in order), then ⊕_g B_g on the bias; with
-    ``damping``, each group π-damped: (B_g + λ^½/π I) ⊗ (A_g + λ^½ π I)."""
-    weight, bias_part = [], []
-    for b, a in pairs:
-        if damping is not None:
-            pi = torch.sqrt((a.trace() / len(a)) / (b.trace() / len(b)))
-            a = a + damping ** 0.5 * pi * torch.eye(len(a), dtype=a.dtype)
-            b = b + damping ** 0.5 / pi * torch.eye(len(b), dtype=b.dtype)
-        weight.append(torch.kron(b, a))
-        bias_part.append(b)
-    return torch.block_diag(*weight, *(bias_part if bias else []))
-
-
-def unit_metric(u, damping=None) -> torch.Tensor:
-    """A norm layer's unit-wise F on [w; b] from its per-sample gradients U (n, 2f): one 2×2 per unit."""
-    f = u.shape[1] // 2
-    per_unit = torch.stack([u[:, :f], u[:, f:]], 2)  # (n, f, 2)
-    units = torch.einsum("nfi,nfj->fij", per_unit, per_unit) / u.shape[0]
-    dense = torch.zeros(2 * f, 2 * f, dtype=u.dtype)
-    idx = torch.arange(f)
-    for r in range(2):
-        for c in range(2):
-            dense[idx + r * f, idx + c * f] = units[:, r, c]
-    return dense if damping is None else dense + damping * torch.eye(2 * f, dtype=u.dtype)
-
-
 def kron_reference(kind, model, x, t, loss_fn, normalizer):
     """(F, F̃) of the block under test, K-FAC's empirical Fisher as the methods define it."""
     module = block_of(model)
@@ -267,20 +242,6 @@ def kron_reference(kind, model, x, t, loss_fn, normalizer):
         pairs = conv_factors(module, inputs, gy)
     bias = getattr(module, "bias", None) is not None
     return kron_metric(pairs, bias), kron_metric(pairs, bias, DAMPING)
-
-
-def dense_fop(g1, g2, n1, n, metric, damped, eps=1e-12):
-    """FOP_SPEC steps 1-8 (adaptive β and η, undamped projection metric) with dense matrices."""
-    g_avg = (n1 * g1 + (n - n1) * g2) / n
-    g_diff = g1 - g2
-    s = (g_diff @ metric @ g_avg) / (g_avg @ metric @ g_avg + eps)
-    g_perp = g_diff - s * g_avg
-    inv = torch.linalg.inv(damped)
-    u, v = inv @ g_avg, inv @ g_perp
-    beta = ((g_avg @ v) / (g_perp @ v)).clamp(-0.5, 0.5)
-    g_comb = g_avg + beta * g_perp
-    eta = (2 * g_avg @ inv @ g_comb / (g_comb @ inv @ g_comb)).clamp(0.0, 2.0)
-    return eta * (u + beta * v)
 
 
 def hylo_rows(model, x, t, loss_fn, normalizer, token_reduction="mean"):

@@ -1,53 +1,26 @@
 """Shared pieces of the tests of SMW-NG, SENG, diagonal NG, K-BFGS and Kronecker PSGD (tests/methods):
-tiny float64 nets, the ASDL step idiom, per-sample gradients by an autograd loop, fault injection. Kept
-apart from tests/conftest.py so that these tests import no other directory's helpers."""
+tiny float64 nets, the ASDL step idiom, per-sample gradients by an autograd loop."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import asdl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fop_asdl
+import scaffold
+from dense_refs import block_grad, block_params, per_sample_gradients
+# scaffold's nets and batches under the names these tests use: ``net`` has samples independent, ``bn_net`` is
+# ``net`` with a BatchNorm2d (which no method here preconditions)
+from scaffold import TokenNet, step, train
+from scaffold import independent_net as net
+from scaffold import per_sample_net as bn_net
+from scaffold import small_image_batch as batch
 
 METHODS = ["smw_ng", "seng", "diag_ng", "kbfgs", "kron_psgd"]
 LR = 0.05
-
-
-def net() -> nn.Module:
-    """Conv2d (stride 2, padding 1, bias), Linear + bias, Linear without bias; samples independent."""
-    return nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(3 * 3 * 3, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
-
-
-def bn_net() -> nn.Module:
-    """``net`` with a BatchNorm2d, whose parameters no method here preconditions."""
-    return nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(3 * 3 * 3, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
-
-
-class TokenNet(nn.Module):
-    """(batch, tokens, 3) → a Linear embedding, a torch TransformerEncoderLayer (its attention projections are
-    blocks), the mean over tokens, a Linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(3, 8)
-        self.body = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.body(self.embed(x)).mean(1))
-
-
 BLOCKS = (0, 3, 5)  # net's Conv2d, Linear + bias, Linear
-
-
-def batch(i: int, n: int = 8):
-    gen = torch.Generator().manual_seed(100 + i)
-    return torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
 
 
 def config(**kwargs) -> asdl.PreconditioningConfig:
@@ -64,39 +37,8 @@ def options(name: str, **extra):
 
 def build(name: str, model_fn: Callable[[], nn.Module] = net, cfg: Optional[asdl.PreconditioningConfig] = None,
           **extra):
-    torch.manual_seed(0)
-    model = model_fn().double()
-    maker = fop_asdl.make_gradient_maker(name, model, cfg or config(ema_decay=0.2), **options(name, **extra))
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    return model, maker, opt
-
-
-def step(maker, model, x, t, loss_fn=F.cross_entropy):
-    dummy_y = maker.setup_model_call(model, x)
-    maker.setup_loss_call(loss_fn, dummy_y, t)
-    return maker.forward_and_backward()
-
-
-def train(model, maker, opt, steps, batches=batch) -> List[List[torch.Tensor]]:
-    grads = []
-    for i in steps:
-        x, t = batches(i)
-        opt.zero_grad(set_to_none=True)
-        step(maker, model, x, t)
-        grads.append([p.grad.detach().clone() for p in model.parameters()])
-        opt.step()
-    return grads
-
-
-def block_params(block: nn.Module) -> List[torch.Tensor]:
-    return [p for p in (block.weight, block.bias) if p is not None]
-
-
-def per_sample_gradients(model, x, t, block, loss_fn=F.cross_entropy) -> torch.Tensor:
-    """U (M, N_l): the block's gradient of each sample's loss, one autograd pass per sample, [W | b]
-    flattened like p.grad."""
-    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-        loss_fn(model(x[j:j + 1]), t[j:j + 1], reduction="sum"), block_params(block))]) for j in range(x.shape[0])])
+    return scaffold.build(name, model_fn, cfg or config(ema_decay=0.2), opt_lr=LR,
+                          **options(name, **extra))
 
 
 def patches(block, x):
@@ -116,9 +58,6 @@ def patches(block, x):
     return rows
 
 
-def block_grad(block) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in block_params(block)])
 
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
+__all__ = ["METHODS", "LR", "BLOCKS", "config", "options", "build", "patches", "net", "bn_net", "TokenNet", "batch",
+           "step", "train", "block_grad", "block_params", "per_sample_gradients"]

@@ -2,16 +2,13 @@
 gloo ranks training on their share of each global batch."""
 from __future__ import annotations
 
-import os
 import sys
-import warnings
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 from fop_asdl.distributed import destroy_process_group
 
+from scaffold import init_gloo, restore
 from second_order_helpers import METHODS, batch, build, config, train
 
 #: The config of every guarantee test: EMA on, curvature and preconditioner every other step.
@@ -21,9 +18,7 @@ CLIPPED = {"smw_ng": {"kl_clip": 1e-4, "lr": 0.05}, "diag_ng": {"kl_clip": 1e-4,
 
 
 def make(name: str, **extra):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return build(name, cfg=config(**CONFIG), **extra)
+    return build(name, cfg=config(**CONFIG), quiet=True, **extra)
 
 
 def global_batch(i: int, world_size: int):
@@ -37,10 +32,7 @@ def runs():
 
 def distributed(rank: int, world_size: int, store: str, out: str) -> None:
     """Every run on this rank's rows of each global batch: per-step grads, state, nominal bytes per step."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
+    init_gloo(rank, world_size, store)
     rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
     results = {}
     for label, name, options in runs():
@@ -54,10 +46,6 @@ def distributed(rank: int, world_size: int, store: str, out: str) -> None:
 
 if __name__ == "__main__":  # resume argv[2] with method argv[1], train steps 3..5, save the parameters to argv[3]
     method, ckpt_path, out_path = sys.argv[1:4]
-    state = torch.load(ckpt_path, weights_only=False)
-    model, maker, opt = make(method)
-    model.load_state_dict(state["model"])
-    maker.load_state_dict(state["maker"])
-    opt.load_state_dict(state["opt"])
+    model, maker, opt = restore(torch.load(ckpt_path, weights_only=False), *make(method))
     train(model, maker, opt, range(3, 6))
     torch.save([p.detach() for p in model.parameters()], out_path)

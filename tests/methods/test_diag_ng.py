@@ -1,24 +1,20 @@
 """diag-NG: every block against (diag F + λ)⁻¹ g with diag F from an autograd per-sample loop (float64;
 Conv2d, Linear + bias, Linear, token Linear), its EMA and interval, kl_clip, and ASDL 0.1a5's Conv2d diagonal
 that drops the positions' cross terms."""
-import warnings
+from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 from asdl.operations.conv import Conv2d as AsdlConv2d
 from torch import nn
 
 import fop_asdl
 from fop_asdl.methods.diag_ng_math import squared_gradient_sums
 
+from scaffold import quiet_maker
 from second_order_helpers import BLOCKS, batch, block_grad, config, net, patches, per_sample_gradients, step
 
-
-def maker(model, cfg, **options):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fop_asdl.make_gradient_maker("diag_ng", model, cfg, **options)
+maker = partial(quiet_maker, "diag_ng")
 
 
 def dense_diagonal(model, x, t, block):

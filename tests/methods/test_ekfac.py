@@ -12,7 +12,8 @@ from torch import nn
 import fop_asdl
 from fop_asdl.methods import ekfac_math as em
 
-from conftest import conv_bn_ln_net, conv_ln_net, independent_net, small_image_batch, step
+from dense_refs import unit_metric
+from scaffold import conv_bn_ln_net, conv_ln_net, independent_net, small_image_batch, step
 from engine_guarantees import (failed_step_check, grad_scaler_check, micro_batch_check, ranks_check, resume_check,
                                train)
 
@@ -69,17 +70,6 @@ def per_sample(model, x, t, r):
             {name: (a_sum[name] / n, b_sum[name] / n) for name in a_sum})
 
 
-def unit_fisher(g):
-    """LayerNorm's unit-wise F as a dense (2f, 2f) matrix on [weight, bias] from per-sample gradients."""
-    f = g.shape[1] // 2
-    dense = torch.zeros(2 * f, 2 * f, dtype=g.dtype)
-    idx = torch.arange(f)
-    for r in range(2):
-        for c in range(2):
-            dense[idx + r * f, idx + c * f] = (g[:, idx + r * f] * g[:, idx + c * f]).mean(0)
-    return dense
-
-
 def reference(model, steps, ema, refresh_every, reduction, curvature_every=1):
     """Per step, EKFAC's gradient of every block, densely: F_K = B ⊗ A (blockdiag with B for a bias), its
     eigenvectors V from torch.linalg.eigh on refresh steps, s = diag(Vᵀ F_emp V) with F_emp the mean of
@@ -97,7 +87,7 @@ def reference(model, steps, ema, refresh_every, reduction, curvature_every=1):
         expected = {}
         for name, g in grads.items():
             if curvature:
-                new, old = kfac[name] if name in kfac else unit_fisher(g), factors.get(name)
+                new, old = kfac[name] if name in kfac else unit_metric(g), factors.get(name)
                 if not accumulate:
                     factors[name] = new
                 elif name not in kfac:
@@ -162,7 +152,7 @@ def test_written_gradient_equals_the_dense_reference(ema, reduction, curvature_e
 
 
 def token_ce(y, t, reduction="mean"):
-    """Cross-entropy over the flattened (B·T) tokens, padding -100 (tests/test_user_loss.py's token loss)."""
+    """Cross-entropy over the flattened (B·T) tokens, padding -100 (tests/engine/test_user_loss.py's token loss)."""
     return F.cross_entropy(y.flatten(0, 1), t.flatten(), reduction=reduction)
 
 

@@ -3,20 +3,20 @@ with beta=0, eta=None it is "ekfac"."""
 import asdl
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fop_asdl
 
-from conftest import conv_bn_ln_net, independent_net, small_image_batch, step
+from dense_refs import dense_fop, unit_metric
+from scaffold import conv_bn_ln_net, independent_net, small_image_batch, step
 from engine_guarantees import assert_histories_close, failed_step_check, micro_batch_check, ranks_check, train
-from test_ekfac import DAMPING, batches, per_sample, tiny_net, unit_fisher
+from test_ekfac import DAMPING, batches, per_sample, tiny_net
 
 
 def dense_ekfac(g, kfac):
     """(F, F̃) of a block, dense: V diag(s) Vᵀ with V the eigenvectors of B ⊗ A (of B for a bias) and
     s = diag(Vᵀ F_emp V); LayerNorm's unit-wise F (kfac None). F̃ = F + λI in both cases."""
     if kfac is None:
-        f = unit_fisher(g)
+        f = unit_metric(g)
     else:
         a, b = kfac
         n_w = a.shape[0] * b.shape[0]
@@ -27,18 +27,6 @@ def dense_ekfac(g, kfac):
             pieces.append(vectors @ torch.diag(((g_part @ vectors) ** 2).mean(0)) @ vectors.T)
         f = torch.block_diag(*pieces)
     return f, f + DAMPING * torch.eye(len(f), dtype=f.dtype)
-
-
-def dense_fop(g1, g2, n1, n, metric, damped, eps=1e-12):
-    """FOP_SPEC steps 1-8 (adaptive β and η, their default clamps) with dense matrices."""
-    g_avg, g_diff = (n1 * g1 + (n - n1) * g2) / n, g1 - g2
-    g_perp = g_diff - (g_diff @ metric @ g_avg) / (g_avg @ metric @ g_avg + eps) * g_avg
-    inv = torch.linalg.inv(damped)
-    u, v = inv @ g_avg, inv @ g_perp
-    beta = ((g_avg @ v) / (g_perp @ v)).clamp(-0.5, 0.5)
-    g_comb = g_avg + beta * g_perp
-    eta = (2 * g_avg @ inv @ g_comb / (g_comb @ inv @ g_comb)).clamp(0.0, 2.0)
-    return eta * (u + beta * v)
 
 
 @pytest.mark.parametrize("projection_metric", ["undamped", "damped"])
@@ -53,8 +41,8 @@ def test_written_gradient_equals_dense_fop_with_ekfac_curvature(projection_metri
     step(maker, model, x, t)
     for name, g in grads.items():
         metric, damped = dense_ekfac(g, kfac.get(name))
-        expected = dense_fop(g[:n1].mean(0), g[n1:].mean(0), n1, n,
-                             metric if projection_metric == "undamped" else damped, damped)
+        expected, _ = dense_fop(g[:n1].mean(0), g[n1:].mean(0), n1, n,
+                                metric if projection_metric == "undamped" else damped, damped)
         module = getattr(model, name)
         written = torch.cat([p.grad.flatten() for p in (module.weight, module.bias) if p is not None])
         torch.testing.assert_close(written, expected, rtol=1e-7, atol=1e-10, msg=lambda m: f"block {name}: {m}")

@@ -11,7 +11,8 @@ from torch import nn
 import fop_asdl
 
 import layer_refs as ref
-from conftest import step
+from dense_refs import dense_fop, dense_natural_gradient
+from scaffold import spawn_ranks, state_tensors, step
 
 #: Embedding on ids (n,) and on tokens (n, T) with padding, a token-level mean loss with ignored targets and a
 #: summed one (the user's normaliser N = kept tokens, 1), grouped / depthwise Conv2d, Conv1d, GroupNorm.
@@ -40,7 +41,7 @@ def test_kronecker_methods_equal_the_dense_reference(kind, name):
     if name == "kfac":
         expected = torch.linalg.solve(damped, u.mean(0))
     else:
-        expected = ref.dense_fop(u[:ref.N1].mean(0), u[ref.N1:].mean(0), ref.N1, ref.N, metric, damped)
+        expected, _ = dense_fop(u[:ref.N1].mean(0), u[ref.N1:].mean(0), ref.N1, ref.N, metric, damped)
     _, loss = run(name, model, x, t, loss_fn, fisher_type="fisher_emp")
     torch.testing.assert_close(loss, loss_fn(model(x), t))
     assert_close_rel(ref.flat_grad(block), expected, 1e-9)
@@ -132,11 +133,6 @@ def test_asdls_own_kfac_with_the_fixes_equals_the_switchs(kind):
         assert_close_rel(a, b, 1e-10)
 
 
-def dense_natural_gradient(u, damping):
-    """(λI + F)⁻¹ g with F = UᵀU/M, g = U1/M, from a dense solve."""
-    return torch.linalg.solve(u.T @ u / u.shape[0] + damping * torch.eye(u.shape[1], dtype=u.dtype), u.mean(0))
-
-
 @pytest.mark.parametrize("conv_gram", ["per_sample", "pairwise"])
 @pytest.mark.parametrize("kind", PER_SAMPLE_KINDS)
 def test_fngd_equals_the_dense_damped_natural_gradient(kind, conv_gram):
@@ -192,7 +188,7 @@ def test_hylo_at_ratio_one_equals_the_dense_damped_natural_gradient_on_its_rows(
     kind, _, reduction = kind.partition("/")
     model, x, t, loss_fn, normalizer = ref.case(kind)
     u, v = ref.hylo_rows(model, x, t, loss_fn, normalizer, reduction or "mean")
-    expected = torch.linalg.solve(u.T @ u / u.shape[0] + ref.DAMPING * torch.eye(u.shape[1], dtype=u.dtype), v)
+    expected = dense_natural_gradient(u, ref.DAMPING, v)
     run("hylo", model, x, t, loss_fn, switch_policy=method, compression_ratio=1.0, token_reduction=reduction or "mean")
     assert_close_rel(hylo_layout(ref.block_of(model)), expected, 1e-9)
 
@@ -287,7 +283,7 @@ def test_bf16_weights_give_the_float32_result_rounded(name):
     """bf16 weights on every new layer type: factors (an Embedding's diagonal, per-group stacks), Grams and rows in
     float32, so every step is the float32 run's up to what bf16 activations do to a gradient: within 2x the
     largest relative error of SGD's gradient of any parameter (here 1-4 %; SGD's whole gradient, the bound of
-    tests/test_low_precision.py, is dominated by its head's bias, which bf16 rounds least, and preconditioning
+    tests/engine/test_low_precision.py, is dominated by its head's bias, which bf16 rounds least, and preconditioning
     weighs the parameters otherwise). Half-precision curvature would fail or add its own, amplified error."""
     torch.manual_seed(0)
     weights = ref.AllNet().bfloat16()
@@ -301,16 +297,8 @@ def test_bf16_weights_give_the_float32_result_rounded(name):
         assert all(g.dtype == torch.bfloat16 for g in step_low)
         bf16_effect = max(relative_error([a], [b]) for a, b in zip(s_low, s_full))
         assert relative_error(step_low, step_full) <= 2 * bf16_effect, (relative_error(step_low, step_full), bf16_effect)
-    floats = [t for t in _tensors(maker.state_dict()) if t.is_floating_point()]
+    floats = [t for t in state_tensors(maker.state_dict()) if t.is_floating_point()]
     assert floats and all(t.dtype == torch.float32 for t in floats)
-
-
-def _tensors(state):
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for v in state.values() for t in _tensors(v)]
-    return [t for v in state for t in _tensors(v)] if isinstance(state, (list, tuple)) else []
 
 
 @pytest.mark.parametrize("name", ["kfac", "fop", "fngd", "hylo"])
@@ -327,14 +315,10 @@ def test_two_gloo_ranks_equal_one_process():
     import tempfile
     from pathlib import Path
 
-    import torch.multiprocessing as mp
-
     import layer_worker
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(layer_worker.ranks, args=(2, str(Path(tmp) / "store"), str(Path(tmp) / "out")),
-                           nprocs=2, join=True, start_method="spawn")
-        results = [torch.load(Path(tmp) / f"out.{r}", weights_only=False) for r in range(2)]
+        results = spawn_ranks(layer_worker.ranks, 2, Path(tmp))
     for name in layer_worker.MAKERS:
         for step_index, expected in enumerate(layer_worker.single(name, 2)):
             for rank in results:

@@ -2,33 +2,19 @@
 GradScaler, a failed step changes nothing, a fresh-process resume is bit-identical, gloo ranks equal one
 process, clear errors."""
 import copy
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 import fop_asdl
 import second_order_worker as w
 
+from scaffold import (assert_equal_nested, assert_same_parameters, checkpoint, failing_step, resumed_in_fresh_process,
+                      spawn_ranks)
 from second_order_helpers import METHODS, TokenNet, batch, bn_net, build, config, net, options, step, train
 
 HERE = Path(__file__).parent
-
-
-def equal(a, b) -> bool:
-    """Bit-for-bit equality of nested state (tensors, dicts, lists, tuples, numbers, None)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -57,10 +43,8 @@ def test_attention_projections_are_blocks_and_micro_batches_agree(name):
 
     runs = []
     for micro in (None, 4):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, maker, opt = build(name, TokenNet, config(**w.CONFIG),
-                                      **({} if micro is None else {"micro_batch_size": micro}))
+        model, maker, opt = build(name, TokenNet, config(**w.CONFIG), quiet=True,
+                                  **({} if micro is None else {"micro_batch_size": micro}))
         assert {"body.self_attn.q_proj", "body.self_attn.out_proj"} <= {n for n, _ in maker.blocks}
         runs.append(train(model, maker, opt, range(3), tokens))
     for a_step, b_step in zip(*runs):
@@ -76,9 +60,7 @@ def test_grad_scaler_gives_the_unscaled_result(name):
     results = []
     for enabled in (False, True):
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=enabled)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, maker, opt = build(name, bn_net, config(**w.CONFIG), grad_scaler=scaler)
+        model, maker, opt = build(name, bn_net, config(**w.CONFIG), quiet=True, grad_scaler=scaler)
         for i in range(4):
             opt.zero_grad(set_to_none=True)
             step(maker, model, *batch(i))
@@ -89,26 +71,6 @@ def test_grad_scaler_gives_the_unscaled_result(name):
         results.append((grads, maker.state_dict()))
     for a, b in zip(results[1][0], results[0][0]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
-
-
-class InfGradient(torch.autograd.Function):
-    """Identity forward, infinite backward: a finite loss whose gradients overflow."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
-
-
-class UserError(Exception):
-    pass
-
-
-def failing_loss(y, t, reduction="mean"):
-    raise UserError("the user's loss failed")
 
 
 @pytest.mark.parametrize("update_step", [True, False])
@@ -123,22 +85,10 @@ def test_failed_step_changes_nothing(name, fault, update_step):
     params = [p.detach().clone() for p in model.parameters()]
     grads = [p.grad for p in model.parameters()]
     state = copy.deepcopy(maker.state_dict())
-    loss_fn, expected, call = F.cross_entropy, pytest.raises(FloatingPointError, match="Nothing was updated"), model
-    if fault == "nan_input":
-        x = x.clone()
-        x[3] = float("nan")
-    elif fault == "inf_gradient":
-        def call(inp):
-            return InfGradient.apply(model(inp))
-    else:
-        loss_fn, expected = failing_loss, pytest.raises(UserError)
-    dummy = maker.setup_model_call(call, x)
-    maker.setup_loss_call(loss_fn, dummy, t)
-    with expected:
-        maker.forward_and_backward()
+    failing_step(maker, model, x, t, fault)
     assert all(g is p.grad for g, p in zip(grads, model.parameters()))  # the very same tensors
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
-    assert equal(maker.state_dict(), state)
+    assert_equal_nested(maker.state_dict(), state)
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -146,22 +96,16 @@ def test_failed_step_changes_nothing(name, fault, update_step):
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, name):
     model, maker, opt = w.make(name)
     train(model, maker, opt, range(3))
-    torch.save({"model": model.state_dict(), "maker": maker.state_dict(), "opt": opt.state_dict()},
-               tmp_path / "ckpt.pt")
+    torch.save(checkpoint(model, maker, opt), tmp_path / "ckpt.pt")
     train(model, maker, opt, range(3, 6))
-    subprocess.run([sys.executable, str(HERE / "second_order_worker.py"), name, str(tmp_path / "ckpt.pt"),
-                    str(tmp_path / "params.pt")], check=True, cwd=HERE)
-    for p, q in zip(model.parameters(), torch.load(tmp_path / "params.pt")):
-        assert torch.equal(p.detach(), q)
+    assert_same_parameters(model, resumed_in_fresh_process(HERE / "second_order_worker.py", tmp_path, name))
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_gloo_ranks_equal_one_process(tmp_path, world):
     """Each rank trains on its 4 samples per step; every rank's p.grad equals one process's on all 4·W, and
     every rank holds the same (replicated) state. Prints the nominal bytes per step."""
-    mp.start_processes(w.distributed, args=(world, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=world,
-                       join=True, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(world)]
+    ranks = spawn_ranks(w.distributed, world, tmp_path)
     for label, name, extra in w.runs():
         model, maker, opt = w.make(name, **extra)
         expected = train(model, maker, opt, range(4), lambda i: w.global_batch(i, world))
@@ -169,7 +113,7 @@ def test_gloo_ranks_equal_one_process(tmp_path, world):
             for a_step, e_step in zip(rank[label]["grads"], expected):
                 for a, e in zip(a_step, e_step):
                     torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-12, msg=lambda m: f"{label}: {m}")
-            assert equal(rank[label]["state"], ranks[0][label]["state"])
+            assert_equal_nested(rank[label]["state"], ranks[0][label]["state"])
         print(f"{label}: {ranks[0][label]['bytes']:.0f} nominal bytes per step and rank (W = {world})")
 
 

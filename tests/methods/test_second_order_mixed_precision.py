@@ -9,16 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import fop_asdl
-from fop_asdl.data import load_fashion_mnist_subset
 from fop_asdl.models import SmallCNN
 
+from scaffold import max_relative_error as relative_error
+from scaffold import state_tensors as tensors
 from second_order_helpers import METHODS, step
-
-
-@pytest.fixture(scope="module")
-def real_batch():
-    data = load_fashion_mnist_subset()
-    return data.x_train[:64], data.y_train[:64]
 
 
 def grads_of(name, model, x, t, bf16, damping):
@@ -31,20 +26,6 @@ def grads_of(name, model, x, t, bf16, damping):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             step(maker, model, x, t)
     return [p.grad.clone() for p in model.parameters()], maker
-
-
-def relative_error(actual, expected):
-    return max(float((a - e).norm() / e.norm()) for a, e in zip(actual, expected))
-
-
-def tensors(state):
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for v in state.values() for t in tensors(v)]
-    if isinstance(state, (list, tuple)):
-        return [t for v in state for t in tensors(v)]
-    return []
 
 
 # Stated tolerance: 1.5x a yardstick. SMW-NG, SENG, diag-NG and Kronecker PSGD at damping 1: the relative

@@ -14,13 +14,9 @@ from torch import nn
 import fop_asdl
 from fop_asdl.methods import seng_math
 
+from scaffold import quiet_maker as maker
 from second_order_helpers import BLOCKS, batch, block_grad, config, net, patches, per_sample_gradients, step
 
-
-def maker(name, model, cfg, **options):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fop_asdl.make_gradient_maker(name, model, cfg, **options)
 
 
 def output_gradients(model, x, t, block):

@@ -9,7 +9,7 @@ from torch import nn
 import fop_asdl
 from fop_asdl.methods import shampoo_math as sm
 
-from conftest import conv_bn_ln_net, conv_ln_net, independent_net, small_image_batch, step
+from scaffold import conv_bn_ln_net, conv_ln_net, independent_net, small_image_batch, step
 from engine_guarantees import (failed_step_check, grad_scaler_check, micro_batch_check, ranks_check, resume_check,
                                train)
 

@@ -2,30 +2,20 @@
 (float64; Conv2d, Linear + bias, Linear), against FNGD's exact mode (the math it shares) and ASDL's SMW
 maker, kl_clip against the dense F̃, and its options."""
 import copy
-import warnings
+from functools import partial
 
 import asdl
 import pytest
 import torch
 import torch.nn.functional as F
-from asdl.precondition.smw import SmwEmpNaturalGradientConfig, SmwEmpNaturalGradientMaker
-from torch import nn
 
 import fop_asdl
 
+from dense_refs import check_against_asdl_smw, dense_natural_gradient
+from scaffold import quiet_maker
 from second_order_helpers import BLOCKS, batch, block_grad, bn_net, config, net, per_sample_gradients, step
 
-
-def dense_natural_gradient(u: torch.Tensor, damping: float) -> torch.Tensor:
-    """(F + λI)⁻¹ g with F = UᵀU/n and g = U's mean row, by a dense solve."""
-    n, size = u.shape
-    return torch.linalg.solve(u.T @ u / n + damping * torch.eye(size, dtype=u.dtype), u.mean(0))
-
-
-def maker(model, cfg, **options):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fop_asdl.make_gradient_maker("smw_ng", model, cfg, **options)
+maker = partial(quiet_maker, "smw_ng")
 
 
 @pytest.mark.parametrize("damping", [1e-3, 1.0])
@@ -58,9 +48,7 @@ def test_is_fngd_exact_mode_on_every_step():
     for name, options in (("smw_ng", {}), ("fngd", {"iters_per_epoch": 1, "damping_mode": "fixed",
                                                       "coefficient_epochs": 10})):
         model = copy.deepcopy(reference)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m = fop_asdl.make_gradient_maker(name, model, config(damping=1e-2), **options)
+        m = quiet_maker(name, model, config(damping=1e-2), **options)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         run = []
         for i in range(3):
@@ -75,17 +63,7 @@ def test_is_fngd_exact_mode_on_every_step():
 
 
 def test_equals_asdl_smw_maker_on_one_linear_layer():
-    torch.manual_seed(0)
-    reference = nn.Linear(5, 3).double()
-    x, t = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
-    oracle_model, model = copy.deepcopy(reference), copy.deepcopy(reference)
-    oracle = SmwEmpNaturalGradientMaker(oracle_model, SmwEmpNaturalGradientConfig(data_size=7, damping=1e-2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ASDL's own backward-hook deprecation
-        step(oracle, oracle_model, x, t)
-    step(maker(model, asdl.PreconditioningConfig(damping=1e-2)), model, x, t)
-    for p, q in zip(model.parameters(), oracle_model.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+    check_against_asdl_smw(lambda model: maker(model, asdl.PreconditioningConfig(damping=1e-2)))
 
 
 def test_kl_clip_bounds_the_dense_fisher_norm():
