@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fop_asdl
+from scaffold import LOCAL, init_gloo, local_rows, single_process_order, spawn_ranks
 
 EMBEDDING_BLOCKS = ("kfac", "fop", "fngd", "hylo")
 #: K-FAC's and FOP's Monte-Carlo Fisher seeded: the tests step two makers that would share the global RNG.
@@ -159,9 +160,7 @@ RANK_MAKERS = {"kfac": dict(fisher_type="fisher_emp"), "fop": dict(fisher_type="
 
 
 def gradients_on_rows(name, rows):
-    """Three steps' gradients (no parameter update) on ``rows`` of each global batch of 8."""
-    import dist_worker as w
-
+    """Three steps' gradients (no parameter update) on ``rows`` of each global batch of 2·LOCAL."""
     model, _ = pair()
     config = asdl.PreconditioningConfig(damping=0.5, curvature_upd_interval=2, preconditioner_upd_interval=2)
     with warnings.catch_warnings():
@@ -170,17 +169,16 @@ def gradients_on_rows(name, rows):
         gen = torch.Generator().manual_seed(3)
         out = []
         for _ in range(3):
-            x, t = (torch.randint(0, V, (2 * w.LOCAL, T), generator=gen) for _ in range(2))
+            x, t = (torch.randint(0, V, (2 * LOCAL, T), generator=gen) for _ in range(2))
             out.append(step(gm, model, x[rows], t[rows]))
     return out, [m for m, _ in gm._shared_ids] == [model.wpe]
 
 
 def shared_ids_ranks(rank, world_size, store, out):
-    import dist_worker as w
     from fop_asdl.distributed import destroy_process_group
 
-    w.init(rank, world_size, store)
-    results = {name: gradients_on_rows(name, w.local_rows(rank, world_size)) for name in RANK_MAKERS}
+    init_gloo(rank, world_size, store)
+    results = {name: gradients_on_rows(name, local_rows(rank, world_size)) for name in RANK_MAKERS}
     torch.save(results, f"{out}.{rank}")
     destroy_process_group()
 
@@ -188,15 +186,9 @@ def shared_ids_ranks(rank, world_size, store, out):
 def test_two_gloo_ranks_find_the_shared_ids_together_and_equal_one_process(tmp_path):
     """Every rank finds the shared ids on the same step and rebuilds its maker (the state_dict round trip is a
     collective); the sharded steps then equal one process's on the whole batch."""
-    import torch.multiprocessing as mp
-
-    import dist_worker as w
-
-    mp.start_processes(shared_ids_ranks, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2,
-                       join=True, start_method="spawn")
-    results = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(2)]
+    results = spawn_ranks(shared_ids_ranks, 2, tmp_path)
     for name in RANK_MAKERS:
-        order = w.single_process_order("halves", 2) if name == "fop" else torch.arange(2 * w.LOCAL)
+        order = single_process_order("halves", 2) if name == "fop" else torch.arange(2 * LOCAL)
         expected, found = gradients_on_rows(name, order)
         assert found
         for rank in results:
