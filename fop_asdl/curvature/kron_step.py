@@ -39,7 +39,6 @@ from .products import matrix_tensors
 __all__ = ["BlockGradients", "CurvatureStepMaker", "CurvaturePlan"]
 
 
-
 @dataclasses.dataclass
 class CurvaturePlan:
     """What one step of a curvature method does, and what it has produced so far."""

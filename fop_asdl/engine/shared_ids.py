@@ -19,7 +19,7 @@ from typing import Any, Dict, Tuple
 import asdl
 from torch import nn
 
-__all__ = ["SharedIdsFound", "shared_ids_message", "ignore_shared_ids"]
+__all__ = ["SharedIdsFound", "ignore_shared_ids", "shared_ids_message", "shared_ids_reason"]
 
 #: What ASDL's ``setup_model_call`` / ``setup_loss_call`` / ``setup_loss_repr`` register on a maker.
 _CALL_ATTRIBUTES = ("_model_fn", "_model_args", "_model_kwargs", "_model_vmap_info", "_loss_fn", "_loss_fn_args",
@@ -27,6 +27,7 @@ _CALL_ATTRIBUTES = ("_model_fn", "_model_args", "_model_kwargs", "_model_vmap_in
 
 
 def shared_ids_message(module: nn.Module, rows: int, batch_size: int) -> str:
+    """The clear error for a block whose input's dim 0 is not the batch's, with the remedies."""
     return (f"fop_asdl: block {module.__class__.__name__} received a tensor with leading dimension {rows}, but the "
             f"batch has {batch_size} samples. The gradient maker needs dim 0 to be the sample index inside every "
             f"preconditioned layer; list this module in PreconditioningConfig.ignore_modules"
