@@ -14,11 +14,12 @@ What is measured. Every method runs in a fresh Python process (as a user's train
 same initial weights (built under ``--seed``), an SGD optimizer (lr 0.01, momentum 0.9; AdamW for ``adamw``)
 and its gradient maker from ``make_gradient_maker``; ``asdl_kfac`` is ``asdl.KfacGradientMaker`` itself, with only the
 CPU fix it needs to run (fop_asdl's NVTX stand-in) and ``data_size`` set. One *cycle* is INTERVAL steps:
-a curvature step, then INTERVAL-1 plain steps (with ``--inverse-interval K``, K steps: a curvature step every
-INTERVAL, the inversion, EKFAC's eigendecomposition, on the first; George et al.'s amortised eigenbasis) (HyLo: a refresh, then steps on the stored kernel; FNGD:
+a curvature step, then INTERVAL-1 plain steps (HyLo: a refresh, then steps on the stored kernel; FNGD:
 after the warm-up cycles, whose steps are its coefficient epoch, every step reuses its coefficients, so
 its "curvature" column is a plain step too: ``scripts/bench_fngd.py`` times its coefficient steps). After ``--warmup-cycles`` unmeasured cycles, ``--cycles``
-cycles are timed. A step is ``zero_grad``, ``setup_model_call``, ``setup_loss_call``,
+cycles are timed. With ``--inverse-interval K`` (a multiple of INTERVAL; George et al.'s amortised eigenbasis) a
+cycle is K steps, a curvature step every INTERVAL and the inversion (EKFAC's eigendecomposition) on the first. A
+step is ``zero_grad``, ``setup_model_call``, ``setup_loss_call``,
 ``forward_and_backward`` and ``opt.step()``. Inputs are random tensors under a fixed seed (the losses mean
 nothing); the weights are copied back after every step, untimed, so that every step does the full work
 at representative values instead of running into NaN on unlearnable data.
@@ -73,7 +74,7 @@ METHODS = tuple(GRADIENT_MAKERS) + ("asdl_kfac", "adamw", "bare")
 #: Options a maker needs beyond the config: FNGD's epoch (its coefficients come from the warm-up cycle),
 #: HyLo refreshing by KIS every interval, K-BFGS's learning rate (its second pass steps back by it).
 OPTIONS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
-    "fngd": lambda args: {"iters_per_epoch": (args.inverse_interval or args.interval) * args.warmup_cycles or 1},
+    "fngd": lambda args: {"iters_per_epoch": args.inverse_interval * args.warmup_cycles or 1},
     "hylo": lambda args: {"switch_policy": "kis"},
     "kbfgs": lambda args: {"lr": 0.01},
 }
@@ -92,7 +93,7 @@ class Runner:
             self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         config = asdl.PreconditioningConfig(data_size=args.batch_size, damping=1e-2, ema_decay=0.05,
                                             curvature_upd_interval=args.interval,
-                                            preconditioner_upd_interval=args.inverse_interval or args.interval)
+                                            preconditioner_upd_interval=args.inverse_interval)
         if name == "bare":
             self.gm = None
         elif name == "asdl_kfac":
@@ -101,7 +102,7 @@ class Runner:
             maker = "sgd" if name == "adamw" else name
             self.gm = make_gradient_maker(maker, self.model, config, **OPTIONS.get(maker, lambda a: {})(args))
         self.step_index, self.interval = 0, args.interval
-        self.period = max(args.interval, args.inverse_interval or args.interval)  # one cycle: one inversion
+        self.period = args.inverse_interval  # one cycle: one inversion
         self.times: List[Tuple[bool, float, float]] = []  # (curvature step?, wall s, process CPU s)
 
     def _sync(self) -> None:
@@ -198,7 +199,7 @@ def run_methods(args: argparse.Namespace, methods: List[str]) -> Dict[str, Dict]
         print(f"[{i + 1}/{len(methods)}] {name} ...", file=sys.stderr, flush=True)
         command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", args.model,
                    "--batch-size", str(args.batch_size), "--interval", str(args.interval),
-                   "--inverse-interval", str(args.inverse_interval or args.interval),
+                   "--inverse-interval", str(args.inverse_interval),
                    "--cycles", str(args.cycles), "--warmup-cycles", str(args.warmup_cycles),
                    "--seed", str(args.seed), "--device", args.device]
         if args.threads:
@@ -253,7 +254,8 @@ def main() -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method, print JSON
     args = p.parse_args()
     args.batch_size = args.batch_size or MODELS[args.model][3]
-    if args.inverse_interval and args.inverse_interval % args.interval:
+    args.inverse_interval = args.inverse_interval or args.interval
+    if args.inverse_interval % args.interval:
         p.error(f"--inverse-interval {args.inverse_interval} is not a multiple of --interval {args.interval}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked but CUDA is not available")
@@ -272,7 +274,7 @@ def main() -> None:
     load = {"before": load_before, "after": os.getloadavg()}  # 1/5/15-min load: other jobs on the cores
     threads = args.threads or torch.get_num_threads()
     print(f"# bench_step: {args.model}, batch {args.batch_size}, interval {args.interval} (inversions every "
-          f"{args.inverse_interval or args.interval}), {args.cycles} timed + "
+          f"{args.inverse_interval}), {args.cycles} timed + "
           f"{args.warmup_cycles} warm-up cycles, {args.device}, {threads} threads, one process per method; "
           f"load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after")
     print(f"`{command}`\n")

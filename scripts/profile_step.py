@@ -35,7 +35,7 @@ def profile_method(name: str, args: argparse.Namespace) -> Dict:
     x = torch.randn(args.batch_size, *in_shape, generator=gen).to(device)
     t = torch.randint(0, classes, (args.batch_size,), generator=gen).to(device)
     args.interval = 1 if args.kind == "curvature" else args.steps + 1
-    args.inverse_interval = None
+    args.inverse_interval = args.interval
     runner = Runner(name, model, [p.detach().clone() for p in model.parameters()], args)
     for _ in range(2 if args.kind == "curvature" else args.interval):  # warm-up: a whole cycle, caches
         runner.step(x, t)

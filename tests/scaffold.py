@@ -103,6 +103,11 @@ def config(**kwargs) -> asdl.PreconditioningConfig:
     return asdl.PreconditioningConfig(**base)
 
 
+def token_ce(y, t, reduction="mean"):
+    """A custom loss with a reduction argument: cross-entropy over the flattened (B·T) tokens, padding -100."""
+    return F.cross_entropy(y.flatten(0, 1), t.flatten(), reduction=reduction)
+
+
 def step(maker, model, x, t, loss_fn=F.cross_entropy):
     """One ASDL gradient-maker step: the same three calls for FOP, K-FAC and SGD."""
     dummy_y = maker.setup_model_call(model, x)

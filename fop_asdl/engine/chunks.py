@@ -11,15 +11,15 @@ import dataclasses
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
-from torch import Tensor
-
 from asdl.utils import has_reduction
+from torch import Tensor
 
 from ..compat import LOW_PRECISION
 from .setup import batch_size_of
 
-__all__ = ["PER_CLASS_ARGUMENTS", "chunk_bounds", "ready_batch_size", "loss_arguments", "rows_per_sample", "sliced_calls", "summed_loss", "summed_loss_backward", "as_sum", "user_loss", "concat_outputs",
-           "detached", "validate_micro_batch_size"]
+__all__ = ["PER_CLASS_ARGUMENTS", "chunk_bounds", "check_calls_registered", "ready_batch_size", "loss_arguments",
+           "rows_per_sample", "sliced_calls", "summed_loss", "summed_loss_backward", "as_sum", "user_loss",
+           "concat_outputs", "detached", "validate_micro_batch_size"]
 
 
 def validate_micro_batch_size(micro_batch_size: Optional[int]) -> Optional[int]:
@@ -31,15 +31,21 @@ def validate_micro_batch_size(micro_batch_size: Optional[int]) -> Optional[int]:
     return micro_batch_size
 
 
-def ready_batch_size(maker: Any, fewest: int, why: str) -> int:
-    """The batch size of ``maker``'s registered model call, after the clear errors a step gives before any work:
-    the calls registered, a loss that takes ``reduction``, at least ``fewest`` samples (``why`` says why), and
-    every tensor argument of the model and loss calls splitting along dim 0 with the batch."""
+def check_calls_registered(maker: Any) -> None:
+    """The clear error when ``forward_and_backward()`` comes before ASDL's ``setup_model_call`` or
+    ``setup_loss_call``/``setup_loss_repr``."""
     if maker._model_fn is None:
         raise RuntimeError("forward_and_backward() needs setup_model_call(model, x, ...) first.")
     if maker._loss_fn is None and maker._dummy_loss is None:
         raise RuntimeError("forward_and_backward() needs setup_loss_call(loss_fn, dummy_y, t, ...) or "
                            "setup_loss_repr(dummy_y[...]) first.")
+
+
+def ready_batch_size(maker: Any, fewest: int, why: str) -> int:
+    """The batch size of ``maker``'s registered model call, after the clear errors a step gives before any work:
+    the calls registered, a loss that takes ``reduction``, at least ``fewest`` samples (``why`` says why), and
+    every tensor argument of the model and loss calls splitting along dim 0 with the batch."""
+    check_calls_registered(maker)
     if maker._loss_fn is not None and not has_reduction(maker._loss_fn):
         raise TypeError(f"The loss function {getattr(maker._loss_fn, '__name__', maker._loss_fn)!r} has no "
                         f"'reduction' argument; the step calls it with reduction='sum' (and the user's own "

@@ -9,8 +9,8 @@ import asdl
 import torch
 from torch import Tensor, nn
 
-from ..engine.chunks import (chunk_bounds, concat_outputs, detached, sliced_calls, summed_loss_backward, user_loss,
-                     validate_micro_batch_size)
+from ..engine.chunks import (check_calls_registered, chunk_bounds, concat_outputs, detached, sliced_calls,
+                             summed_loss_backward, user_loss, validate_micro_batch_size)
 from ..engine.coverage import Coverage, model_coverage
 from ..engine.setup import batch_size_of, prepared_model
 from ..engine.loss import LossNormalizer
@@ -44,11 +44,7 @@ class PlainGradientMaker(asdl.GradientMaker):
     def forward_and_backward(self) -> Tuple[Any, Tensor]:
         """The gradient of the user's loss on the whole batch in ``p.grad`` (replacing what was there, as
         every maker of the switch does); on any error every ``p.grad`` is as before."""
-        if self._model_fn is None:
-            raise RuntimeError("forward_and_backward() needs setup_model_call(model, x, ...) first.")
-        if self._loss_fn is None and self._dummy_loss is None:
-            raise RuntimeError("forward_and_backward() needs setup_loss_call(loss_fn, dummy_y, t, ...) or "
-                               "setup_loss_repr(dummy_y[...]) first.")
+        check_calls_registered(self)
         batch_size = batch_size_of(self._model_args, self._model_kwargs)
         params = [p for p in self.model.parameters() if p.requires_grad]
         saved = [p.grad for p in params]

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fop_asdl
-from scaffold import LOCAL, init_gloo, local_rows, single_process_order, spawn_ranks
+from scaffold import LOCAL, init_gloo, local_rows, single_process_order, spawn_ranks, token_ce
+from scaffold import step as scaffold_step
 
 EMBEDDING_BLOCKS = ("kfac", "fop", "fngd", "hylo")
 #: K-FAC's and FOP's Monte-Carlo Fisher seeded: the tests step two makers that would share the global RNG.
@@ -33,10 +34,6 @@ class NanoGPT(nn.Module):
         return self.head(torch.tanh(self.mix(x)))
 
 
-def token_ce(y, t, reduction="mean"):
-    return F.cross_entropy(y.flatten(0, 1), t.flatten(), reduction=reduction)
-
-
 def make(name, model, ignore=(), micro_batch_size=None):
     config = asdl.PreconditioningConfig(damping=0.5, curvature_upd_interval=2, preconditioner_upd_interval=2,
                                         ignore_modules=list(ignore))
@@ -51,8 +48,8 @@ def batches(steps):
 
 
 def step(gm, model, x, t):
-    gm.setup_loss_call(token_ce, gm.setup_model_call(model, x), t)
-    gm.forward_and_backward()
+    """The scaffold's step on the token loss; every parameter's gradient after it."""
+    scaffold_step(gm, model, x, t, token_ce)
     return [p.grad.clone() for p in model.parameters()]
 
 

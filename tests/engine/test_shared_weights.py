@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fop_asdl
+from scaffold import token_ce
 from fop_asdl.curvature.inverses import kron_damping
 
 METHODS = ["sgd", "kfac", "fop", "fngd", "hylo", "ekfac", "shampoo"]
@@ -67,10 +68,6 @@ class FunctionalTie(nn.Module):
         emb_weight, head_weight = weight_for or (self.head.weight, None)
         h = torch.tanh(self.mix(F.embedding(tokens, emb_weight)))
         return self.head(h) if head_weight is None else F.linear(h, head_weight)
-
-
-def token_ce(y, t, reduction="mean"):
-    return F.cross_entropy(y.flatten(0, 1), t.flatten(), reduction=reduction)
 
 
 def make(name, model, micro_batch_size=None, ignore=()):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fop_asdl
+from scaffold import token_ce
 from fop_asdl.curvature.inverses import kron_damping
 
 METHODS = ["sgd", "kfac", "fop", "fngd", "hylo", "ekfac", "shampoo"]
@@ -30,11 +31,6 @@ class TokenModel(nn.Module):
     def forward(self, x):
         y = self.fc2(torch.tanh(self.fc1(x)))
         return y.reshape(*y.shape[:-1], *self.out_shape)
-
-
-def token_ce(y, t, reduction="mean"):
-    """A custom loss with a reduction argument: cross-entropy over the flattened (B·T) tokens, padding -100."""
-    return F.cross_entropy(y.flatten(0, 1), t.flatten(), reduction=reduction)
 
 
 def data(kind):

@@ -13,7 +13,7 @@ import fop_asdl
 from fop_asdl.methods import ekfac_math as em
 
 from dense_refs import unit_metric
-from scaffold import conv_bn_ln_net, conv_ln_net, independent_net, small_image_batch, step
+from scaffold import conv_bn_ln_net, conv_ln_net, independent_net, small_image_batch, step, token_ce
 from engine_guarantees import (failed_step_check, grad_scaler_check, micro_batch_check, ranks_check, resume_check,
                                train)
 
@@ -149,11 +149,6 @@ def test_written_gradient_equals_the_dense_reference(ema, reduction, curvature_e
                                        msg=lambda m: f"step {k}, block {name}: {m}")
             if k == steps - 1:
                 assert maker.last_stats[name]["kl_base"] > 0
-
-
-def token_ce(y, t, reduction="mean"):
-    """Cross-entropy over the flattened (B·T) tokens, padding -100 (tests/engine/test_user_loss.py's token loss)."""
-    return F.cross_entropy(y.flatten(0, 1), t.flatten(), reduction=reduction)
 
 
 def token_batch(k, n=6, positions=4, vocab=5):
