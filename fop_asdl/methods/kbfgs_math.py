@@ -20,7 +20,15 @@ Scalar = Union[float, Tensor]
 
 def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
     """BFGS on the inverse: H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ, ρ = 1/sᵀy; H itself when sᵀy ≤ 0
-    (no curvature along s, e.g. s = y = 0 when the parameters did not move)."""
+    (no curvature along s, e.g. s = y = 0 when the parameters did not move).
+
+    H⁺ is unchanged when s and y are scaled together, so they are first scaled by the power of two that
+    brings the larger to [0.5, 1): exact (bit-identical results where nothing over- or underflows), and ρ²
+    no longer overflows for a tiny pair (s, y ~ 1e-10 in float32, as behind a training-mode BatchNorm,
+    where ḡ = 0 and y is rounding)."""
+    _, exponent = torch.frexp(torch.maximum(s.abs().max(), y.abs().max()))
+    exponent = exponent.clamp(-100, 100)  # 2**±100 is a normal float32; the pair's own range is kept
+    s, y = torch.ldexp(s, -exponent), torch.ldexp(y, -exponent)
     sy = s @ y
     rho = torch.where(sy > 0, 1.0 / torch.where(sy > 0, sy, 1.0), 0.0)
     hy = h @ y

@@ -159,6 +159,23 @@ def test_bfgs_update_satisfies_the_secant_equation_and_asdl_leaves_h_unchanged()
     assert torch.equal(asdl_h, h)
 
 
+def test_bfgs_update_of_a_tiny_pair_is_finite_and_exactly_scale_free():
+    """Behind a training-mode BatchNorm ḡ = 0, so K-BFGS's pair is ~1e-10 in float32 (CIFAR ResNet-18): ρ² of
+    the textbook formula overflowed to Inf there. H⁺ does not change when s and y scale together."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    h = q @ q.T / 6 + torch.eye(6, dtype=torch.float64)
+    s, y = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    s, y = kbfgs_math.double_damping(h, s, y, 0.2, 0.1)
+    exact = bfgs(h, s, y)  # the dense reference on the well-scaled pair, float64
+    for power in (-40, -20, 0, 20):  # scaling by a power of two is exact: the same update bit for bit
+        assert torch.equal(kbfgs_math.bfgs_inverse_update(h, s * 2.0 ** power, y * 2.0 ** power),
+                           kbfgs_math.bfgs_inverse_update(h, s, y))
+    tiny = kbfgs_math.bfgs_inverse_update(h.float(), (s * 1e-10).float(), (y * 1e-10).float())
+    assert torch.isfinite(tiny).all()
+    torch.testing.assert_close(tiny.double(), exact, rtol=1e-4, atol=1e-5)
+
+
 def test_double_damping_leaves_a_good_pair_alone_and_fixes_a_bad_one():
     h = torch.eye(3, dtype=torch.float64)
     s, y = torch.tensor([1.0, 0, 0], dtype=torch.float64), torch.tensor([2.0, 0, 0], dtype=torch.float64)
