@@ -9,8 +9,8 @@ import asdl
 import torch
 from torch import Tensor, nn
 
-from ..engine.chunks import (check_calls_registered, chunk_bounds, concat_outputs, detached, sliced_calls,
-                             summed_loss_backward, user_loss, validate_micro_batch_size)
+from ..engine.chunks import (check_calls_registered, chunk_bounds, concat_outputs, detached, ready_batch_size,
+                             sliced_calls, summed_loss_backward, user_loss, validate_micro_batch_size)
 from ..engine.coverage import Coverage, model_coverage
 from ..engine.setup import batch_size_of, prepared_model
 from ..engine.loss import LossNormalizer
@@ -46,13 +46,16 @@ class PlainGradientMaker(asdl.GradientMaker):
         every maker of the switch does); on any error every ``p.grad`` is as before."""
         check_calls_registered(self)
         batch_size = batch_size_of(self._model_args, self._model_kwargs)
+        bounds = chunk_bounds(batch_size, self.micro_batch_size)
+        one_pass = len(bounds) == 1 and self._sync.world_size == 1  # autograd of the user's own loss
+        if not one_pass:  # the summed-loss passes: the same checks as every other maker's, before any work
+            ready_batch_size(self, 1, "The step")
         params = [p for p in self.model.parameters() if p.requires_grad]
         saved = [p.grad for p in params]
         for p in params:
             p.grad = None
         try:
-            bounds = chunk_bounds(batch_size, self.micro_batch_size)
-            if len(bounds) == 1 and self._sync.world_size == 1:  # autograd of the user's own loss
+            if one_pass:
                 self.forward()
                 loss = self._loss
                 (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()

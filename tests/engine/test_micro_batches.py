@@ -75,6 +75,28 @@ def test_micro_batched_sgd_equals_the_full_batch_gradient(image_batch):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
 
 
+def test_micro_batched_sgd_refuses_what_it_cannot_split_and_changes_nothing(image_batch):
+    """Its summed-loss passes need a loss with a reduction and arguments that split with the batch; one
+    pass is autograd of the user's own loss and takes any loss."""
+    x, t = image_batch
+    model = conv_ln_net().double()
+    stale = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, g in zip(model.parameters(), stale):
+        p.grad = g
+
+    def no_reduction(y, target):
+        return F.cross_entropy(y, target)
+
+    maker = fop_asdl.make_gradient_maker("sgd", model, micro_batch_size=3)
+    with pytest.raises(TypeError, match="has no 'reduction' argument"):
+        step(maker, model, x, t, loss_fn=no_reduction)
+    with pytest.raises(ValueError, match="rows, neither the batch's"):
+        step(maker, model, x, t[:-1])
+    assert all(p.grad is g for p, g in zip(model.parameters(), stale))
+    step(fop_asdl.make_gradient_maker("sgd", model), model, x, t, loss_fn=no_reduction)
+    assert all(not torch.equal(p.grad, g) for p, g in zip(model.parameters(), stale))
+
+
 def test_swift_cannot_be_micro_batched():
     with pytest.raises(ValueError, match="swift=True"):
         fop_asdl.make_gradient_maker("fop", conv_ln_net(), config(), swift=True, micro_batch_size=4)
