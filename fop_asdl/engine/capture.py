@@ -97,7 +97,7 @@ class BlockCapture:
         if x.dim() == 0 or x.shape[0] != self.chunk.size:
             if isinstance(module, nn.Embedding):  # ids shared by the batch: the maker ignores it and retries
                 raise SharedIdsFound(module, tuple(x.shape), self.chunk.size)
-            raise ValueError(shared_ids_message(module, x.shape[0] if x.dim() else 0, self.chunk.size))
+            raise ValueError(shared_ids_message(module, tuple(x.shape), self.chunk.size))
         for param in (module.weight, getattr(module, "bias", None)):  # an Embedding has no bias
             if param is not None and param.requires_grad:
                 param.requires_grad_(False)

@@ -26,9 +26,10 @@ _CALL_ATTRIBUTES = ("_model_fn", "_model_args", "_model_kwargs", "_model_vmap_in
                     "_loss_fn_kwargs", "_loss_vmap_info", "_dummy_loss", "_dummy_logits")
 
 
-def shared_ids_message(module: nn.Module, rows: int, batch_size: int) -> str:
-    """The clear error for a block whose input's dim 0 is not the batch's, with the remedies."""
-    return (f"fop_asdl: block {module.__class__.__name__} received a tensor with leading dimension {rows}, but the "
+def shared_ids_message(module: nn.Module, shape: Tuple[int, ...], batch_size: int) -> str:
+    """The clear error for a block whose input's dim 0 (of ``shape``) is not the batch's, with the remedies."""
+    seen = f"with leading dimension {shape[0]}" if shape else "without dimensions (a scalar)"
+    return (f"fop_asdl: block {module.__class__.__name__} received a tensor {seen}, but the "
             f"batch has {batch_size} samples. The gradient maker needs dim 0 to be the sample index inside every "
             f"preconditioned layer; list this module in PreconditioningConfig.ignore_modules"
             + (" or give it ids of shape (n, ...), e.g. positions.expand(n, -1) in place of arange(T)."
@@ -41,7 +42,7 @@ class SharedIdsFound(ValueError):
     outside that template sees."""
 
     def __init__(self, module: nn.Module, shape: Tuple[int, ...], batch_size: int):
-        super().__init__(shared_ids_message(module, shape[0] if shape else 0, batch_size))
+        super().__init__(shared_ids_message(module, tuple(shape), batch_size))
         self.module, self.shape = module, tuple(shape)
 
 

@@ -184,3 +184,20 @@ def test_rollback_is_exact_when_the_inverses_lag_the_curvature(image_batch, name
     with pytest.raises(FloatingPointError, match="Nothing was updated"):
         step(maker, model, bad, t)  # step 3 updates curvature and inverses
     assert_unchanged(model, maker, before)
+
+
+def test_layer_called_on_a_scalar_is_named():
+    class Total(nn.Module):  # the whole batch summed to one number: no sample dimension left
+        def forward(self, x):
+            return x.sum()
+
+    def loss(y, target, reduction="mean"):
+        return (y.sum() - target.sum()) ** 2
+
+    model = nn.Sequential(nn.Linear(4, 1), Total(), nn.Linear(1, 2))
+    maker = fop_asdl.make_gradient_maker("kfac", model, config())
+    with pytest.raises(ValueError, match=r"Linear received a tensor without dimensions \(a scalar\), but the "
+                                         r"batch has 6 samples"):
+        step(maker, model, torch.randn(6, 4), torch.randn(6), loss_fn=loss)
+    assert all(p.grad is None for p in model.parameters())
+
