@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import warnings
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, FrozenSet, Tuple
 
 import asdl
 from torch import nn
@@ -46,11 +46,13 @@ class SharedIdsFound(ValueError):
         self.module, self.shape = module, tuple(shape)
 
 
-def _strip(state: Any, names: Tuple[str, ...]) -> Any:
-    """``state`` without any dict entry keyed by one of ``names`` (per-block state is keyed by block name)."""
-    if isinstance(state, dict):
-        return {k: _strip(v, names) for k, v in state.items() if k not in names}
-    return state
+def _strip(state: Any, names: Tuple[str, ...], modules: FrozenSet[str]) -> Any:
+    """``state`` without the entries keyed by one of ``names`` in its per-block dicts: those whose every key
+    is a module name (of ``modules``), so that a module named like a state key ('step', HyLo's 'g') keeps it."""
+    if not isinstance(state, dict):
+        return state
+    per_block = bool(state) and all(isinstance(k, str) and k in modules for k in state)
+    return {k: _strip(v, names, modules) for k, v in state.items() if not (per_block and k in names)}
 
 
 def ignore_shared_ids(maker: Any, found: SharedIdsFound) -> None:
@@ -72,7 +74,8 @@ def ignore_shared_ids(maker: Any, found: SharedIdsFound) -> None:
         config, ignore_modules=list(config.ignore_modules or []) + [module])
     user_rules = list(config.ignore_modules or [])
     shared = maker._shared_ids + [(module, found.shape)]
-    state = _strip(maker.state_dict(), (name, name.replace(".", "/")))
+    modules = frozenset(key for path, _ in maker.model.named_modules() for key in (path, path.replace(".", "/")))
+    state = _strip(maker.state_dict(), (name, name.replace(".", "/")), modules)
     calls: Dict[str, Any] = {k: v for k, v in vars(maker).items() if k in _CALL_ATTRIBUTES}
     with warnings.catch_warnings():  # its construction warnings were given once; this one names the module
         warnings.simplefilter("ignore")

@@ -22,15 +22,18 @@ V, T, D, N = 11, 6, 8, 5
 
 
 class NanoGPT(nn.Module):
-    """Token and position embeddings, the positions shared by the batch as in nanoGPT's forward."""
+    """Token and position embeddings, the positions shared by the batch as in nanoGPT's forward (the position
+    embedding's attribute name ``position``)."""
 
-    def __init__(self):
+    def __init__(self, position="wpe"):
         super().__init__()
-        self.wte, self.wpe = nn.Embedding(V, D), nn.Embedding(T, D)
+        self.position = position
+        self.wte = nn.Embedding(V, D)
+        setattr(self, position, nn.Embedding(T, D))
         self.mix, self.head = nn.Linear(D, D), nn.Linear(D, V)
 
     def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        x = self.wte(idx) + getattr(self, self.position)(torch.arange(idx.shape[1]))
         return self.head(torch.tanh(self.mix(x)))
 
 
@@ -53,10 +56,10 @@ def step(gm, model, x, t):
     return [p.grad.clone() for p in model.parameters()]
 
 
-def pair():
+def pair(position="wpe"):
     torch.manual_seed(0)
-    model = NanoGPT().double()
-    twin = NanoGPT().double()
+    model = NanoGPT(position).double()
+    twin = NanoGPT(position).double()
     twin.load_state_dict(model.state_dict())
     return model, twin
 
@@ -98,9 +101,10 @@ def test_shared_position_ids_get_autograd_gradient_and_coverage_says_why(name):
     assert gm._user_ignore_modules == []  # the user ignored nothing
 
 
+@pytest.mark.parametrize("position", ["wpe", "step", "g"])  # also named as a key of the makers' state
 @pytest.mark.parametrize("name", EMBEDDING_BLOCKS)
-def test_a_resumed_maker_finds_the_shared_ids_again_and_keeps_the_saved_state(name):
-    model, twin = pair()
+def test_a_resumed_maker_finds_the_shared_ids_again_and_keeps_the_saved_state(name, position):
+    model, twin = pair(position)
     data = batches(4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
