@@ -40,6 +40,14 @@ def _mean_seconds(result: MethodResult) -> Optional[float]:
     return statistics.mean(seconds) if all(s is not None for s in seconds) else None
 
 
+def _seconds_per_epoch(runs: List[Dict]) -> str:
+    """Training seconds per completed epoch, mean (min–max) over the seeds: the wall-clock cost of a method
+    beside its accuracy (a diverged run counts the epochs it completed)."""
+    per_epoch = [r["train_seconds"] / len(r["curve"]["train_seconds_total"]) for r in runs
+                 if r["curve"]["train_seconds_total"]]
+    return _spread(per_epoch, lambda x: f"{x:.1f}") if per_epoch else DASH
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -69,11 +77,12 @@ def results_markdown(
         f"seeds reached it, the mean is over those. Speed-up: SGD's mean seconds to target over the "
         f"method's, at the same batch size (only when every seed of both reached the target). "
         f"lr = base lr · batch / {config.base_batch}. [edge: ...]: the chosen value is the lowest or "
-        f"highest tried, so the best may lie beyond the range searched.",
+        f"highest tried, so the best may lie beyond the range searched. s / epoch: training seconds per "
+        f"epoch, the machine and its load at the time (Environment below).",
         "",
         "| batch | method @ chosen point (lr) | seeds | epochs to target | seconds to target "
-        "| best test acc (%) | speed-up vs SGD |",
-        "|---|---|---|---|---|---|---|",
+        "| best test acc (%) | speed-up vs SGD | s / epoch |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     sgd = {r.batch_size: _mean_seconds(r) for r in results if r.method == SPEEDUP_BASELINE}
     for r in results:
@@ -87,14 +96,15 @@ def results_markdown(
             f"| {len(r.runs)} | {_to_target(r.runs, 'epochs_to_target', _epochs)} "
             f"| {_to_target(r.runs, 'train_seconds_to_target', lambda x: f'{x:.1f}')} "
             f"| {_spread(best, _pct) if best else DASH}{f' ({diverged} diverged)' if diverged else ''} "
-            f"| {speedup} |"
+            f"| {speedup} | {_seconds_per_epoch(r.runs)} |"
         )
     sections = [_paired_errors(results), _search_table(config, results), _environment(environments)]
     return "\n".join(lines + [line for section in sections if section for line in [""] + section]) + "\n"
 
 
-#: Methods the others are compared with, seed by seed (the long-tail papers' Table 4 rows).
-REFERENCES = ("kfac", "sgd")
+#: Methods the others are compared with, seed by seed (the long-tail papers' Table 4 rows; AdamW, the
+#: first-order method large-batch studies are measured against); a column only where the study ran it.
+REFERENCES = ("adamw", "kfac", "sgd")
 
 
 def _paired_errors(results: List[MethodResult]) -> List[str]:
