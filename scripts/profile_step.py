@@ -57,10 +57,31 @@ def profile_method(name: str, args: argparse.Namespace) -> Dict:
                         getattr(e, key) / 1e3 / args.steps, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 /
                         args.steps} for e in events[:args.top]]
     launches = sum(e.count for e in prof.key_averages() if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+    ops = compute_ops(prof) / args.steps
     print(f"=== {name}: {args.kind} step {step_ms:.1f} ms (profiled), kernel launches per step "
-          f"{launches / args.steps:.0f}")
+          f"{launches / args.steps:.0f}, compute operators per step {ops:.0f}")
     print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=50))
-    return {"step_ms_profiled": step_ms, "kernel_launches_per_step": launches / args.steps, "top": top}
+    return {"step_ms_profiled": step_ms, "kernel_launches_per_step": launches / args.steps,
+            "compute_ops_per_step": ops, "top": top}
+
+
+#: Operators that make no kernel: views, metadata and allocations.
+NO_KERNEL = {"aten::" + op for op in (
+    "as_strided view view_as _reshape_alias _unsafe_view reshape flatten unflatten alias detach t transpose mT "
+    "permute unsqueeze squeeze expand expand_as select slice narrow split split_with_sizes unbind chunk numpy_T "
+    "resolve_conj lift_fresh empty empty_like empty_strided new_empty to _local_scalar_dense").split()}
+
+
+def computes(name: str) -> bool:
+    return name.startswith("aten::") and name not in NO_KERNEL
+
+
+def compute_ops(prof: profile) -> int:
+    """Aten operators that compute (no view, no allocation) and call no other such operator directly (a
+    ``matmul`` counts as its ``mm``; a ``mul`` whose scalar is first copied counts with that copy): on a GPU
+    roughly the kernels a step launches, counted on any device (the CPU's count does not depend on the load;
+    a ``_foreach`` operator counts once per tensor on the CPU, once per kernel on CUDA)."""
+    return sum(1 for e in prof.events() if computes(e.name) and not any(computes(c.name) for c in e.cpu_children))
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_u
 from ..engine.step import SteppedGradientMaker
 from ..engine.sub_batches import autograd_sums, average_and_difference, half_sums
 from ..engine.trust_region import LearningRate, validate_kl_clip
-from ..engine.vectors import BlockVector, add, cast, divided, flat_block, scaled
+from ..engine.vectors import BlockVector, add, cast, flat_block, scaled
 from .asdl_kfac import UNSET, KfacGradientMaker
 from .ema import commit_curvature, scale_curvature
 from .fisher_pass import curvature_chunk, fresh_curvature, unscale_empirical
@@ -241,12 +241,14 @@ class CurvatureStepMaker(KronPreconditioning, SteppedGradientMaker, KfacGradient
             name, (sum1, sum2) = sums.popitem()
             sum1, sum2 = (None if s is None else cast(flat_block(s, shapes[name]), dtype) for s in (sum1, sum2))
             if not self.two_gradients:
-                total = add(sum1, sum2)
-                out[name] = (divided(total, n1 + n2), None)
+                out[name] = (add(sum1, sum2), None)
                 continue
             w_avg, w_diff = average_and_difference(sum1[0], sum2[0], n1, n2)
             b_avg, b_diff = (None, None) if sum1[1] is None else average_and_difference(sum1[1], sum2[1], n1, n2)
             out[name] = ((w_avg, b_avg), (w_diff, b_diff))
+        means = [t for g_avg, _ in out.values() for t in g_avg if t is not None] if not self.two_gradients else []
+        if means:  # one multi-tensor division (one kernel on a GPU), not one per tensor and block
+            torch._foreach_div_(means, n1 + n2)
         return out
 
     # --- shapes and state ----------------------------------------------------------------------------

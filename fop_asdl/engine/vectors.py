@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .layers import from_conv_layout
 
-__all__ = ["BlockVector", "Shapes", "add", "cast", "divided", "flat_block", "numel", "scaled", "shapes_of",
+__all__ = ["BlockVector", "Shapes", "add", "cast", "flat_block", "numel", "scaled", "shapes_of",
            "stacked", "write_block"]
 
 BlockVector = Tuple[Tensor, Optional[Tensor]]
@@ -41,13 +41,12 @@ def cast(vec: BlockVector, dtype: torch.dtype) -> BlockVector:
     return vec[0].to(dtype), None if vec[1] is None else vec[1].to(dtype)
 
 
-def divided(vec: BlockVector, n: Union[float, Tensor]) -> BlockVector:
-    """vec / n."""
-    return vec[0] / n, None if vec[1] is None else vec[1] / n
-
-
 def stacked(*vectors: BlockVector) -> BlockVector:
-    """Stack block vectors along a new dim 0 (the k of a stack)."""
+    """Stack block vectors along a new dim 0 (the k of a stack); one vector as a view (K-FAC's plain step
+    stacks one per block: no copy)."""
+    if len(vectors) == 1:
+        (weight, bias), = vectors
+        return weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0)
     weight = torch.stack([v[0] for v in vectors])
     bias = None if vectors[0][1] is None else torch.stack([v[1] for v in vectors])
     return weight, bias

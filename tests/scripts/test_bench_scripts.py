@@ -84,3 +84,26 @@ def test_bench_fngd_small_run(tmp_path):
     data = json.loads(out.read_text())
     assert data["results"]["kfac"]["steps"] == 2 and data["results"]["fngd"]["steps"] == 1
     assert data["fngd_bank_bytes"] > 0
+
+
+def test_profile_step_counts_the_operators_that_compute(tmp_path):
+    """The counter sees a product and an elementwise kernel, not the views and allocations around them; a
+    preconditioning maker's plain step computes more than SGD's."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from profile_step import compute_ops
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    a, b, c_scale = torch.randn(4, 3), torch.randn(3, 5), torch.tensor(2.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        c = (a @ b).view(20).t().unsqueeze(0) * c_scale  # mm and mul compute; view, t, unsqueeze do not
+    assert c.shape == (1, 20) and compute_ops(prof) == 2
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--model", "small_cnn",
+                           "--batch-size", "8", "--steps", "1", "--methods", "sgd,kfac", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert 0 < results["sgd"]["compute_ops_per_step"] < results["kfac"]["compute_ops_per_step"]
