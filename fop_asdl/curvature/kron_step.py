@@ -26,7 +26,7 @@ from ..engine.layers import matrix_shapes
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_uses
 from ..engine.step import SteppedGradientMaker
-from ..engine.sub_batches import autograd_sums, average_and_difference, half_sums
+from ..engine.sub_batches import autograd_sums, half_sums, sub_batch_factors, weighted_average_and_difference
 from ..engine.trust_region import LearningRate, validate_kl_clip
 from ..engine.vectors import BlockVector, add, cast, flat_block, scaled
 from .asdl_kfac import UNSET, KfacGradientMaker
@@ -236,6 +236,7 @@ class CurvatureStepMaker(KronPreconditioning, SteppedGradientMaker, KfacGradient
         dtype the inverses are applied in."""
         shapes = self._block_shapes()
         dtype = self.precision.inverse
+        factors = sub_batch_factors(n1, n2) if self.two_gradients else None
         out = {}
         while sums:  # consume the sums: each block holds two copies of its gradient, not four
             name, (sum1, sum2) = sums.popitem()
@@ -243,8 +244,9 @@ class CurvatureStepMaker(KronPreconditioning, SteppedGradientMaker, KfacGradient
             if not self.two_gradients:
                 out[name] = (add(sum1, sum2), None)
                 continue
-            w_avg, w_diff = average_and_difference(sum1[0], sum2[0], n1, n2)
-            b_avg, b_diff = (None, None) if sum1[1] is None else average_and_difference(sum1[1], sum2[1], n1, n2)
+            w_avg, w_diff = weighted_average_and_difference(sum1[0], sum2[0], factors)
+            b_avg, b_diff = (None, None) if sum1[1] is None else \
+                weighted_average_and_difference(sum1[1], sum2[1], factors)
             out[name] = ((w_avg, b_avg), (w_diff, b_diff))
         means = [t for g_avg, _ in out.values() for t in g_avg if t is not None] if not self.two_gradients else []
         if means:  # one multi-tensor division (one kernel on a GPU), not one per tensor and block

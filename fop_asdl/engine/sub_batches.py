@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from .layers import CONVS, conv_weight_sum, embedding_problem, embedding_tokens, to_conv_layout
 from .vectors import BlockVector
 
-__all__ = ["autograd_sums", "average_and_difference", "first_half_size", "half_sums", "supports_half_gradients"]
+__all__ = ["autograd_sums", "average_and_difference", "first_half_size", "half_sums", "sub_batch_factors",
+           "supports_half_gradients", "weighted_average_and_difference"]
 
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -130,6 +131,20 @@ def average_and_difference(sum1: Tensor, sum2: Tensor, n1: Union[float, Tensor],
 
     g_i = sum_i / n_i; g_avg = (n1 g1 + n2 g2) / n is the full-batch mean gradient also for odd n.
     """
-    g_avg = (sum1 + sum2).mul_(scale / (n1 + n2))
-    g_diff = (sum1 * (scale / n1)).sub_(sum2 * (scale / n2))  # counts may be device tensors: no alpha= sync
+    return weighted_average_and_difference(sum1, sum2, sub_batch_factors(n1, n2, scale))
+
+
+Factors = Tuple[Union[float, Tensor], Union[float, Tensor], Union[float, Tensor]]
+
+
+def sub_batch_factors(n1: Union[float, Tensor], n2: Union[float, Tensor], scale: float = 1.0) -> Factors:
+    """(scale / n, scale / n1, scale / n2): formed once per step (device scalars: each is a kernel)."""
+    return scale / (n1 + n2), scale / n1, scale / n2
+
+
+def weighted_average_and_difference(sum1: Tensor, sum2: Tensor, factors: Factors) -> Tuple[Tensor, Tensor]:
+    """:func:`average_and_difference` with its :func:`sub_batch_factors` given."""
+    to_avg, to_g1, to_g2 = factors
+    g_avg = (sum1 + sum2).mul_(to_avg)
+    g_diff = (sum1 * to_g1).sub_(sum2 * to_g2)  # counts may be device tensors: no alpha= sync
     return g_avg, g_diff
