@@ -17,10 +17,10 @@ CPU fix it needs to run (fop_asdl's NVTX stand-in) and ``data_size`` set. One *c
 a curvature step, then INTERVAL-1 plain steps (HyLo: a refresh, then steps on the stored kernel; FNGD:
 after the warm-up cycles, whose steps are its coefficient epoch, every step reuses its coefficients, so
 its "curvature" column is a plain step too: ``scripts/bench_fngd.py`` times its coefficient steps). After
-``--warmup-cycles`` unmeasured cycles, ``--cycles`` cycles are timed. With ``--inverse-interval K`` (a multiple of INTERVAL; George et al.'s amortised eigenbasis) a
-cycle is K steps, a curvature step every INTERVAL and the inversion (EKFAC's eigendecomposition) on the first. A
-step is ``zero_grad``, ``setup_model_call``, ``setup_loss_call``,
-``forward_and_backward`` and ``opt.step()``. Inputs are random tensors under a fixed seed (the losses mean
+``--warmup-cycles`` unmeasured cycles, ``--cycles`` cycles are timed. With ``--inverse-interval K`` (a
+multiple of INTERVAL; George et al.'s amortised eigenbasis) a cycle is K steps, a curvature step every
+INTERVAL and the inversion (EKFAC's eigendecomposition) on the first. A step is ``zero_grad``,
+``setup_model_call``, ``setup_loss_call``, ``forward_and_backward`` and ``opt.step()``. Inputs are random tensors under a fixed seed (the losses mean
 nothing); the weights are copied back after every step, untimed, so that every step does the full work
 at representative values instead of running into NaN on unlearnable data.
 
