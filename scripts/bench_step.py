@@ -21,8 +21,9 @@ its "curvature" column is a plain step too: ``scripts/bench_fngd.py`` times its 
 multiple of INTERVAL; George et al.'s amortised eigenbasis) a cycle is K steps, a curvature step every
 INTERVAL and the inversion (EKFAC's eigendecomposition) on the first. A step is ``zero_grad``,
 ``setup_model_call``, ``setup_loss_call``, ``forward_and_backward`` and ``opt.step()``. Inputs are random
-tensors under a fixed seed (the losses mean nothing); the weights are copied back after every step, untimed, so that every step does the full work
-at representative values instead of running into NaN on unlearnable data.
+tensors under a fixed seed (the losses mean nothing); the weights are copied back after every step,
+untimed, so that every step does the full work at representative values instead of running into NaN on
+unlearnable data.
 
 Reported per method: mean, plain-step and curvature-step times (wall clock; on CUDA the time between two
 CUDA events recorded around the step, the device queue empty before it; CPU time of the process beside
