@@ -5,6 +5,7 @@ tests start (``worker_env``); the dense references the tests share are in dense_
 hooks in conftest.py."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -28,6 +29,15 @@ from fop_asdl.models import SmallCNN
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+
+
+def script_module(name: str):
+    """The module of ``scripts/<name>.py`` (the scripts are not a package), imported once."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
 
 
 # -- tiny models and batches --------------------------------------------------------------------------------------

@@ -248,9 +248,8 @@ class CurvatureStepMaker(KronPreconditioning, SteppedGradientMaker, KfacGradient
             b_avg, b_diff = (None, None) if sum1[1] is None else \
                 weighted_average_and_difference(sum1[1], sum2[1], factors)
             out[name] = ((w_avg, b_avg), (w_diff, b_diff))
-        means = [t for g_avg, _ in out.values() for t in g_avg if t is not None] if not self.two_gradients else []
-        if means:  # one multi-tensor division (one kernel on a GPU), not one per tensor and block
-            torch._foreach_div_(means, n1 + n2)
+        if not self.two_gradients and out:  # the means: one multi-tensor division (one kernel on a GPU)
+            torch._foreach_div_([t for g_avg, _ in out.values() for t in g_avg if t is not None], n1 + n2)
         return out
 
     # --- shapes and state ----------------------------------------------------------------------------

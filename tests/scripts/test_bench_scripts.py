@@ -2,17 +2,22 @@
 import json
 import subprocess
 import sys
+from typing import Tuple
 
-from scaffold import REPO
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from scaffold import REPO, script_module
 
 ROOT = REPO
 
 
-def run_script(name: str, *args: str) -> None:
+def run_script(name: str, *args: str, prints: Tuple[str, ...] = ("| method |", "| total batch |")) -> None:
+    """Run ``scripts/<name>`` to the end; its output shows one of ``prints`` (its table's header)."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| method |" in done.stdout or "| total batch |" in done.stdout
+    assert any(text in done.stdout for text in prints)
 
 
 def test_bench_dist_two_ranks(tmp_path):
@@ -89,21 +94,12 @@ def test_bench_fngd_small_run(tmp_path):
 def test_profile_step_counts_the_operators_that_compute(tmp_path):
     """The counter sees a product and an elementwise kernel, not the views and allocations around them; a
     preconditioning maker's plain step computes more than SGD's."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from profile_step import compute_ops
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    import torch
-    from torch.profiler import ProfilerActivity, profile
     a, b, c_scale = torch.randn(4, 3), torch.randn(3, 5), torch.tensor(2.0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         c = (a @ b).view(20).t().unsqueeze(0) * c_scale  # mm and mul compute; view, t, unsqueeze do not
-    assert c.shape == (1, 20) and compute_ops(prof) == 2
+    assert c.shape == (1, 20) and script_module("profile_step").compute_ops(prof) == 2
     out = tmp_path / "profile.json"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--model", "small_cnn",
-                           "--batch-size", "8", "--steps", "1", "--methods", "sgd,kfac", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script("profile_step.py", "--model", "small_cnn", "--batch-size", "8", "--steps", "1", "--methods",
+               "sgd,kfac", "--out", str(out), prints=("=== kfac: plain step",))
     results = json.loads(out.read_text())["results"]
     assert 0 < results["sgd"]["compute_ops_per_step"] < results["kfac"]["compute_ops_per_step"]
