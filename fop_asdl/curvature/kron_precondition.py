@@ -17,7 +17,7 @@ from .products import apply_inverse, gram, has_inverse
 
 __all__ = ["BlockGradients", "KronPreconditioning"]
 
-#: Per block: (g_avg, g_diff or None), unstacked (weight, bias) pairs as ASDL's matrices act on them.
+#: Per block: (g_avg, the stack [g_avg; g_diff] or None), (weight, bias) pairs as ASDL's matrices act on them.
 BlockGradients = Dict[str, Tuple[BlockVector, Optional[BlockVector]]]
 
 
@@ -38,18 +38,20 @@ class KronPreconditioning:
 
     def _blocks_with_curvature(self, gradients: BlockGradients, results: Dict[str, Any]
                                ) -> Iterator[Tuple[str, nn.Module, Any, BlockVector, Optional[BlockVector]]]:
-        """(name, module, ASDL matrix, g_avg, g_diff) of every owned block with curvature, popped from
-        ``gradients`` in block order (to keep memory flat); a block without any yet gets its plain gradient in
-        ``results``, as ASDL's K-FAC gives it."""
+        """(name, module, ASDL matrix, g_avg, [g_avg; g_diff] or None) of every owned block with curvature,
+        popped from ``gradients`` in block order (to keep memory flat); a block without any yet gets its plain
+        gradient in ``results``, as ASDL's K-FAC gives it."""
         for name, module in self.named_modules_for_curvature:
             if name not in gradients:
                 continue  # not owned here, or the block took no part in the loss (autograd leaves None too)
-            g_avg, g_diff = gradients.pop(name)
+            g_avg, pair = gradients.pop(name)
             matrix = getattr(module, self._fisher_attr, None)
             if not self._has_curvature(name, matrix):
-                results[name] = (g_avg, None)
+                # a view of the stack would keep g_diff alive in p.grad
+                results[name] = (g_avg if pair is None else tuple(None if t is None else t.clone() for t in g_avg),
+                                 None)
                 continue
-            yield name, module, matrix, g_avg, g_diff
+            yield name, module, matrix, g_avg, pair
 
     def _has_curvature(self, name: str, matrix: Any) -> bool:
         """Whether the block ``name`` has the curvature :meth:`_inverse` applies: K-FAC's inverses here."""

@@ -26,7 +26,7 @@ from ..engine.layers import matrix_shapes
 from ..engine.loss import BatchCounts, loss_scale
 from ..engine.selection import ignoring_unsupported, shared_blocks, with_other_uses
 from ..engine.step import SteppedGradientMaker
-from ..engine.sub_batches import autograd_sums, half_sums, sub_batch_factors, weighted_average_and_difference
+from ..engine.sub_batches import autograd_sums, average_and_difference_pair, half_sums, sub_batch_factors
 from ..engine.trust_region import LearningRate, validate_kl_clip
 from ..engine.vectors import BlockVector, add, cast, flat_block, scaled
 from .asdl_kfac import UNSET, KfacGradientMaker
@@ -230,13 +230,13 @@ class CurvatureStepMaker(KronPreconditioning, SteppedGradientMaker, KfacGradient
         plan.dropped = []
 
     def _block_gradients(self, sums: Dict[str, HalfSums], n1, n2) -> BlockGradients:
-        """(g_avg, g_diff) per owned block (g_diff None for K-FAC) from the sums over B1 and B2 divided by
-        their weights ``n1``, ``n2`` (:meth:`BatchCounts.weights`), as (weight, bias) pairs without the
-        stacking dimension, Conv2d weights flattened to the (out, in·kh·kw) matrix ASDL's Kron acts on, in the
-        dtype the inverses are applied in."""
+        """(g_avg, [g_avg; g_diff]) per owned block (the stack None for K-FAC; FOP's g_avg a view of it) from
+        the sums over B1 and B2 divided by their weights ``n1``, ``n2`` (:meth:`BatchCounts.weights`), as
+        (weight, bias) pairs, Conv2d weights flattened to the (out, in·kh·kw) matrix ASDL's Kron acts on, in
+        the dtype the inverses are applied in."""
         shapes = self._block_shapes()
         dtype = self.precision.inverse
-        factors = sub_batch_factors(n1, n2) if self.two_gradients else None
+        factors = sub_batch_factors(n1, n2, dtype, self.device) if self.two_gradients and sums else None
         out = {}
         while sums:  # consume the sums: each block holds two copies of its gradient, not four
             name, (sum1, sum2) = sums.popitem()
@@ -244,10 +244,9 @@ class CurvatureStepMaker(KronPreconditioning, SteppedGradientMaker, KfacGradient
             if not self.two_gradients:
                 out[name] = (add(sum1, sum2), None)
                 continue
-            w_avg, w_diff = weighted_average_and_difference(sum1[0], sum2[0], factors)
-            b_avg, b_diff = (None, None) if sum1[1] is None else \
-                weighted_average_and_difference(sum1[1], sum2[1], factors)
-            out[name] = ((w_avg, b_avg), (w_diff, b_diff))
+            pair = tuple(None if s1 is None else average_and_difference_pair(s1, s2, factors)
+                         for s1, s2 in zip(sum1, sum2))
+            out[name] = (tuple(None if t is None else t[0] for t in pair), pair)
         if not self.two_gradients and out:  # the means: one multi-tensor division (one kernel on a GPU)
             torch._foreach_div_([t for g_avg, _ in out.values() for t in g_avg if t is not None], n1 + n2)
         return out

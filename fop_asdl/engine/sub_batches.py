@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from .layers import CONVS, conv_weight_sum, embedding_problem, embedding_tokens, to_conv_layout
 from .vectors import BlockVector
 
-__all__ = ["autograd_sums", "average_and_difference", "first_half_size", "half_sums", "sub_batch_factors",
-           "supports_half_gradients", "weighted_average_and_difference"]
+__all__ = ["autograd_sums", "average_and_difference", "average_and_difference_pair", "first_half_size", "half_sums",
+           "sub_batch_factors", "supports_half_gradients"]
 
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -128,20 +128,26 @@ def average_and_difference(sum1: Tensor, sum2: Tensor, n1: Union[float, Tensor],
 
     g_i = sum_i / n_i; g_avg = (n1 g1 + n2 g2) / n is the full-batch mean gradient also for odd n.
     """
-    return weighted_average_and_difference(sum1, sum2, sub_batch_factors(n1, n2, scale))
+    pair = average_and_difference_pair(sum1, sum2, sub_batch_factors(n1, n2, sum1.dtype, sum1.device, scale))
+    return pair[0], pair[1]
 
 
-Factors = Tuple[Union[float, Tensor], Union[float, Tensor], Union[float, Tensor]]
+#: The columns c1, c2 with [g_avg; g_diff] = c1 sum1 + c2 sum2.
+Factors = Tuple[Tensor, Tensor]
 
 
-def sub_batch_factors(n1: Union[float, Tensor], n2: Union[float, Tensor], scale: float = 1.0) -> Factors:
-    """(scale / n, scale / n1, scale / n2): formed once per step (device scalars: each is a kernel)."""
-    return scale / (n1 + n2), scale / n1, scale / n2
+def sub_batch_factors(n1: Union[float, Tensor], n2: Union[float, Tensor], dtype: torch.dtype,
+                      device: torch.device, scale: float = 1.0) -> Factors:
+    """c1 = scale (1/n, 1/n1) and c2 = scale (1/n, −1/n2) as (2,) tensors, formed once per step (from Python
+    numbers by fills, never a host-to-device copy: that would wait for the device)."""
+    values = [scale / (n1 + n2), scale / n1, -scale / n2]
+    to_avg, to_g1, to_g2 = (v.to(device=device, dtype=dtype) if isinstance(v, Tensor)
+                            else torch.full((), v, dtype=dtype, device=device) for v in values)
+    return torch.stack((to_avg, to_g1)), torch.stack((to_avg, to_g2))
 
 
-def weighted_average_and_difference(sum1: Tensor, sum2: Tensor, factors: Factors) -> Tuple[Tensor, Tensor]:
-    """:func:`average_and_difference` with its :func:`sub_batch_factors` given."""
-    to_avg, to_g1, to_g2 = factors
-    g_avg = (sum1 + sum2).mul_(to_avg)
-    g_diff = (sum1 * to_g1).sub_(sum2 * to_g2)  # counts may be device tensors: no alpha= sync
-    return g_avg, g_diff
+def average_and_difference_pair(sum1: Tensor, sum2: Tensor, factors: Factors) -> Tensor:
+    """[g_avg; g_diff] stacked along a new dim 0 (the stack FOP's products take) in two kernels, where the
+    average, the difference and their stack took six."""
+    c1, c2 = (c.view((2,) + (1,) * sum1.dim()) for c in factors)
+    return (sum1.unsqueeze(0) * c1).addcmul_(sum2.unsqueeze(0), c2)

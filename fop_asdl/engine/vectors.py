@@ -41,15 +41,11 @@ def cast(vec: BlockVector, dtype: torch.dtype) -> BlockVector:
     return vec[0].to(dtype), None if vec[1] is None else vec[1].to(dtype)
 
 
-def stacked(*vectors: BlockVector) -> BlockVector:
-    """Stack block vectors along a new dim 0 (the k of a stack); one vector as a view (K-FAC's plain step
-    stacks one per block: no copy)."""
-    if len(vectors) == 1:
-        (weight, bias), = vectors
-        return weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0)
-    weight = torch.stack([v[0] for v in vectors])
-    bias = None if vectors[0][1] is None else torch.stack([v[1] for v in vectors])
-    return weight, bias
+def stacked(vec: BlockVector) -> BlockVector:
+    """A block vector as a stack of one along a new dim 0 (the k of a stack), as views: no copy (FOP's
+    stack of two is formed by :func:`fop_asdl.engine.sub_batches.average_and_difference_pair`)."""
+    weight, bias = vec
+    return weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0)
 
 
 def flat_block(vec: Optional[BlockVector], shapes: Shapes) -> Optional[BlockVector]:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..curvature.inverses import pi_damping
 from ..curvature.kron_step import BlockGradients, CurvatureStepMaker
 from ..curvature.products import apply_metric, gram
-from ..engine.vectors import BlockVector, scaled, stacked
+from ..engine.vectors import BlockVector, scaled
 from .fop_math import FOPOptions, fop_coefficients
 
 __all__ = ["FOPGradientMaker", "STAT_KEYS"]
@@ -64,21 +64,20 @@ class FOPGradientMaker(CurvatureStepMaker):
         keep memory flat."""
         damped = self.options.projection_metric == "damped"
         results: Dict[str, Tuple[BlockVector, Optional[Tensor]]] = {}
-        names, inverse_products, scalars = [], [], []
-        for name, module, matrix, g_avg, g_diff in self._blocks_with_curvature(gradients, results):
-            both = scaled(stacked(g_avg, g_diff), self.grad_scale)  # [g_avg, g_diff]
-            del g_avg, g_diff
+        names, inverse_products, with_metric, with_inverse = [], [], [], []
+        for name, module, matrix, _, pair in self._blocks_with_curvature(gradients, results):
+            both = scaled(pair, self.grad_scale)  # [g_avg, g_diff]
+            del pair
             inv_both = self._inverse(name, matrix, both)  # [F̃⁻¹g_avg, F̃⁻¹g_diff] in one product
             metric_avg = self._metric(name, module, matrix, _slice(both, 0), damped)
-            with_metric = gram(both, metric_avg)  # ⟨g_a, M g_a⟩, ⟨g_d, M g_a⟩
-            with_inverse = gram(both, inv_both)   # rows g_a, g_d; columns F̃⁻¹g_a, F̃⁻¹g_d
-            scalars.append(torch.stack([with_metric[0, 0], with_metric[1, 0], with_inverse[0, 0],
-                                        with_inverse[0, 1], with_inverse[1, 1]]))
+            with_metric.append(gram(both, metric_avg))  # ⟨g_a, M g_a⟩, ⟨g_d, M g_a⟩
+            with_inverse.append(gram(both, inv_both))   # rows g_a, g_d; columns F̃⁻¹g_a, F̃⁻¹g_d
             names.append(name)
             inverse_products.append(inv_both)
         if names:
-            table = torch.stack(scalars)  # (blocks, 5)
-            coef = fop_coefficients(table[:, 0], table[:, 1], table[:, 2], table[:, 3], table[:, 4], self.options)
+            metric, inverse = torch.stack(with_metric), torch.stack(with_inverse)  # (blocks, 2, 1), (blocks, 2, 2)
+            coef = fop_coefficients(metric[:, 0, 0], metric[:, 1, 0], inverse[:, 0, 0], inverse[:, 0, 1],
+                                    inverse[:, 1, 1], self.options)
             w_avg, w_diff = coef.weight_avg, coef.weight_diff
             kl_base, kl_cross, kl_orth = coef.kl_terms()
             stats = torch.stack((coef.s, coef.beta, coef.eta, coef.A, coef.D, coef.E, kl_base, kl_cross, kl_orth), 1)
