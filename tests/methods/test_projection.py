@@ -31,12 +31,16 @@ def problem(request):
             fisher, damped_inv)
 
 
-def test_average_and_difference_keeps_full_batch_mean_for_odd_batches():
+@pytest.mark.parametrize("counts", ["numbers", "tensors"])
+def test_average_and_difference_keeps_full_batch_mean_for_odd_batches(counts):
+    """Counts as Python numbers or as 0-d tensors (a loss normaliser read off the device), on a (4, 3) sum."""
     gen = torch.Generator().manual_seed(0)
-    per_sample = torch.randn(9, 4, generator=gen, dtype=DTYPE)
-    g_avg, g_diff = average_and_difference(per_sample[:5].sum(0), per_sample[5:].sum(0), 5, 4)
-    torch.testing.assert_close(g_avg, per_sample.mean(0))
-    torch.testing.assert_close(g_diff, per_sample[:5].mean(0) - per_sample[5:].mean(0))
+    per_sample = torch.randn(9, 4, 3, generator=gen, dtype=DTYPE)
+    n1, n2 = (5, 4) if counts == "numbers" else (torch.tensor(5.0), torch.tensor(4.0))
+    g_avg, g_diff = average_and_difference(per_sample[:5].sum(0), per_sample[5:].sum(0), n1, n2, scale=3.0)
+    torch.testing.assert_close(g_avg, 3 * per_sample.mean(0))
+    torch.testing.assert_close(g_diff, 3 * (per_sample[:5].mean(0) - per_sample[5:].mean(0)))
+    assert g_avg.dtype == g_diff.dtype == DTYPE
 
 
 def test_lemma1_perpendicular_component_is_fisher_orthogonal(problem):
