@@ -12,7 +12,7 @@ from .config import ExperimentConfig
 from .methods import METHODS
 from .search import point_text
 
-__all__ = ["results_markdown", "plot_curves", "accuracy_by_batch"]
+__all__ = ["results_markdown", "plot_curves", "accuracy_by_batch", "method_styles"]
 
 DASH = "–"
 #: The method whose seconds to target the speed-up column divides by.
@@ -234,6 +234,7 @@ def plot_curves(config: ExperimentConfig, results: List[MethodResult], out_dir: 
     import matplotlib.pyplot as plt
 
     batches = list(dict.fromkeys(r.batch_size for r in results))
+    styles = method_styles(plt, [r.method for r in results])
     paths = []
     for x_key, x_label, name in (
         ("epoch", "epoch", "accuracy_vs_epoch.png"),
@@ -254,16 +255,16 @@ def plot_curves(config: ExperimentConfig, results: List[MethodResult], out_dir: 
                     if x_key == "epoch"
                     else [statistics.mean(c["train_seconds_total"][i] for c in curves) for i in range(length)]
                 )
-                ax.plot(x, acc, marker=".", label=f"{r.method} @ {point_text(r.best_point)}")
+                ax.plot(x, acc, marker=".", label=f"{r.method} @ {point_text(r.best_point)}", **styles[r.method])
             ax.axhline(config.target_accuracy, color="grey", linestyle="--", linewidth=0.8)
             ax.set_title(f"batch {batch}")
             ax.set_xlabel(x_label)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
+            # below the panel, not over the curves (a study of the whole switch has 16 lines)
+            ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.18))
         axes[0][0].set_ylabel(f"test accuracy (mean of {len(config.seeds)} seeds)")
-        fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     if len(batches) > 1:
@@ -273,11 +274,12 @@ def plot_curves(config: ExperimentConfig, results: List[MethodResult], out_dir: 
 
 def _plot_batch_scaling(plt: Any, config: ExperimentConfig, results: List[MethodResult], path: Path) -> Path:
     """Best accuracy against batch size per method, log x, the seeds' min-max as error bars."""
+    styles = method_styles(plt, [r.method for r in results])
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for method, rows in accuracy_by_batch(results).items():
         batch, mean, low, high = (list(column) for column in zip(*rows))
         errors = [[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]]
-        ax.errorbar(batch, mean, yerr=errors, marker="o", capsize=3, label=method)
+        ax.errorbar(batch, mean, yerr=errors, marker="o", capsize=3, label=method, **styles[method])
     ticks = sorted({r.batch_size for r in results})
     ax.set_xscale("log")
     ax.set_xticks(ticks, [str(b) for b in ticks])
@@ -285,8 +287,17 @@ def _plot_batch_scaling(plt: Any, config: ExperimentConfig, results: List[Method
     ax.set_xlabel("batch size")
     ax.set_ylabel(f"best test accuracy ({len(config.seeds)} seeds: mean, min-max)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def method_styles(plt: Any, methods: List[str]) -> Dict[str, Dict[str, Any]]:
+    """One colour per method, the same in every panel and plot: tab10 up to 10 methods, else tab20 with
+    every second method dashed, so no two lines look alike."""
+    methods = list(dict.fromkeys(methods))
+    many = len(methods) > 10
+    colors = plt.get_cmap("tab20" if many else "tab10").colors
+    return {m: {"color": colors[i % len(colors)], "linestyle": "--" if many and i % 2 else "-"}
+            for i, m in enumerate(methods)}

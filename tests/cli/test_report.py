@@ -1,7 +1,7 @@
 """The comparison report's paired columns and its seconds per epoch, recomputed from the runs' summaries."""
 from fop_asdl.cli.compare import MethodResult
 from fop_asdl.cli.config import load_config
-from fop_asdl.cli.report import results_markdown
+from fop_asdl.cli.report import method_styles, results_markdown
 
 #: Best accuracy and per-epoch training seconds of two seeds per method (what summary.json holds).
 RUNS = {"adamw": [(0.84, [10.0, 21.0, 30.0]), (0.77, [11.0, 20.0, 33.0])],
@@ -36,3 +36,17 @@ def test_paired_differences_against_adamw_and_kfac_and_seconds_per_epoch():
         per_epoch = [totals[-1] / len(totals) for _, totals in runs]
         mean = sum(per_epoch) / 2
         assert main[method].endswith(f"| {mean:.1f} ({min(per_epoch):.1f}–{max(per_epoch):.1f}) |"), method
+
+
+def test_every_method_of_a_whole_switch_study_gets_its_own_line_style():
+    """16 methods (the batch-8192 study): no two alike in colour and dash, and a method keeps its style
+    wherever it appears (every batch panel, the batch plot)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [f"m{i}" for i in range(16)]
+    styles = method_styles(plt, methods + methods[:3])
+    assert list(styles) == methods
+    assert len({(s["color"], s["linestyle"]) for s in styles.values()}) == 16
+    assert len({s["color"] for s in method_styles(plt, methods[:10]).values()}) == 10
