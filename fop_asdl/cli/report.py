@@ -268,13 +268,14 @@ def plot_curves(config: ExperimentConfig, results: List[MethodResult], out_dir: 
         plt.close(fig)
         paths.append(path)
     if len(batches) > 1:
-        paths.append(_plot_batch_scaling(plt, config, results, out_dir / "accuracy_vs_batch.png"))
+        paths.append(_plot_batch_scaling(plt, config, results, out_dir / "accuracy_vs_batch.png", styles))
     return paths
 
 
-def _plot_batch_scaling(plt: Any, config: ExperimentConfig, results: List[MethodResult], path: Path) -> Path:
-    """Best accuracy against batch size per method, log x, the seeds' min-max as error bars."""
-    styles = method_styles(plt, [r.method for r in results])
+def _plot_batch_scaling(plt: Any, config: ExperimentConfig, results: List[MethodResult], path: Path,
+                        styles: Dict[str, Dict[str, Any]]) -> Path:
+    """Best accuracy against batch size per method, log x, the seeds' min-max as error bars, each method in
+    the style of its curves (:func:`method_styles`)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for method, rows in accuracy_by_batch(results).items():
         batch, mean, low, high = (list(column) for column in zip(*rows))

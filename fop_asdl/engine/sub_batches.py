@@ -60,9 +60,8 @@ def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, halves: Se
     shape their sums by the weight and bias).
     """
     wanted, eps = [False, True, True], module.eps
-    weight = module.weight.to(x.dtype)
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):  # their kernels read memory as contiguous
-        x, grad_out = x.contiguous(), grad_out.contiguous()
+        x, grad_out, weight = x.contiguous(), grad_out.contiguous(), module.weight.to(x.dtype)
     if isinstance(module, nn.LayerNorm):
         shape, bias = list(module.normalized_shape), module.bias.to(x.dtype)
         _, mean, rstd = torch.native_layer_norm(x, shape, None, None, eps)
