@@ -52,10 +52,10 @@ def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, halves: Se
     half, with x̂ normalised by the statistics of the whole call (BatchNorm) or of each sample (LayerNorm,
     GroupNorm: of each group of channels).
 
-    The statistics come from the layer's own forward kernel and each half's sums from its own fused backward
-    kernel, asked for the weight and bias only: one pass over x for the statistics and one over x and δ for
-    the sums, where the same arithmetic written out as elementwise products costs six (and ``var_mean`` is
-    2-10x slower than these kernels on the CPU). bf16/fp16 weights and buffers are read in x's dtype (the
+    The statistics come from the layer's own forward kernel (BatchNorm's on CUDA: its statistics kernel) and
+    each half's sums from its own fused backward kernel, asked for the weight and bias only: one pass over x
+    for the statistics and one over x and δ for the sums, where the same arithmetic written out as
+    elementwise products costs six (and ``var_mean`` is 2-10x slower than these kernels on the CPU). bf16/fp16 weights and buffers are read in x's dtype (the
     weight only scales the input gradient, which is not asked for, but LayerNorm's and GroupNorm's kernels
     shape their sums by the weight and bias).
     """
@@ -74,12 +74,22 @@ def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, halves: Se
                                                           rows.stop - rows.start, channels, pixels, groups,
                                                           wanted)[1:] for rows in halves]
     if module.training or module.running_mean is None:  # the statistics of this call, as the forward used
-        _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
-        stats = (None, None, mean, invstd, True)
+        stats = (None, None, *_batch_statistics(x, eps), True)
     else:
         stats = (module.running_mean.to(x.dtype), module.running_var.to(x.dtype), None, None, False)
     return [torch.ops.aten.native_batch_norm_backward(grad_out[rows], x[rows], None, *stats, eps, wanted)[1:]
             for rows in halves]
+
+
+def _batch_statistics(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """(mean, 1/√(var + eps)) per channel of a BatchNorm input over the whole call. On CUDA from the statistics
+    kernel alone (the one SyncBatchNorm calls: one read of x); the CPU has no such kernel, and its native forward,
+    which also writes a normalised output nobody reads, is still 2-10x faster there than ``var_mean``."""
+    if x.is_cuda:
+        mean, invstd = torch.batch_norm_stats(x, eps)
+        return mean, invstd
+    _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    return mean, invstd
 
 
 def _param_grads(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tuple[Tensor, Optional[Tensor]]:

@@ -18,6 +18,7 @@ import fop_asdl.cli.train as train_module
 from fop_asdl.cli import main
 from fop_asdl.data import load_fashion_mnist_subset
 from fop_asdl.diagnostics.syncs import HostSyncCounter, cuda_sync_debug
+from fop_asdl.engine.sub_batches import half_sums
 from fop_asdl.models import SmallCNN
 
 from scaffold import config, conv_bn_ln_net, small_image_batch, step, worker_env
@@ -96,6 +97,21 @@ def cpu_float32_grads(name, reference, x, t):
         model.zero_grad(set_to_none=True)
         step(maker, model, x, t)
     return [p.grad.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_batchnorm_half_sums_on_cuda_equal_the_cpu_ones(layout):
+    """On CUDA a training BatchNorm's statistics come from ``torch.batch_norm_stats`` (the CPU has none): each
+    half's (Σ δ·x̂, Σ δ) equals the CPU's (native forward and backward kernels) in float64."""
+    torch.manual_seed(0)
+    layer = torch.nn.BatchNorm2d(5).double()
+    x = (torch.randn(9, 5, 4, 6, dtype=torch.float64) * 3 + 1).to(memory_format=layout)
+    delta = torch.randn(9, 5, 4, 6, dtype=torch.float64)
+    expected = half_sums(layer, x, delta, 5)
+    got = half_sums(copy.deepcopy(layer).to(CUDA), x.to(CUDA), delta.to(CUDA), 5)
+    for sums, ref_sums in zip(got, expected):
+        for value, ref_value in zip(sums, ref_sums):
+            torch.testing.assert_close(value.cpu(), ref_value, rtol=1e-12, atol=1e-12)
 
 
 # Stated tolerance (as test_mixed_precision.py's on the CPU): the fp16 or bf16 step of FOP or K-FAC on CUDA
