@@ -82,6 +82,22 @@ def test_bench_step_one_process_per_method(tmp_path):
         assert r["peak_rss_mib"] > 1 and r["wall"]["mean_s"] > 0 and r["steps"] == 2
 
 
+def test_bench_interleaved_rotates_the_methods_in_one_process(tmp_path):
+    out = tmp_path / "interleaved.json"
+    run_script("bench_interleaved.py", "--batch-size", "8", "--interval", "2", "--rounds", "3", "--warmup-cycles", "0",
+               "--methods", "asdl_kfac,kfac,sgd", "--out", str(out), prints=("plain / asdl_kfac",))
+    data = json.loads(out.read_text())
+    # each round times every method once, starting one method later than the round before
+    assert [list(r) for r in data["rounds"]] == [["asdl_kfac", "kfac", "sgd"], ["kfac", "sgd", "asdl_kfac"],
+                                                 ["sgd", "asdl_kfac", "kfac"]]
+    summary = data["summary"]
+    assert summary["asdl_kfac"]["plain_over_asdl_kfac_range"] == [1.0, 1.0]
+    for name in ("kfac", "sgd"):
+        plain = sorted(r[name]["plain"] / r["asdl_kfac"]["plain"] for r in data["rounds"])
+        assert summary[name]["plain_over_asdl_kfac_median"] == plain[1] > 0
+        assert summary[name]["curvature_s_median"] > 0
+
+
 def test_bench_fngd_small_run(tmp_path):
     out = tmp_path / "fngd.json"
     run_script("bench_fngd.py", "--batch-size", "8", "--batches", "2", "--interval", "2", "--rounds", "1",
