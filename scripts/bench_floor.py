@@ -32,7 +32,7 @@ warnings.filterwarnings("ignore", message="Using a non-full backward hook")
 
 def measure(model_name: str, interval: int, repeats: int, seed: int) -> Dict[str, float]:
     builder, in_shape, classes, batch = MODELS[model_name]
-    args = argparse.Namespace(batch_size=batch, interval=interval, device="cpu")
+    args = argparse.Namespace(batch_size=batch, interval=interval, inverse_interval=interval, device="cpu")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = builder().train()

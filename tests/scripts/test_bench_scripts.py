@@ -98,6 +98,15 @@ def test_bench_interleaved_rotates_the_methods_in_one_process(tmp_path):
         assert summary[name]["curvature_s_median"] > 0
 
 
+def test_bench_floor_small_run(tmp_path):
+    out = tmp_path / "floor.json"
+    run_script("bench_floor.py", "--model", "small_cnn", "--interval", "2", "--repeats", "1", "--json", str(out),
+               prints=("| small_cnn, 256 |",))
+    r = json.loads(out.read_text())["small_cnn"]
+    assert r["kfac_plain_s"] > 0 and r["kfac_curvature_s"] > 0 and r["preconditioning_s"] > 0
+    assert r["plain_floor"] == (r["kfac_plain_s"] + 2 * r["preconditioning_s"]) / r["kfac_plain_s"] > 1
+
+
 def test_bench_fngd_small_run(tmp_path):
     out = tmp_path / "fngd.json"
     run_script("bench_fngd.py", "--batch-size", "8", "--batches", "2", "--interval", "2", "--rounds", "1",
