@@ -55,9 +55,9 @@ def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, halves: Se
     The statistics come from the layer's own forward kernel (BatchNorm's on CUDA: its statistics kernel) and
     each half's sums from its own fused backward kernel, asked for the weight and bias only: one pass over x
     for the statistics and one over x and δ for the sums, where the same arithmetic written out as
-    elementwise products costs six (and ``var_mean`` is 2-10x slower than these kernels on the CPU). bf16/fp16 weights and buffers are read in x's dtype (the
-    weight only scales the input gradient, which is not asked for, but LayerNorm's and GroupNorm's kernels
-    shape their sums by the weight and bias).
+    elementwise products costs six (and ``var_mean`` is 2-10x slower than these kernels on the CPU).
+    bf16/fp16 weights and buffers are read in x's dtype (the weight only scales the input gradient, which is
+    not asked for, but LayerNorm's and GroupNorm's kernels shape their sums by the weight and bias).
     """
     wanted, eps = [False, True, True], module.eps
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):  # their kernels read memory as contiguous
@@ -82,9 +82,10 @@ def _norm_param_grads(module: nn.Module, x: Tensor, grad_out: Tensor, halves: Se
 
 
 def _batch_statistics(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """(mean, 1/√(var + eps)) per channel of a BatchNorm input over the whole call. On CUDA from the statistics
-    kernel alone (the one SyncBatchNorm calls: one read of x); the CPU has no such kernel, and its native forward,
-    which also writes a normalised output nobody reads, is still 2-10x faster there than ``var_mean``."""
+    """(mean, 1/√(var + eps)) per channel of a BatchNorm input over the whole call. On CUDA from the
+    statistics kernel alone (the one SyncBatchNorm calls: one read of x); the CPU has no such kernel, and its
+    native forward, which also writes a normalised output nobody reads, is still 2-10x faster there than
+    ``var_mean``."""
     if x.is_cuda:
         mean, invstd = torch.batch_norm_stats(x, eps)
         return mean, invstd
