@@ -2,12 +2,12 @@
 
     python scripts/bench_syncs.py --model small_cnn --batch-size 32 [--extra-blocks 4] [--device cuda]
 
-Every method of the switch (``make_gradient_maker``: sgd, kfac, fop, fngd, hylo) and ASDL's own K-FAC with
-the package's fixes (``asdl_kfac``: ``fop_asdl.KfacGradientMaker``) runs ``--steps`` steps on random
-data, curvature / inverses / HyLo's refresh every ``--interval`` steps and FNGD's and HyLo's epochs of
-``--interval`` steps, so every step kind occurs: ``curvature`` / ``plain`` (kfac, fop, asdl_kfac),
-``coefficients`` / ``weighted`` (fngd: its first epoch forms the coefficients), ``refresh`` / ``between``
-(hylo), ``plain`` (sgd). Reported per method and step kind: the most syncs any such step did, and where
+Every method of the switch (``make_gradient_maker``) and ASDL's own K-FAC with the package's fixes
+(``asdl_kfac``: ``fop_asdl.KfacGradientMaker``) runs ``--steps`` steps on random data, curvature / inverses /
+HyLo's refresh every ``--interval`` steps and FNGD's and HyLo's epochs of ``--interval`` steps, so every
+step kind occurs: ``coefficients`` / ``weighted`` (fngd: its first epoch forms the coefficients),
+``refresh`` / ``between`` (hylo), ``plain`` (sgd), ``curvature`` / ``plain`` (every other method: its
+curvature, statistics or preconditioner update every ``--interval`` steps). Reported per method and step kind: the most syncs any such step did, and where
 they were called from. ``--extra-blocks N`` appends N Linear(10, 10) blocks to the model: a count that
 grows with them grows with the number of blocks. On CUDA, ``torch.cuda.set_sync_debug_mode("warn")``
 counts too (``cuda_witness``): the driver's own view, beside the operator count.
@@ -34,7 +34,8 @@ from fop_asdl.models import SmallCNN, resnet18_cifar
 warnings.filterwarnings("ignore", message="Using a non-full backward hook")
 
 MODELS = {"small_cnn": (SmallCNN, (1, 28, 28)), "resnet18": (resnet18_cifar, (3, 32, 32))}
-METHODS = ("sgd", "kfac", "fop", "fngd", "hylo", "asdl_kfac")
+METHODS = (*fop_asdl.GRADIENT_MAKERS, "asdl_kfac")
+OPTIONS = {"kbfgs": {"lr": 1e-3}}  # K-BFGS's second pass steps back by the optimizer's learning rate
 
 
 def build(model_name: str, extra_blocks: int) -> nn.Module:
@@ -66,7 +67,7 @@ def measure(method: str, args: argparse.Namespace) -> Dict[str, Dict]:
     if method == "asdl_kfac":
         maker = fop_asdl.KfacGradientMaker(model, config)
     else:
-        options = {"iters_per_epoch": args.interval} if method in ("fngd", "hylo") else {}
+        options = {"iters_per_epoch": args.interval} if method in ("fngd", "hylo") else OPTIONS.get(method, {})
         maker = fop_asdl.make_gradient_maker(method, model, config, **options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(args.seed + 1)

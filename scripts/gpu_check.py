@@ -9,7 +9,8 @@ one stage after the other, each in its own process with a timeout, every result 
    a GradScaler and bf16 autocast against the CPU float32 step; host syncs with
    ``torch.cuda.set_sync_debug_mode`` as a second witness; the runner's ``device: cuda``;
    ``torchrun --nproc_per_node 1`` on NCCL) -> ``pytest_cuda.xml``, summarised in ``gpu_check.json``;
-2. ``syncs``: ``scripts/bench_syncs.py --device cuda`` on CIFAR ResNet-18 (batch 32) -> ``syncs_resnet18.json``;
+2. ``syncs``: ``scripts/bench_syncs.py --device cuda`` on CIFAR ResNet-18 (batch 32) for the first five methods,
+   ASDL's K-FAC and the three whose steps read decompositions' flags (EKFAC, Shampoo, SENG) -> ``syncs_resnet18.json``;
 3. ``bench_b512``, ``bench_b2048``: ``scripts/bench_step.py --device cuda`` on CIFAR ResNet-18 for sgd,
    asdl_kfac, kfac, fop (CUDA-event times, ``torch.cuda.max_memory_allocated``) ->
    ``bench_step_resnet18_b{512,2048}.json``;
@@ -100,8 +101,9 @@ def stages(args: argparse.Namespace, scratch: Path) -> List[Dict[str, Any]]:
         {"name": "tests", "limit": 200, "command": [py, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p",
                                                      "no:cacheprovider", "tests/engine/test_cuda.py",
                                                      "--junitxml", str(out / "pytest_cuda.xml")]},
-        {"name": "syncs", "limit": 60, "command": [py, "scripts/bench_syncs.py", "--model", "resnet18", "--device",
-                                                    "cuda", "--batch-size", "32", "--steps", "4",
+        {"name": "syncs", "limit": 90, "command": [py, "scripts/bench_syncs.py", "--model", "resnet18", "--device",
+                                                    "cuda", "--batch-size", "32", "--steps", "4", "--methods",
+                                                    "sgd,kfac,fop,fngd,hylo,asdl_kfac,ekfac,shampoo,seng",
                                                     "--out", str(out / "syncs_resnet18.json")]},
         {"name": "bench_b512", "limit": 100, "command": bench + ["--batch-size", "512", "--out",
                                                                  str(out / "bench_step_resnet18_b512.json")]},

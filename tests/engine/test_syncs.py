@@ -1,8 +1,9 @@
 """Host syncs of a step, counted on the CPU (fop_asdl.diagnostics.syncs): what would stall a GPU.
 
-The counter itself counts what it must; a plain step of every method of the switch does at most one (the
-fused finiteness check behind the clear error); a curvature, coefficient or refresh step does a number
-that does not grow with the number of blocks; the runner's training loop adds none between epochs.
+The counter itself counts what it must; a plain step of every method of the switch but SENG does at most one
+(the fused finiteness check behind the clear error); a curvature, coefficient or refresh step does a number
+that does not grow with the number of blocks (EKFAC and Shampoo: one per factor size, SENG: one per truncated
+block, every step); the runner's training loop adds none between epochs.
 """
 import warnings
 
@@ -19,6 +20,10 @@ from fop_asdl.diagnostics.syncs import HostSyncCounter, count_syncs
 from scaffold import config, small_image_batch, step
 
 METHODS = ["sgd", "kfac", "fop", "fngd", "hylo"]
+#: The methods issue 23 added to the switch; SENG, whose every step truncates each convolution's positions by an
+#: SVD, has tests of its own below.
+MORE_METHODS = ["ekfac", "shampoo", "diag_ng", "kbfgs", "kron_psgd", "smw_ng"]
+OPTIONS = {"kbfgs": {"lr": 0.1}}  # its second pass steps back by the learning rate
 INTERVAL = 2  # curvature / refresh every other step
 ITERS_PER_EPOCH = 2  # FNGD's coefficient epoch and HyLo's epoch: two steps
 
@@ -90,6 +95,7 @@ def counts_per_step(name, extra_blocks=0, steps=6, loss_fn=F.cross_entropy, **op
     model = net(extra_blocks)
     if name in ("fngd", "hylo"):
         options.setdefault("iters_per_epoch", ITERS_PER_EPOCH)
+    options = {**OPTIONS.get(name, {}), **options}
     cfg = config(curvature_upd_interval=INTERVAL, preconditioner_upd_interval=INTERVAL)
     maker = fop_asdl.make_gradient_maker(name, model, cfg, **options)
     counts = []
@@ -113,7 +119,7 @@ def heavy_steps(name, counts):
     return counts[0::INTERVAL]
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", METHODS + MORE_METHODS)
 def test_a_plain_step_does_at_most_one_sync(name):
     for counter in plain_steps(name, counts_per_step(name)):
         assert counter.count <= 1, counter.report()
@@ -131,6 +137,38 @@ def test_a_curvature_or_refresh_step_does_syncs_that_do_not_grow_with_the_blocks
     few, many = (heavy_steps(name, counts_per_step(name, extra, **options)) for extra in (0, 4))
     for small, large in zip(few, many):
         assert large.count == small.count <= 2, (small.report(), large.report())
+
+
+@pytest.mark.parametrize("name", ["diag_ng", "kbfgs", "kron_psgd", "smw_ng"])
+def test_the_other_methods_curvature_steps_do_only_the_check(name):
+    for small, large in zip(*(heavy_steps(name, counts_per_step(name, extra)) for extra in (0, 4))):
+        assert large.count == small.count == 1, (small.report(), large.report())
+
+
+@pytest.mark.parametrize("name, where, others", [
+    ("ekfac", "eigenbases", ["invert_all", "_check_finite"]),  # K-FAC's curvature step and the eigenbases
+    ("shampoo", "inverse_root", ["_check_finite"]),
+])
+def test_an_eigendecomposition_step_reads_one_flag_per_factor_size(name, where, others):
+    """torch.linalg.eigh has no error-free variant: each call reads its convergence flag on the host. The
+    factors of one size share one batched call, so four more blocks of the sizes already there add none."""
+    few, many = (heavy_steps(name, counts_per_step(name, extra)) for extra in (0, 4))
+    for small, large in zip(few, many):
+        assert large.count == small.count, (small.report(), large.report())
+        eigh = [e for e in small.events if e.op == "_linalg_eigh"]
+        assert eigh and all(where in e.where for e in eigh), small.report()
+        rest = [e.where.split()[-1] for e in small.events if e.op != "_linalg_eigh"]  # the calling function
+        assert sorted(rest) == sorted(others), small.report()
+
+
+def test_seng_reads_one_svd_flag_per_truncated_block_on_every_step():
+    """SENG truncates each sample's output gradient over a convolution's positions (36 here, rank 16) by an
+    SVD on every step, batched over the samples: one flag per such block, besides the check. Linear blocks
+    have one position each and add none."""
+    few, many = counts_per_step("seng"), counts_per_step("seng", extra_blocks=4)
+    for small, large in zip(few, many):
+        assert large.count == small.count == 2, (small.report(), large.report())
+        assert [e.op for e in small.events] == ["_linalg_svd", "_local_scalar_dense"], small.report()
 
 
 def test_the_curvature_steps_two_syncs_are_the_check_and_the_inverses():
