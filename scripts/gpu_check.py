@@ -9,8 +9,9 @@ one stage after the other, each in its own process with a timeout, every result 
    a GradScaler and bf16 autocast against the CPU float32 step; host syncs with
    ``torch.cuda.set_sync_debug_mode`` as a second witness; the runner's ``device: cuda``;
    ``torchrun --nproc_per_node 1`` on NCCL) -> ``pytest_cuda.xml``, summarised in ``gpu_check.json``;
-2. ``syncs``: ``scripts/bench_syncs.py --device cuda`` on CIFAR ResNet-18 (batch 32) for the first five methods,
-   ASDL's K-FAC and the three whose steps read decompositions' flags (EKFAC, Shampoo, SENG) -> ``syncs_resnet18.json``;
+2. ``syncs``: ``scripts/bench_syncs.py --device cuda`` on CIFAR ResNet-18 (batch 32) for the first five
+   methods, ASDL's K-FAC and the three whose steps read decompositions' flags (EKFAC, Shampoo, SENG) ->
+   ``syncs_resnet18.json``;
 3. ``bench_b512``, ``bench_b2048``: ``scripts/bench_step.py --device cuda`` on CIFAR ResNet-18 for sgd,
    asdl_kfac, kfac, fop (CUDA-event times, ``torch.cuda.max_memory_allocated``) ->
    ``bench_step_resnet18_b{512,2048}.json``;
