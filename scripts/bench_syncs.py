@@ -9,8 +9,9 @@ step kind occurs: ``coefficients`` / ``weighted`` (fngd: its first epoch forms t
 ``refresh`` / ``between`` (hylo), ``plain`` (sgd), ``curvature`` / ``plain`` (every other method: its
 curvature, statistics or preconditioner update every ``--interval`` steps). Reported per method and step
 kind: the most syncs any such step did, and where they were called from. ``--extra-blocks N`` appends N
-Linear(10, 10) blocks to the model: a count that grows with them grows with the number of blocks. On CUDA, ``torch.cuda.set_sync_debug_mode("warn")``
-counts too (``cuda_witness``): the driver's own view, beside the operator count.
+Linear(10, 10) blocks to the model: a count that grows with them grows with the number of blocks. On CUDA,
+``torch.cuda.set_sync_debug_mode("warn")`` counts too (``cuda_witness``): the driver's own view, beside the
+operator count.
 """
 from __future__ import annotations
 
