@@ -44,7 +44,8 @@ def test_the_plan_runs_files_that_exist_within_eight_minutes():
     for method in ("kfac", "fop"):
         epoch = plan[f"epoch_{method}"]
         assert epoch[epoch.index("--method") + 1] == method and "device=cuda" in epoch and "/data" in epoch
-    assert script_module("gpu_check").DEFAULT_BUDGET_S <= 8 * 60 - 10  # every stage's limit is cut to what is left of it
+    # every stage's limit is cut to what is left of the budget
+    assert script_module("gpu_check").DEFAULT_BUDGET_S <= 8 * 60 - 10
 
 
 @no_cuda
